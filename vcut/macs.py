@@ -1,0 +1,244 @@
+"""MAC and parameter accounting for the SVD UNet, stock versus VCUT.
+
+The UNet is built on the ``meta`` device (no weights, no memory) and run under
+``torch.utils.flop_counter.FlopCounterMode``, so the full-size SVD-XT architecture is
+measured on a CPU in seconds for any shape. Conventions:
+
+* MACs = FLOPs / 2 (FlopCounterMode counts a multiply-add as 2 FLOPs).
+* Per video = ``num_inference_steps`` UNet calls on the classifier-free-guidance batch
+  (batch 2; batch 1 with ``guidance=False``).
+* VCUT per video = one call that computes the one-time linear constants plus
+  ``num_inference_steps - 1`` calls that reuse them, both measured.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from vcut.patch import apply_vcut
+
+#: The published SVD UNets share one architecture, which is diffusers' default config
+#: for ``UNetSpatioTemporalConditionModel``; they differ in their frame count only.
+PUBLISHED_FRAMES = {"svd": 14, "svd-xt": 25}
+
+
+def load_unet_config(model: str | Path | dict | Any) -> dict:
+    """Resolve ``model`` to a UNet config dict.
+
+    ``model`` may be ``"svd"``, ``"svd-xt"``, a local pipeline or UNet folder (its
+    ``config.json`` only is read), a hub id (config only is fetched, honouring the usual
+    Hugging Face cache and offline settings), a config mapping, or a UNet module.
+    """
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    if hasattr(model, "config") and not isinstance(model, (str, Path, dict)):
+        return dict(model.config)
+    if isinstance(model, dict):
+        return dict(model)
+    name = str(model)
+    if name in PUBLISHED_FRAMES:
+        signature = inspect.signature(UNetSpatioTemporalConditionModel.__init__)
+        config = {k: v.default for k, v in signature.parameters.items() if k != "self"}
+        config["num_frames"] = PUBLISHED_FRAMES[name]
+        return config
+    path = Path(name).expanduser()
+    if path.is_dir():
+        for candidate in (path / "unet" / "config.json", path / "config.json"):
+            if candidate.is_file():
+                return json.loads(candidate.read_text())
+        raise FileNotFoundError(f"{path}: no unet/config.json or config.json: not an SVD model folder")
+    if path.exists() or name.startswith((".", "/", "~")):
+        raise FileNotFoundError(f"{name}: not a model folder")
+    try:
+        return dict(UNetSpatioTemporalConditionModel.load_config(name, subfolder="unet"))
+    except Exception as exc:  # hub errors are many types; name the input in one message
+        raise FileNotFoundError(
+            f"{name!r} is neither 'svd', 'svd-xt', a local model folder, nor a reachable hub id: {exc}"
+        ) from exc
+
+
+@dataclass(frozen=True)
+class MacReport:
+    """Measured MACs (per video) and parameters, stock versus one VCUT mode."""
+
+    mode: str
+    height: int
+    width: int
+    num_frames: int
+    num_inference_steps: int
+    guidance: bool
+    unet_call_macs: int  # one stock UNet call on the (CFG) batch
+    vcut_first_call_macs: int  # one VCUT call that also computes the one-time linear
+    vcut_call_macs: int  # one VCUT call reusing the cached constants
+    baseline_macs: int
+    vcut_macs: int
+    macs_saved: int
+    # The same per-video figures with the attention kernels' matmuls (Q.K^T and A.V) counted.
+    baseline_macs_with_attention: int
+    vcut_macs_with_attention: int
+    macs_saved_with_attention: int
+    params_baseline: int
+    params_vcut: int
+    params_removed: int
+
+    @property
+    def saved_fraction(self) -> float:
+        return self.macs_saved / self.baseline_macs if self.baseline_macs else 0.0
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "saved_fraction": self.saved_fraction}
+
+    def format_table(self) -> str:
+        def t(x: int) -> str:
+            return f"{x / 1e12:,.2f} T"
+
+        def m(x: int) -> str:
+            return f"{x / 1e6:,.2f} M"
+
+        cfg = "with CFG (batch 2)" if self.guidance else "no CFG (batch 1)"
+        rows = [
+            f"SVD UNet, {self.width}x{self.height}, {self.num_frames} frames, "
+            f"{self.num_inference_steps} steps, {cfg}; VCUT mode {self.mode!r}",
+            f"  MACs per video, stock : {t(self.baseline_macs)}",
+            f"  MACs per video, VCUT  : {t(self.vcut_macs)}",
+            f"  MACs saved per video  : {t(self.macs_saved)} ({100 * self.saved_fraction:.2f} %)",
+            f"  with attention kernels: stock {t(self.baseline_macs_with_attention)}, "
+            f"VCUT {t(self.vcut_macs_with_attention)}, saved {t(self.macs_saved_with_attention)}",
+            f"  UNet parameters, stock: {m(self.params_baseline)}",
+            f"  UNet parameters, VCUT : {m(self.params_vcut)}",
+            f"  parameters removed    : {m(self.params_removed)}",
+            "  (torch.utils.flop_counter.FlopCounterMode on meta tensors, MACs = FLOPs / 2; the first figures",
+            "   leave out the attention kernels' matmuls, as a count on CPU tensors does)",
+        ]
+        return "\n".join(rows)
+
+
+def _macs(fn) -> tuple[int, int]:
+    """Run ``fn`` under FlopCounterMode; return (MACs without, MACs of) the attention kernel.
+
+    On meta tensors scaled-dot-product attention runs its math path, whose two batched
+    matmuls (``aten.bmm``: scores and weighted values; no other layer of this UNet uses
+    bmm) are counted. FlopCounterMode has no formula for the fused CPU attention kernel, so
+    a count on CPU tensors, the convention of the reference figures, leaves them out:
+    both are reported.
+    """
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    total = int(counter.get_total_flops())
+    attention = int(counter.get_flop_counts().get("Global", {}).get(torch.ops.aten.bmm, 0))
+    return (total - attention) // 2, attention // 2
+
+
+def _meta_unet(config: dict):
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    with torch.device("meta"):
+        unet = UNetSpatioTemporalConditionModel.from_config(config)
+    # A few parameters are made with the legacy ``torch.Tensor([...])`` constructor, which
+    # ignores the default device: move everything to meta.
+    return unet.to("meta")
+
+
+@lru_cache(maxsize=256)
+def _count_cached(config_json: str, height: int, width: int, num_frames: int, steps: int, mode: str,
+                  guidance: bool) -> MacReport:
+    config = json.loads(config_json)
+    unet = _meta_unet(config)
+    latent_h, latent_w = height // 8, width // 8
+    batch = 2 if guidance else 1
+    in_channels = config.get("in_channels", 8)
+    sample = torch.empty(batch, num_frames, in_channels, latent_h, latent_w, device="meta")
+    timestep = torch.empty((), device="meta")
+    emb = torch.empty(batch, 1, config.get("cross_attention_dim", 1024), device="meta")
+    n_time_ids = config.get("projection_class_embeddings_input_dim", 768) // config.get(
+        "addition_time_embed_dim", 256
+    )
+    time_ids = torch.empty(batch, n_time_ids, device="meta")
+
+    def call() -> None:
+        # Some diffusers blocks create helper tensors without a device: keep them on meta too.
+        with torch.device("meta"):
+            unet(sample, timestep, encoder_hidden_states=emb, added_time_ids=time_ids, return_dict=False)
+
+    with torch.no_grad():
+        params_baseline = sum(p.numel() for p in unet.parameters())
+        stock, stock_attn = _macs(call)
+        if mode == "off":
+            (first, first_attn), (again, again_attn) = (stock, stock_attn), (stock, stock_attn)
+            params_vcut = params_baseline
+        else:
+            apply_vcut(unet, mode)
+            first, first_attn = _macs(call)  # computes and caches to_out(to_v(e))
+            again, again_attn = _macs(call)  # reuses it, as every later denoising step does
+            params_vcut = sum(p.numel() for p in unet.parameters())
+    baseline = steps * stock
+    vcut = first + (steps - 1) * again
+    baseline_attn = baseline + steps * stock_attn
+    vcut_attn = vcut + first_attn + (steps - 1) * again_attn
+    return MacReport(
+        mode=mode,
+        height=height,
+        width=width,
+        num_frames=num_frames,
+        num_inference_steps=steps,
+        guidance=guidance,
+        unet_call_macs=stock,
+        vcut_first_call_macs=first,
+        vcut_call_macs=again,
+        baseline_macs=baseline,
+        vcut_macs=vcut,
+        macs_saved=baseline - vcut,
+        baseline_macs_with_attention=baseline_attn,
+        vcut_macs_with_attention=vcut_attn,
+        macs_saved_with_attention=baseline_attn - vcut_attn,
+        params_baseline=params_baseline,
+        params_vcut=params_vcut,
+        params_removed=params_baseline - params_vcut,
+    )
+
+
+def count_macs(
+    model: str | Path | dict | Any = "svd-xt",
+    *,
+    height: int = 576,
+    width: int = 1024,
+    num_frames: int | None = None,
+    num_inference_steps: int = 25,
+    mode: str = "full",
+    guidance: bool = True,
+) -> MacReport:
+    """Measure MACs per video and parameters of the SVD UNet, stock versus VCUT ``mode``.
+
+    Args:
+        model: ``"svd"``, ``"svd-xt"``, a local model folder, a hub id, a UNet config
+            mapping or a UNet (see :func:`load_unet_config`). No weights are loaded.
+        height, width: output video size in pixels (multiples of 8).
+        num_frames: frames per video; defaults to the model config's ``num_frames``.
+        num_inference_steps: denoising steps per video.
+        mode: ``"off"``, ``"exact"`` or ``"full"``.
+        guidance: count classifier-free guidance (UNet batch of 2), as SVD's pipeline
+            does whenever ``max_guidance_scale > 1``.
+
+    Results are cached per (config, shape, steps, mode, guidance) in this process.
+    """
+    if mode not in ("off", "exact", "full"):
+        raise ValueError(f"unknown VCUT mode {mode!r}; expected off, exact or full")
+    if height <= 0 or width <= 0 or height % 8 or width % 8:
+        raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
+    if num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    config = load_unet_config(model)
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    frames = int(num_frames if num_frames is not None else config.get("num_frames", 25))
+    if frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {frames}")
+    key = json.dumps(config, sort_keys=True, default=str)
+    return _count_cached(key, int(height), int(width), frames, int(num_inference_steps), mode, bool(guidance))
