@@ -1,0 +1,41 @@
+# Two entry points that work on a fresh machine with only Python 3.10+:
+#   make demo   installs the project, writes the tiny random-weight model, renders the
+#               example manifest through `vcut run`, and counts SVD-XT MACs.
+#   make test   installs the project (and a Prometheus server for the metrics test) and
+#               runs the whole test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+VCUT := $(VENV)/bin/vcut
+# The CPU build of torch; a range in pyproject.toml admits it, so pip adds nothing bigger.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: install demo test lint prometheus clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[dev,bench]"
+	touch $@
+
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || bash scripts/install-prometheus.sh
+
+demo: install
+	$(VCUT) tiny-model demo-out/tiny-svd
+	$(PY) examples/make_manifest.py demo-out/manifest.parquet
+	$(VCUT) run demo-out/manifest.parquet --out demo-out/run --model demo-out/tiny-svd --workers 1 \
+		defaults.height=64 defaults.width=64 defaults.num_frames=4 defaults.num_inference_steps=4
+	$(VCUT) macs --model svd-xt --height 576 --width 1024 --num-frames 25 --steps 25
+
+test: install prometheus
+	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check vcut pipeline jobs tests benchmarks examples
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache
