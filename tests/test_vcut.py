@@ -77,7 +77,9 @@ def test_full_equals_temporal_cross_attention_removed_by_hand(stock_pipe):
 
 def test_exact_runs_no_query_key_or_norm_and_computes_once_per_video(stock_pipe):
     patched = _patched(stock_pipe, "exact")
-    spatial = [m for m in patched.unet.modules() if isinstance(m, BasicTransformerBlock) and m.attn2 is not None]
+    spatial = [
+        m for m in patched.unet.modules() if isinstance(m, BasicTransformerBlock) and m.attn2 is not None
+    ]
     assert spatial
     for block in spatial:
         assert block.attn2.to_q is None and block.attn2.to_k is None
@@ -86,7 +88,10 @@ def test_exact_runs_no_query_key_or_norm_and_computes_once_per_video(stock_pipe)
     _render(patched, _image(0), 0)
     for block in spatial:
         # One CFG batch holds both halves: one computation, reused at the other 2 steps.
-        assert (block.attn2.processor.misses, block.attn2.processor.hits) == (1, RENDER["num_inference_steps"] - 1)
+        assert (block.attn2.processor.misses, block.attn2.processor.hits) == (
+            1,
+            RENDER["num_inference_steps"] - 1,
+        )
 
 
 def test_cache_is_keyed_by_content_not_by_buffer(stock_pipe):
@@ -181,8 +186,12 @@ def test_parameters_removed_on_real_svd_xt_architecture():
 
 
 def test_mac_figures_svd_xt_full_size():
-    full = vcut.count_macs("svd-xt", height=576, width=1024, num_frames=25, num_inference_steps=25, mode="full")
-    exact = vcut.count_macs("svd-xt", height=576, width=1024, num_frames=25, num_inference_steps=25, mode="exact")
+    full = vcut.count_macs(
+        "svd-xt", height=576, width=1024, num_frames=25, num_inference_steps=25, mode="full"
+    )
+    exact = vcut.count_macs(
+        "svd-xt", height=576, width=1024, num_frames=25, num_inference_steps=25, mode="exact"
+    )
     assert abs(full.baseline_macs / 1609e12 - 1) < 0.01
     assert abs(full.macs_saved / 75e12 - 1) < 0.01
     assert abs(exact.macs_saved / 36e12 - 1) < 0.01
@@ -196,9 +205,13 @@ def test_mac_figures_scale_with_shape():
     assert small.num_frames == 14 and 0 < small.macs_saved < small.baseline_macs
     # 3.6x the pixels: convolutions and linear layers dominate, so MACs grow about as much.
     assert 3.0 < large.baseline_macs / small.baseline_macs < 3.7
-    steps25 = vcut.count_macs("svd", height=320, width=512, num_frames=14, num_inference_steps=25, mode="full")
+    steps25 = vcut.count_macs(
+        "svd", height=320, width=512, num_frames=14, num_inference_steps=25, mode="full"
+    )
     assert steps25.baseline_macs == small.baseline_macs // 10 * 25
-    no_cfg = vcut.count_macs("svd", height=320, width=512, num_frames=14, num_inference_steps=10, guidance=False)
+    no_cfg = vcut.count_macs(
+        "svd", height=320, width=512, num_frames=14, num_inference_steps=10, guidance=False
+    )
     assert abs(no_cfg.baseline_macs * 2 / small.baseline_macs - 1) < 0.01
 
 
@@ -220,7 +233,9 @@ def test_meta_count_matches_a_real_run(stock_pipe, mode, frames, size):
 
     stock, patched = stock_pipe.unet, copy.deepcopy(stock_pipe.unet)
     vcut.apply_vcut(patched, mode)
-    report = vcut.count_macs(stock, height=size, width=size, num_frames=frames, num_inference_steps=3, mode=mode)
+    report = vcut.count_macs(
+        stock, height=size, width=size, num_frames=frames, num_inference_steps=3, mode=mode
+    )
     # Real CPU runs use the fused attention kernel, which FlopCounterMode does not count:
     # the same convention as ``baseline_macs``.
     assert real_macs(stock, 3) == report.baseline_macs
@@ -233,10 +248,36 @@ def test_macs_command_json(capsys):
 
     from jobs.main import main
 
-    assert main(["macs", "--model", "svd-xt", "--height", "320", "--width", "512", "--num-frames", "8",
-                 "--steps", "4", "--mode", "exact", "--json"]) == 0
+    assert (
+        main(
+            [
+                "macs",
+                "--model",
+                "svd-xt",
+                "--height",
+                "320",
+                "--width",
+                "512",
+                "--num-frames",
+                "8",
+                "--steps",
+                "4",
+                "--mode",
+                "exact",
+                "--json",
+            ]
+        )
+        == 0
+    )
     data = json.loads(capsys.readouterr().out)
-    for key in ("baseline_macs", "vcut_macs", "macs_saved", "params_baseline", "params_vcut", "params_removed"):
+    for key in (
+        "baseline_macs",
+        "vcut_macs",
+        "macs_saved",
+        "params_baseline",
+        "params_vcut",
+        "params_removed",
+    ):
         assert isinstance(data[key], int) and data[key] > 0
     assert data["baseline_macs"] - data["vcut_macs"] == data["macs_saved"]
     assert data["mode"] == "exact" and data["num_frames"] == 8

@@ -115,8 +115,8 @@ class MacReport:
             f"  UNet parameters, stock: {m(self.params_baseline)}",
             f"  UNet parameters, VCUT : {m(self.params_vcut)}",
             f"  parameters removed    : {m(self.params_removed)}",
-            "  (torch.utils.flop_counter.FlopCounterMode on meta tensors, MACs = FLOPs / 2; the first figures",
-            "   leave out the attention kernels' matmuls, as a count on CPU tensors does)",
+            "  (torch.utils.flop_counter.FlopCounterMode on meta tensors, MACs = FLOPs / 2; the first",
+            "   figures leave out the attention kernels' matmuls, as a count on CPU tensors does)",
         ]
         return "\n".join(rows)
 
@@ -148,8 +148,9 @@ def _meta_unet(config: dict):
 
 
 @lru_cache(maxsize=256)
-def _count_cached(config_json: str, height: int, width: int, num_frames: int, steps: int, mode: str,
-                  guidance: bool) -> MacReport:
+def _count_cached(
+    config_json: str, height: int, width: int, num_frames: int, steps: int, mode: str, guidance: bool
+) -> MacReport:
     config = json.loads(config_json)
     unet = _meta_unet(config)
     latent_h, latent_w = height // 8, width // 8

@@ -138,8 +138,8 @@ def _resolve_unet(obj: object) -> nn.Module:
     unet = getattr(obj, "unet", obj)
     if not isinstance(unet, UNetSpatioTemporalConditionModel):
         raise TypeError(
-            "apply_vcut expects a diffusers StableVideoDiffusionPipeline or UNetSpatioTemporalConditionModel, "
-            f"got {type(obj).__name__}"
+            "apply_vcut expects a diffusers StableVideoDiffusionPipeline or "
+            f"UNetSpatioTemporalConditionModel, got {type(obj).__name__}"
         )
     return unet
 
