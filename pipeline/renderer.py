@@ -1,0 +1,321 @@
+"""``Renderer``: one loaded SVD model (patched with VCUT) that turns images into frames or video files.
+
+Determinism: every call seeds a fresh CPU ``torch.Generator`` with ``seed`` (as
+``generator=torch.Generator().manual_seed(seed)`` in stock diffusers), so the video does
+not depend on what the renderer rendered before, nor on which worker or GPU index renders
+it (the noise is drawn on the CPU and then moved). The embedding cache and VCUT's constant
+cache only ever return values equal to what they replace.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .cache import EmbeddingCache
+from .encode import FORMATS, encode_video
+from .images import DEFAULT_MAX_PIXELS, FIT_MODES, ImageSource, fit_image, load_image
+from .loading import load_svd_pipeline
+from .svd import RenderPipeline
+
+logger = logging.getLogger(__name__)
+
+VCUT_MODES = ("off", "exact", "full")
+
+
+@dataclass
+class Generation:
+    """One generated video: ``frames`` is uint8 ``(F, H, W, 3)``; ``timings`` are seconds.
+
+    ``timings`` keys: ``image_load`` (read + decode + convert + fit), ``conditioning``
+    (CLIP embedding, VAE encode of the image, time ids, initial noise), ``denoise`` (the
+    UNet loop), ``decode`` (VAE decode), ``postprocess`` (to uint8), ``total``.
+    """
+
+    frames: np.ndarray
+    timings: dict[str, float]
+    cache_hit: bool
+    num_inference_steps: int
+    fps: int
+    seed: int
+    decode_chunk_size: int | None = None
+    decode_retries: int = 0
+
+
+@dataclass
+class RenderRecord:
+    """What ``render_to_file`` did.
+
+    ``seconds`` is the wall-clock time of the whole call (generation + encoding);
+    ``duration_s`` is the length of the video (``frames / fps``).
+    """
+
+    path: str
+    frames: int
+    seconds: float
+    encode_seconds: float
+    timings: dict[str, float]
+    cache_hit: bool
+    fps: int = 0
+    width: int = 0
+    height: int = 0
+    format: str = "mp4"
+    duration_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def frames_to_uint8(frames: np.ndarray) -> np.ndarray:
+    """diffusers' float frames in [0, 1] to uint8, rounded as diffusers' ``numpy_to_pil`` does."""
+    return np.clip(np.round(frames * 255.0), 0, 255).astype(np.uint8)
+
+
+def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | np.integer):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum or (maximum is not None and value > maximum):
+        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return int(value)
+
+
+def _check_float(name: str, value: Any, minimum: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float | np.floating | np.integer):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    if not np.isfinite(value) or value < minimum:
+        raise ValueError(f"{name} must be a finite number >= {minimum}, got {value}")
+    return float(value)
+
+
+class Renderer:
+    """A loaded SVD model with VCUT, an embedding cache and video output. One per worker/GPU."""
+
+    def __init__(
+        self,
+        pipe: RenderPipeline,
+        *,
+        model_id: str,
+        vcut_mode: str,
+        device: torch.device,
+        dtype: torch.dtype,
+        unet_config: dict[str, Any],
+        vcut_report: Any = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.pipe = pipe
+        self.model_id = model_id
+        self.vcut_mode = vcut_mode
+        self.device = device
+        self.dtype = dtype
+        self.unet_config = unet_config
+        self.vcut_report = vcut_report
+        self.max_pixels = max_pixels
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: str | os.PathLike,
+        *,
+        vcut: str = "full",
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        allow_pickle: bool = False,
+        compile: bool = False,
+        variant: str | None = None,
+        cache_entries: int = 64,
+        cache_bytes: int = 256 * 2**20,
+        local_files_only: bool | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+    ) -> Renderer:
+        """Load ``model`` (hub id or local diffusers folder) and patch it with VCUT mode ``vcut``.
+
+        See :mod:`pipeline.loading` for the safetensors, dtype, variant and offline rules.
+        ``compile=True`` wraps the UNet in ``torch.compile`` (after VCUT; the first render
+        then pays the compile time). Raises ``ValueError`` for a bad argument and
+        :class:`~pipeline.errors.ModelLoadError` for a model that cannot be loaded.
+        """
+        if vcut not in VCUT_MODES:
+            raise ValueError(f"vcut must be one of {VCUT_MODES}, got {vcut!r}")
+        from vcut import apply_vcut
+
+        cache = EmbeddingCache(max_entries=cache_entries, max_bytes=cache_bytes)
+        stock, dev, torch_dtype = load_svd_pipeline(
+            model,
+            device=device,
+            dtype=dtype,
+            allow_pickle=allow_pickle,
+            variant=variant,
+            local_files_only=local_files_only,
+        )
+        pipe = RenderPipeline(**stock.components)
+        pipe.set_progress_bar_config(disable=True)
+        pipe.embedding_cache = cache
+        model_id = os.fspath(model)
+        pipe.cache_namespace = f"{model_id}|{torch_dtype}"
+        unet_config = dict(pipe.unet.config)
+        report = apply_vcut(pipe, vcut)
+        if compile:
+            pipe.unet = torch.compile(pipe.unet)
+        return cls(
+            pipe,
+            model_id=model_id,
+            vcut_mode=vcut,
+            device=dev,
+            dtype=torch_dtype,
+            unet_config=unet_config,
+            vcut_report=report,
+            max_pixels=max_pixels,
+        )
+
+    # -- cache ------------------------------------------------------------------------------
+    @property
+    def cache(self) -> EmbeddingCache:
+        return self.pipe.embedding_cache
+
+    def cache_stats(self) -> dict[str, int]:
+        """Embedding-cache counters: ``hits``, ``misses``, ``entries``, ``bytes`` (and bounds)."""
+        return self.cache.stats()
+
+    # -- generation -------------------------------------------------------------------------
+    def generate(
+        self,
+        image: ImageSource,
+        *,
+        seed: int,
+        num_frames: int | None = None,
+        num_inference_steps: int = 25,
+        height: int = 576,
+        width: int = 1024,
+        fps: int = 7,
+        motion_bucket_id: int = 127,
+        noise_aug_strength: float = 0.02,
+        min_guidance_scale: float = 1.0,
+        max_guidance_scale: float = 3.0,
+        decode_chunk_size: int | None = None,
+        fit: str = "crop",
+        filesystem: Any = None,
+    ) -> Generation:
+        """Render ``image`` (path, URI, bytes, file object or PIL image) to uint8 frames.
+
+        The image is loaded with :func:`~pipeline.images.load_image` and brought to
+        ``width`` x ``height`` with :func:`~pipeline.images.fit_image` (``fit``), then handed
+        to diffusers' ``StableVideoDiffusionPipeline.__call__`` with a generator seeded by
+        ``seed``. ``num_frames=None`` uses the UNet's configured frame count,
+        ``decode_chunk_size=None`` decodes all frames at once (halved on CUDA OOM).
+        Raises ``ValueError`` naming the bad parameter, or ``ImageError`` for a bad image.
+        """
+        seed = _check_int("seed", seed, 0, 2**64 - 1)
+        if num_frames is None:
+            num_frames = int(self.unet_config.get("num_frames", 25))
+        num_frames = _check_int("num_frames", num_frames, 1)
+        num_inference_steps = _check_int("num_inference_steps", num_inference_steps, 1)
+        height = _check_int("height", height, 8)
+        width = _check_int("width", width, 8)
+        for name, value in (("height", height), ("width", width)):
+            if value % 8:
+                raise ValueError(f"{name} must be a multiple of 8, got {value}")
+        fps = _check_int("fps", fps, 1)
+        motion_bucket_id = _check_int("motion_bucket_id", motion_bucket_id, 0)
+        noise_aug_strength = _check_float("noise_aug_strength", noise_aug_strength, 0.0)
+        min_guidance_scale = _check_float("min_guidance_scale", min_guidance_scale, 0.0)
+        max_guidance_scale = _check_float("max_guidance_scale", max_guidance_scale, 0.0)
+        if decode_chunk_size is not None:
+            decode_chunk_size = _check_int("decode_chunk_size", decode_chunk_size, 1)
+        if fit not in FIT_MODES:
+            raise ValueError(f"fit must be one of {FIT_MODES}, got {fit!r}")
+
+        t0 = time.perf_counter()
+        img = fit_image(
+            load_image(image, max_pixels=self.max_pixels, filesystem=filesystem), width, height, fit
+        )
+        t_loaded = time.perf_counter()
+
+        pipe = self.pipe
+        pipe.marks = {}
+        pipe.last_decode_chunk_size = None
+        pipe.last_decode_retries = 0
+        out = pipe(
+            image=img,
+            height=height,
+            width=width,
+            num_frames=num_frames,
+            num_inference_steps=num_inference_steps,
+            min_guidance_scale=min_guidance_scale,
+            max_guidance_scale=max_guidance_scale,
+            fps=fps,
+            motion_bucket_id=motion_bucket_id,
+            noise_aug_strength=noise_aug_strength,
+            decode_chunk_size=decode_chunk_size,
+            generator=torch.Generator().manual_seed(seed),
+            output_type="np",
+        )
+        frames = frames_to_uint8(np.asarray(out.frames[0]))
+        t_end = time.perf_counter()
+
+        m = pipe.marks
+        timings = {
+            "image_load": t_loaded - t0,
+            "conditioning": m["conditioning_end"] - t_loaded,
+            "denoise": m["decode_start"] - m["conditioning_end"],
+            "decode": m["decode_end"] - m["decode_start"],
+            "postprocess": t_end - m["decode_end"],
+            "total": t_end - t0,
+        }
+        return Generation(
+            frames=frames,
+            timings=timings,
+            cache_hit=pipe.last_cache_hit,
+            num_inference_steps=num_inference_steps,
+            fps=fps,
+            seed=seed,
+            decode_chunk_size=pipe.last_decode_chunk_size,
+            decode_retries=pipe.last_decode_retries,
+        )
+
+    def render_to_file(
+        self,
+        image: ImageSource,
+        out: str | os.PathLike,
+        *,
+        seed: int,
+        format: str = "mp4",
+        crf: int = 18,
+        preset: str = "medium",
+        filesystem: Any = None,
+        **generate_kwargs: Any,
+    ) -> RenderRecord:
+        """Generate a video for ``image`` and write it atomically to ``out`` (path or URI).
+
+        ``filesystem`` (pyarrow or fsspec) is used for the output only; pass an input
+        filesystem through ``generate_kwargs`` as ``input_filesystem``.
+        """
+        if format not in FORMATS:
+            raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+        t0 = time.perf_counter()
+        input_fs = generate_kwargs.pop("input_filesystem", None)
+        gen = self.generate(image, seed=seed, filesystem=input_fs, **generate_kwargs)
+        encode_seconds = encode_video(
+            gen.frames, out, fps=gen.fps, format=format, crf=crf, preset=preset, filesystem=filesystem
+        )
+        seconds = time.perf_counter() - t0
+        timings = dict(gen.timings, encode=encode_seconds)
+        f, h, w, _ = gen.frames.shape
+        return RenderRecord(
+            path=os.fspath(out),
+            frames=f,
+            seconds=seconds,
+            encode_seconds=encode_seconds,
+            timings=timings,
+            cache_hit=gen.cache_hit,
+            fps=gen.fps,
+            width=w,
+            height=h,
+            format=format,
+            duration_s=f / gen.fps,
+            extra={"seed": gen.seed, "decode_chunk_size": gen.decode_chunk_size},
+        )

@@ -1,0 +1,91 @@
+"""Loading checkpoints: local folders through from_pretrained, pickle refusal, clear errors, defaults."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline import ModelLoadError, Renderer
+from pipeline.loading import resolve_device, resolve_dtype
+
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
+
+
+def test_loads_local_folder_with_defaults(tiny_model_dir: Path) -> None:
+    r = Renderer.from_pretrained(tiny_model_dir, vcut="off")
+    assert r.device == torch.device("cpu") and r.dtype == torch.float32
+    assert r.model_id == str(tiny_model_dir) and r.vcut_mode == "off"
+    assert r.unet_config["num_frames"] == 4 and r.unet_config["in_channels"] == 8
+    json.dumps(r.unet_config)  # plain data the jobs layer can ship around
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    assert all(isinstance(p, AttnProcessor2_0) for p in r.pipe.unet.attn_processors.values())
+    assert r.cache_stats() == {**r.cache_stats(), "hits": 0, "misses": 0, "entries": 0, "bytes": 0}
+
+
+def test_pickle_weights_refused_unless_opted_in(tiny_pickle_model_dir: Path) -> None:
+    with pytest.raises(ModelLoadError) as info:
+        Renderer.from_pretrained(tiny_pickle_model_dir, vcut="off")
+    msg = str(info.value)
+    assert str(tiny_pickle_model_dir) in msg and "pickle" in msg and "allow_pickle=True" in msg
+    assert "diffusion_pytorch_model.bin" in msg
+    r = Renderer.from_pretrained(tiny_pickle_model_dir, vcut="off", allow_pickle=True)
+    assert r.unet_config["num_frames"] == 4
+
+
+def test_missing_and_invalid_models(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="does not exist"):
+        Renderer.from_pretrained(tmp_path / "nope")
+    with pytest.raises(ModelLoadError, match="model_index.json"):
+        Renderer.from_pretrained(tmp_path)
+    ckpt = tmp_path / "svd.ckpt"
+    ckpt.write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="single pickle checkpoint"):
+        Renderer.from_pretrained(ckpt)
+    with pytest.raises(ModelLoadError, match="neither an existing local folder nor a Hugging Face hub id"):
+        Renderer.from_pretrained("not-a-hub-id")
+
+
+def test_hub_id_offline_gives_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(ModelLoadError) as info:
+        Renderer.from_pretrained("stabilityai/stable-video-diffusion-img2vid-xt", device="cpu")
+    msg = str(info.value)
+    assert "stabilityai/stable-video-diffusion-img2vid-xt" in msg and "offline" in msg
+
+
+def test_bad_arguments(tiny_model_dir: Path) -> None:
+    with pytest.raises(ValueError, match="vcut"):
+        Renderer.from_pretrained(tiny_model_dir, vcut="half")
+    with pytest.raises(ValueError, match="dtype"):
+        Renderer.from_pretrained(tiny_model_dir, dtype="int8")
+
+
+def test_device_and_dtype_defaults() -> None:
+    assert resolve_dtype(None, torch.device("cuda")) == torch.float16
+    assert resolve_dtype(None, torch.device("cpu")) == torch.float32
+    assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+    assert resolve_dtype("torch.float16", torch.device("cpu")) == torch.float16
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert resolve_device(None).type == expected
+
+
+def test_fp16_variant_is_picked_when_the_folder_offers_it(tmp_path: Path) -> None:
+    from vcut.tiny import make_tiny_pipeline
+
+    folder = tmp_path / "tiny-fp16"
+    make_tiny_pipeline().to(torch.float16).save_pretrained(folder, variant="fp16")
+    r = Renderer.from_pretrained(folder, vcut="off", dtype="float16")
+    assert r.pipe.unet.dtype == torch.float16
+
+
+def test_compile_flag_wraps_the_unet(tiny_model_dir: Path) -> None:
+    from diffusers.utils.torch_utils import is_compiled_module
+
+    r = Renderer.from_pretrained(tiny_model_dir, vcut="exact", compile=True)
+    assert is_compiled_module(r.pipe.unet)  # compiled lazily: nothing is run here
+    assert r.vcut_mode == "exact" and r.vcut_report.spatial_cross_attentions_replaced > 0
