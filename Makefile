@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 prometheus:
-	@command -v prometheus >/dev/null 2>&1 || bash scripts/install-prometheus.sh
+	@bash scripts/install-prometheus.sh
 
 demo: install
 	$(VCUT) tiny-model demo-out/tiny-svd

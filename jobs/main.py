@@ -40,6 +40,125 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- jobs: run, config, manifest ------------------------------------------------------------
+
+#: CLI flags -> config keys (flags override the YAML file; ``key=value`` overrides win).
+FLAG_KEYS = {
+    "model": "model.id",
+    "vcut": "model.vcut",
+    "workers": "workers.count",
+    "address": "ray_address",
+    "metrics_port": "metrics.port",
+    "metrics_address": "metrics.address",
+    "pushgateway": "metrics.pushgateway",
+    "overwrite": "output.overwrite",
+}
+
+
+def _load_config(args: argparse.Namespace):
+    """The resolved job config, or None after printing omegaconf's message (exit 2)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from jobs.config import check_config, load_config
+
+    flags = {key: getattr(args, name, None) for name, key in FLAG_KEYS.items()}
+    if flags.get("output.overwrite") is False:
+        flags["output.overwrite"] = None
+    try:
+        cfg = load_config(args.config, flags, args.overrides)
+        check_config(cfg)
+        return cfg
+    except (OmegaConfBaseException, ValueError, OSError) as exc:
+        print(f"vcut: config error: {exc}", file=sys.stderr)
+        return None
+
+
+def _metrics_hook(cfg):
+    try:
+        from jobs.metrics import make_metrics_hook
+    except ImportError:
+        return None
+    return make_metrics_hook(cfg.metrics)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import logging
+
+    from jobs.manifest import ManifestError
+    from jobs.progress import format_summary
+    from jobs.runner import JobError, run_job
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if "://" in args.out:
+        print("vcut: --out must be a local or shared-filesystem folder, not a URI", file=sys.stderr)
+        return 2
+    cfg = _load_config(args)
+    if cfg is None:
+        return 2
+    hook = _metrics_hook(cfg)
+    try:
+        summary = run_job(cfg, args.manifest, args.out, hook=hook)
+    except ManifestError as exc:
+        print(f"vcut: {exc}", file=sys.stderr)
+        return 2
+    except JobError as exc:
+        print(f"vcut: job failed: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if hook is not None and hasattr(hook, "close"):
+            hook.close()
+    print(format_summary(summary))
+    return 0 if summary["failed"] == 0 else 3
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from jobs.config import to_yaml
+
+    cfg = _load_config(args)
+    if cfg is None:
+        return 2
+    print(to_yaml(cfg), end="")
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+
+
+def _cmd_manifest(args: argparse.Namespace) -> int:
+    from jobs.manifest import ManifestError, build_manifest
+
+    try:
+        n = build_manifest(
+            args.source,
+            args.output,
+            seeds=args.seeds,
+            motion_bucket_ids=args.motion_bucket_ids,
+            fps=args.fps,
+            num_frames=args.num_frames,
+        )
+    except ManifestError as exc:
+        print(f"vcut: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {n} rows to {args.output}")
+    return 0
+
+
+def _add_job_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="job YAML file (merged over the defaults)")
+    p.add_argument("--model", help="hub id or local model folder (model.id)")
+    p.add_argument("--vcut", choices=["off", "exact", "full"], help="VCUT mode (model.vcut)")
+    p.add_argument("--workers", type=int, help="number of workers (default: one per GPU, else 1)")
+    p.add_argument("--address", help="address of an existing Ray cluster (default: RAY_ADDRESS, else local)")
+    p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    p.add_argument("--metrics-address", help="address to serve /metrics on (default 127.0.0.1)")
+    p.add_argument("--pushgateway", help="Prometheus Pushgateway to push the final metrics to")
+    p.set_defaults(overrides=[], accepts_overrides=True)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="vcut",
@@ -48,13 +167,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("macs", help="count UNet MACs and parameters, stock vs VCUT (no weights needed)")
-    p.add_argument("--model", default="svd-xt", help="'svd', 'svd-xt' or a local model folder (default: svd-xt)")
+    p.add_argument(
+        "--model", default="svd-xt", help="'svd', 'svd-xt' or a local model folder (default: svd-xt)"
+    )
     p.add_argument("--height", type=int, default=576)
     p.add_argument("--width", type=int, default=1024)
-    p.add_argument("--num-frames", type=int, default=None, help="default: the model's own (25 for svd-xt, 14 for svd)")
+    p.add_argument(
+        "--num-frames", type=int, default=None, help="default: the model's own (25 for svd-xt, 14 for svd)"
+    )
     p.add_argument("--steps", type=int, default=25, help="denoising steps per video")
-    p.add_argument("--mode", choices=["exact", "full"], default="full", help="VCUT mode to compare (default: full)")
-    p.add_argument("--no-guidance", action="store_true", help="count without classifier-free guidance (batch 1)")
+    p.add_argument(
+        "--mode", choices=["exact", "full"], default="full", help="VCUT mode to compare (default: full)"
+    )
+    p.add_argument(
+        "--no-guidance", action="store_true", help="count without classifier-free guidance (batch 1)"
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_macs)
 
@@ -63,12 +190,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_tiny_model)
 
+    p = sub.add_parser(
+        "run",
+        help="render every row of a manifest to a video (resumes; exit 0 all ok, 3 some failed, 2 bad input)",
+        epilog="Trailing key=value arguments override config keys, e.g. defaults.num_frames=14.",
+    )
+    p.add_argument("manifest", help="Parquet (or CSV / JSONL) manifest, one row per video")
+    p.add_argument("--out", required=True, help="output folder: videos/, results/, summary.json")
+    p.add_argument("--overwrite", action="store_true", help="render rows that are already ok again")
+    _add_job_flags(p)
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("config", help="print the resolved job config (same flags as run)")
+    _add_job_flags(p)
+    p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("manifest", help="build a manifest from a folder or glob of images")
+    p.add_argument("source", help="a folder, or a glob such as 'imgs/**/*.png'")
+    p.add_argument("-o", "--output", required=True, help="manifest file to write (.parquet)")
+    p.add_argument("--seeds", type=_int_list, help="comma-separated seeds, e.g. 0,1,2")
+    p.add_argument("--motion-bucket-ids", type=_int_list, help="comma-separated motion bucket ids")
+    p.add_argument("--fps", type=_int_list, help="comma-separated frame rates")
+    p.add_argument("--num-frames", type=_int_list, help="comma-separated frame counts")
+    p.set_defaults(func=_cmd_manifest)
+
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args, extra = parser.parse_known_args(argv)
+        bad = [a for a in extra if a.startswith("-") or "=" not in a]
+        if bad or (extra and not getattr(args, "accepts_overrides", False)):
+            parser.error(f"unrecognized arguments: {' '.join(bad or extra)}")
+    except SystemExit as exc:  # usage errors: argparse printed the message
+        return int(exc.code or 0)
+    if getattr(args, "accepts_overrides", False):
+        args.overrides = extra
     return int(args.func(args) or 0)
 
 

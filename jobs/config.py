@@ -1,0 +1,151 @@
+"""The job configuration: a typed omegaconf schema, merged defaults < YAML < flags < dotlist."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+DEFAULT_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt"
+
+
+class VcutMode(str, Enum):
+    off = "off"
+    exact = "exact"
+    full = "full"
+
+
+@dataclass
+class ModelConfig:
+    id: str = DEFAULT_MODEL  # hub id or local folder
+    vcut: VcutMode = VcutMode.full
+    device: str | None = None  # None: cuda when the worker has a GPU, else cpu
+    dtype: str | None = None  # None: fp16 on GPU, fp32 on CPU (the Renderer's choice)
+    variant: str | None = None
+    compile: bool = False
+    allow_pickle: bool = False
+    local_files_only: bool | None = None
+
+
+@dataclass
+class GenerationConfig:
+    """Defaults for the manifest's optional columns (a row's own value wins)."""
+
+    seed: int = 0
+    num_frames: int | None = None  # None: the model's own (25 for SVD-XT)
+    fps: int = 7
+    motion_bucket_id: int = 127
+    noise_aug_strength: float = 0.02
+    num_inference_steps: int = 25
+    min_guidance_scale: float = 1.0
+    max_guidance_scale: float = 3.0
+    width: int = 1024
+    height: int = 576
+    decode_chunk_size: int | None = None
+
+
+@dataclass
+class OutputConfig:
+    format: str = "mp4"
+    crf: int = 18
+    preset: str = "medium"
+    overwrite: bool = False  # render rows that are already ``ok`` again
+
+
+@dataclass
+class WorkersConfig:
+    count: int | None = None  # None: one per GPU, else one CPU worker
+    num_cpus: float | None = None  # per worker; None: 1 on GPU, else (CPUs - 1) / count, >= 0.25
+    num_gpus: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    batch_size: int = 4  # rows per task: also the commit granularity
+    inflight_per_worker: int = 2  # queued batches per worker, so it never idles
+    window_rows: int = 1024  # manifest rows grouped by image at a time (bounded memory)
+    max_attempts: int = 3  # tries of a row whose worker process died
+    max_restarts: int = 8  # replacement workers over the whole job
+    start_timeout_s: float = 600.0  # model load per worker
+
+
+@dataclass
+class CacheConfig:
+    entries: int = 64
+    bytes: int = 256 * 2**20
+
+
+@dataclass
+class MetricsConfig:
+    port: int | None = None
+    address: str = "127.0.0.1"
+    pushgateway: str | None = None
+    # Keep serving /metrics this long after the last video, so a scraper sees the final values.
+    linger_seconds: float = 0.0
+    # Pushgateway job name.
+    push_job: str = "vcut"
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    defaults: GenerationConfig = field(default_factory=GenerationConfig)  # generation defaults
+    output: OutputConfig = field(default_factory=OutputConfig)
+    workers: WorkersConfig = field(default_factory=WorkersConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    ray_address: str | None = None  # None: RAY_ADDRESS, else start a local Ray instance
+    progress_interval_s: float = 10.0  # log line period when stderr is not a terminal
+
+
+def load_config(
+    yaml_path: str | None = None,
+    flags: dict[str, Any] | None = None,
+    dotlist: list[str] | None = None,
+) -> DictConfig:
+    """Merge defaults < YAML file < CLI flags < ``key=value`` overrides into a typed config.
+
+    Raises ``omegaconf.errors.OmegaConfBaseException`` (wrong key or type) with omegaconf's
+    own message; flags whose value is None are ignored.
+    """
+    cfg = OmegaConf.structured(JobConfig)
+    layers = []
+    if yaml_path:
+        layers.append(OmegaConf.load(yaml_path))
+    if flags:
+        set_flags = OmegaConf.create()
+        for key, value in flags.items():
+            if value is not None:
+                OmegaConf.update(set_flags, key, value, force_add=True)
+        layers.append(set_flags)
+    if dotlist:
+        layers.append(OmegaConf.from_dotlist(dotlist))
+    cfg = OmegaConf.merge(cfg, *layers)
+    OmegaConf.set_readonly(cfg, True)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Value checks that types alone cannot express; raises ValueError naming the key."""
+    w, g = cfg.workers, cfg.defaults
+    checks = [
+        (w.count is None or w.count >= 1, "workers.count must be >= 1"),
+        (w.num_cpus is None or w.num_cpus > 0, "workers.num_cpus must be > 0"),
+        (w.num_gpus is None or w.num_gpus >= 0, "workers.num_gpus must be >= 0"),
+        (w.batch_size >= 1, "workers.batch_size must be >= 1"),
+        (w.inflight_per_worker >= 1, "workers.inflight_per_worker must be >= 1"),
+        (w.window_rows >= 1, "workers.window_rows must be >= 1"),
+        (w.max_attempts >= 1, "workers.max_attempts must be >= 1"),
+        (w.max_restarts >= 0, "workers.max_restarts must be >= 0"),
+        (g.num_inference_steps >= 1, "defaults.num_inference_steps must be >= 1"),
+        (g.width >= 8 and g.height >= 8, "defaults.width and defaults.height must be >= 8"),
+        (g.num_frames is None or g.num_frames >= 1, "defaults.num_frames must be >= 1"),
+        (g.fps >= 1, "defaults.fps must be >= 1"),
+        (g.min_guidance_scale <= g.max_guidance_scale, "defaults.min_guidance_scale > max_guidance_scale"),
+        (cfg.output.format.isalnum(), "output.format must be a plain extension such as mp4"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ValueError(message)

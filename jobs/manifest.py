@@ -1,0 +1,345 @@
+"""The manifest: open, validate (before any worker starts), stream rows in bounded chunks, build.
+
+A manifest is a Parquet file or folder (CSV and JSONL work too) with one row per video. A
+relative local ``image`` path is resolved against the manifest's own folder, so a manifest
+and its images can move together. Row numbers in messages count data rows from 0.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import math
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+
+#: Optional generation columns: (kind, lowest, highest). Model-dependent limits (a width the
+#: VAE cannot take, ...) are the renderer's to reject; they become ``failed`` rows.
+GENERATION_COLUMNS: dict[str, tuple[str, float, float]] = {
+    "seed": ("int", 0, 2**63 - 1),
+    "num_frames": ("int", 1, 1024),
+    "fps": ("int", 1, 240),
+    "motion_bucket_id": ("int", 0, 1023),
+    "noise_aug_strength": ("float", 0.0, 10.0),
+    "num_inference_steps": ("int", 1, 1000),
+    "min_guidance_scale": ("float", 0.0, 100.0),
+    "max_guidance_scale": ("float", 0.0, 100.0),
+    "width": ("int", 8, 8192),
+    "height": ("int", 8, 8192),
+}
+KNOWN_COLUMNS = {"image", "id", *GENERATION_COLUMNS}
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+MAX_PROBLEMS = 20
+
+
+class ManifestError(ValueError):
+    """The manifest cannot be run; ``problems`` names each column and row at fault."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        more = "" if len(problems) < MAX_PROBLEMS else f"\n  (stopped after {MAX_PROBLEMS} problems)"
+        super().__init__("invalid manifest:\n  " + "\n  ".join(problems) + more)
+
+
+@dataclass
+class ManifestInfo:
+    path: str
+    num_rows: int
+    columns: list[str]
+    carried: list[str] = field(default_factory=list)  # unknown columns, carried to the results
+    carried_schema: pa.Schema = field(default_factory=lambda: pa.schema([]))
+
+
+def open_manifest(path: str) -> ds.Dataset:
+    """A pyarrow dataset over the manifest; the format follows the extension."""
+    lower = path.lower()
+    if lower.endswith(".csv"):
+        fmt: Any = "csv"
+    elif lower.endswith((".jsonl", ".ndjson", ".json")):
+        fmt = ds.JsonFileFormat()
+    else:
+        fmt = "parquet"
+    return ds.dataset(path, format=fmt)
+
+
+def _base_dir(path: str) -> str | None:
+    if "://" in path:
+        return None
+    path = os.path.abspath(path)
+    return path if os.path.isdir(path) else os.path.dirname(path)
+
+
+def resolve_image(image: str, base_dir: str | None) -> str:
+    """A URI or absolute path as is; a relative path against the manifest's folder."""
+    if "://" in image or os.path.isabs(image) or base_dir is None:
+        return image
+    return os.path.normpath(os.path.join(base_dir, image))
+
+
+def default_id(image: str, row: int) -> str:
+    stem = os.path.splitext(os.path.basename(image.rstrip("/")))[0] or "row"
+    return f"{stem}-{row}"
+
+
+def id_hash(value: str) -> int:
+    """A 64-bit hash of an id: sets of a million ids cost 8 MB as a numpy array."""
+    return int.from_bytes(
+        hashlib.blake2b(value.encode("utf-8", "surrogatepass"), digest_size=8).digest(), "little"
+    )
+
+
+def hash_ids(ids: list[str]) -> np.ndarray:
+    return np.fromiter((id_hash(i) for i in ids), dtype=np.uint64, count=len(ids))
+
+
+def _is_int(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t)
+
+
+def _is_num(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_floating(t) or pa.types.is_decimal(t)
+
+
+def _check_schema(schema: pa.Schema, reserved: set[str]) -> list[str]:
+    problems = []
+    if "image" not in schema.names:
+        problems.append(f"missing required column 'image' (columns: {', '.join(schema.names) or 'none'})")
+    for name in schema.names:
+        if name in reserved and name not in KNOWN_COLUMNS:
+            problems.append(f"column {name!r} is reserved for the results; rename it")
+    return problems
+
+
+def _first_bad(mask: pa.Array) -> int | None:
+    """Index of the first True in a boolean array (nulls count as False)."""
+    idx = pc.index(pc.fill_null(mask, False), True).as_py()
+    return None if idx < 0 else idx
+
+
+def _check_column(name: str, col: pa.ChunkedArray | pa.Array, offset: int) -> str | None:
+    """One problem with a column chunk (the first bad row), or None."""
+    t = col.type
+    if pa.types.is_null(t):
+        return None
+    if name in ("image", "id"):
+        ok = pa.types.is_string(t) or pa.types.is_large_string(t) or (name == "id" and _is_int(t))
+        if not ok:
+            return f"column {name!r} has type {t}, expected string (row {offset})"
+        if name == "image":
+            bad = _first_bad(pc.or_kleene(pc.is_null(col), pc.equal(pc.utf8_length(col), 0)))
+            if bad is not None:
+                return f"column 'image' is empty at row {offset + bad}"
+        elif not _is_int(t):
+            bad = _first_bad(pc.equal(pc.utf8_length(col), 0))
+            if bad is not None:
+                return f"column 'id' is empty at row {offset + bad}"
+        return None
+    kind, low, high = GENERATION_COLUMNS[name]
+    if pa.types.is_string(t) or pa.types.is_large_string(t):
+        for i, value in enumerate(col.to_pylist()):
+            if value is None or value == "":
+                continue
+            try:
+                int(value) if kind == "int" else float(value)
+            except ValueError:
+                return f"column {name!r} has type {t}, expected {kind}: {value!r} at row {offset + i}"
+        return f"column {name!r} has type {t}, expected {kind} (row {offset})"
+    if not _is_num(t):
+        return f"column {name!r} has type {t}, expected {kind} (row {offset})"
+    if not _is_int(t):
+        col = pc.cast(col, pa.float64())
+        bad = _first_bad(pc.invert(pc.is_finite(col)))
+        if bad is not None:
+            return f"column {name!r} is not finite at row {offset + bad}"
+        if kind == "int":
+            bad = _first_bad(pc.not_equal(col, pc.floor(col)))
+            if bad is not None:
+                return f"column {name!r} expects an integer, got {col[bad].as_py()} at row {offset + bad}"
+    elif kind == "float":
+        col = pc.cast(col, pa.float64())
+    bad = _first_bad(pc.or_(pc.less(col, low), pc.greater(col, high)))
+    if bad is not None:
+        return f"column {name!r} is out of range [{low}, {high}]: {col[bad].as_py()} at row {offset + bad}"
+    return None
+
+
+def _check_guidance(batch: pa.RecordBatch, offset: int) -> str | None:
+    if "min_guidance_scale" not in batch.schema.names or "max_guidance_scale" not in batch.schema.names:
+        return None
+    lo, hi = batch.column("min_guidance_scale"), batch.column("max_guidance_scale")
+    if not (_is_num(lo.type) and _is_num(hi.type)):
+        return None
+    bad = _first_bad(pc.greater(pc.cast(lo, pa.float64()), pc.cast(hi, pa.float64())))
+    if bad is not None:
+        return f"column 'min_guidance_scale' is above 'max_guidance_scale' at row {offset + bad}"
+    return None
+
+
+def _batch_ids(batch: pa.RecordBatch, offset: int) -> list[str]:
+    images = batch.column("image").to_pylist()
+    if "id" in batch.schema.names and not pa.types.is_null(batch.column("id").type):
+        given = batch.column("id").to_pylist()
+    else:
+        given = [None] * batch.num_rows
+    return [
+        str(g) if g is not None else default_id(img or "", offset + i)
+        for i, (g, img) in enumerate(zip(given, images, strict=True))
+    ]
+
+
+def validate_manifest(path: str, reserved: set[str] = frozenset(), chunk_rows: int = 65536) -> ManifestInfo:
+    """Check the whole manifest in one streaming pass; raise ManifestError naming column and row.
+
+    Memory: one chunk of rows plus 8 bytes per id (for the duplicate check).
+    """
+    try:
+        dataset = open_manifest(path)
+        schema = dataset.schema
+    except (OSError, pa.ArrowException, ValueError) as exc:
+        raise ManifestError([f"cannot read manifest {path!r}: {exc}"]) from exc
+    problems = _check_schema(schema, reserved)
+    if problems:
+        raise ManifestError(problems)
+    checked = [n for n in schema.names if n in KNOWN_COLUMNS]
+    hashes: list[np.ndarray] = []
+    offset = 0
+    try:
+        for batch in dataset.to_batches(batch_size=chunk_rows, use_threads=False):
+            for name in checked:
+                problem = _check_column(name, batch.column(name), offset)
+                if problem and len(problems) < MAX_PROBLEMS:
+                    problems.append(problem)
+            problem = _check_guidance(batch, offset)
+            if problem and len(problems) < MAX_PROBLEMS:
+                problems.append(problem)
+            if not problems:
+                hashes.append(hash_ids(_batch_ids(batch, offset)))
+            offset += batch.num_rows
+    except (OSError, pa.ArrowException) as exc:
+        problems.append(f"cannot read manifest {path!r} after row {offset}: {exc}")
+    if not problems and hashes:
+        problems.extend(_duplicates(dataset, np.concatenate(hashes), chunk_rows))
+    if problems:
+        raise ManifestError(problems)
+    carried = [n for n in schema.names if n not in KNOWN_COLUMNS]
+    return ManifestInfo(
+        path=path,
+        num_rows=offset,
+        columns=list(schema.names),
+        carried=carried,
+        carried_schema=pa.schema([schema.field(n) for n in carried]),
+    )
+
+
+def _duplicates(dataset: ds.Dataset, hashes: np.ndarray, chunk_rows: int) -> list[str]:
+    ordered = np.sort(hashes)
+    dup_hashes = np.unique(ordered[1:][ordered[1:] == ordered[:-1]])
+    if dup_hashes.size == 0:
+        return []
+    # Second pass, only when there are duplicates: name them with their rows.
+    rows: dict[str, list[int]] = {}
+    offset = 0
+    for batch in dataset.to_batches(batch_size=chunk_rows, use_threads=False):
+        ids = _batch_ids(batch, offset)
+        hit = np.isin(hash_ids(ids), dup_hashes)
+        for i in np.flatnonzero(hit):
+            rows.setdefault(ids[i], []).append(offset + int(i))
+        offset += batch.num_rows
+    problems = [
+        f"column 'id' has duplicate {value!r} at rows {', '.join(map(str, where))}"
+        for value, where in rows.items()
+        if len(where) > 1
+    ]
+    return problems[:MAX_PROBLEMS]
+
+
+def iter_manifest(path: str, chunk_rows: int = 1024) -> Iterator[list[dict[str, Any]]]:
+    """Stream a validated manifest as chunks of row dicts: ``id`` filled in, ``_image`` the
+    resolved image, ``_row`` the row number, numbers as int or float. Nulls stay None."""
+    dataset = open_manifest(path)
+    base = _base_dir(path)
+    int_cols = {n for n, (kind, _, _) in GENERATION_COLUMNS.items() if kind == "int"}
+    offset = 0
+    for batch in dataset.to_batches(batch_size=chunk_rows, use_threads=False):
+        ids = _batch_ids(batch, offset)
+        rows = batch.to_pylist()
+        for i, row in enumerate(rows):
+            row["id"] = ids[i]
+            row["_image"] = resolve_image(row["image"], base)
+            row["_row"] = offset + i
+            for name in GENERATION_COLUMNS:
+                value = row.get(name)
+                if isinstance(value, str):
+                    value = value.strip() or None
+                    row[name] = None if value is None else (int(value) if name in int_cols else float(value))
+                elif name in int_cols and isinstance(value, float) and math.isfinite(value):
+                    row[name] = int(value)
+        offset += batch.num_rows
+        yield rows
+
+
+# -- building a manifest from a folder or glob of images ------------------------------------
+
+
+def list_images(source: str) -> list[str]:
+    if os.path.isdir(source):
+        found = [os.path.join(source, n) for n in os.listdir(source)]
+    else:
+        found = glob.glob(source, recursive=True)
+    return sorted(p for p in found if os.path.isfile(p) and p.lower().endswith(IMAGE_EXTENSIONS))
+
+
+def build_manifest(
+    source: str,
+    out: str,
+    *,
+    seeds: list[int] | None = None,
+    motion_bucket_ids: list[int] | None = None,
+    fps: list[int] | None = None,
+    num_frames: list[int] | None = None,
+) -> int:
+    """Write a Parquet manifest: every image x every option value (the cartesian product).
+
+    Image paths are written relative to the manifest's folder. Returns the number of rows.
+    """
+    images = list_images(source)
+    if not images:
+        raise ManifestError([f"no images found in {source!r} (extensions: {', '.join(IMAGE_EXTENSIONS)})"])
+    out_dir = os.path.dirname(os.path.abspath(out))
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in images]
+    names = [s if stems.count(s) == 1 else os.path.basename(p) for s, p in zip(stems, images, strict=True)]
+    options = [
+        ("seed", "s", seeds),
+        ("motion_bucket_id", "m", motion_bucket_ids),
+        ("fps", "f", fps),
+        ("num_frames", "n", num_frames),
+    ]
+    columns: dict[str, list[Any]] = {"id": [], "image": []}
+    columns.update({col: [] for col, _, values in options if values})
+    for name, path in zip(names, images, strict=True):
+        combos: list[tuple[str, dict[str, int]]] = [(name, {})]
+        for col, tag, values in options:
+            if values:
+                combos = [(f"{i}-{tag}{v}", {**c, col: v}) for i, c in combos for v in values]
+        for row_id, values in combos:
+            columns["id"].append(row_id)
+            columns["image"].append(os.path.relpath(os.path.abspath(path), out_dir))
+            for col, value in values.items():
+                columns[col].append(value)
+    table = pa.table(
+        {k: pa.array(v, pa.string() if k in ("id", "image") else pa.int64()) for k, v in columns.items()}
+    )
+    os.makedirs(out_dir, exist_ok=True)
+    import pyarrow.parquet as pq
+
+    tmp = os.path.join(out_dir, f".{os.path.basename(out)}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp)
+    os.replace(tmp, out)
+    return table.num_rows

@@ -1,0 +1,410 @@
+"""The distributor: streams the manifest to a pool of Ray worker actors and commits results.
+
+The driver reads the manifest in windows of ``workers.window_rows`` rows, drops ids already
+``ok`` in ``DIR/results/``, groups the rest by image and packs them into small batches. Each
+worker has at most ``workers.inflight_per_worker`` batches queued. A finished batch is
+committed at once as one results part. When a worker process dies, every batch queued on it
+is retried on the others and a replacement worker starts; a batch that keeps killing workers
+is split into single rows, and a row that still does becomes ``failed``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from jobs import manifest as mf
+from jobs import results as rs
+from jobs.progress import Progress
+from jobs.worker import RenderWorker
+
+log = logging.getLogger("jobs")
+
+
+class JobError(RuntimeError):
+    """The job cannot go on (no worker could start, every worker is gone)."""
+
+
+@dataclass
+class Batch:
+    rows: list[dict[str, Any]]
+    attempts: int = 0  # how many worker processes died while holding it
+    last_error: str = ""
+
+
+@dataclass
+class _Worker:
+    actor: Any
+    label: str
+    inflight: set = field(default_factory=set)
+    alive: bool = True
+
+
+class NoopHook:
+    def on_result(self, row: dict) -> None: ...
+    def on_pending(self, n: int) -> None: ...
+    def on_workers(self, alive: int, busy: int) -> None: ...
+    def on_finish(self, summary: dict) -> None: ...
+
+
+class SafeHook:
+    """Calls the hook's methods that exist; a hook that raises is logged, never fatal."""
+
+    def __init__(self, hook: Any):
+        self.hook = hook
+        self.warned: set[str] = set()
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        method = getattr(self.hook, name, None)
+
+        def call(*args: Any) -> None:
+            if method is None:
+                return
+            try:
+                method(*args)
+            except Exception as exc:
+                if name not in self.warned:
+                    self.warned.add(name)
+                    log.warning("metrics hook %s failed: %s: %s", name, type(exc).__name__, exc)
+
+        return call
+
+
+def resolve_params(row: dict[str, Any], generation: dict[str, Any]) -> dict[str, Any]:
+    """A row's generation values, the job config's where the row has none."""
+    return {k: (row.get(k) if row.get(k) is not None else generation.get(k)) for k in mf.GENERATION_COLUMNS}
+
+
+def plan_batches(
+    chunks: Iterator[list[dict[str, Any]]],
+    done: np.ndarray,
+    batch_size: int,
+    counters: dict[str, int],
+) -> Iterator[Batch]:
+    """Batches of not-yet-ok rows; within each chunk, rows that share an image are adjacent and
+    travel in one batch (a group larger than ``batch_size`` is cut into full batches)."""
+    current: list[dict[str, Any]] = []
+    for chunk in chunks:
+        skip = rs.is_done(mf.hash_ids([r["id"] for r in chunk]), done)
+        counters["skipped"] += int(skip.sum())
+        groups: dict[str, list[dict[str, Any]]] = {}
+        for row, skipped in zip(chunk, skip, strict=True):
+            if not skipped:
+                groups.setdefault(row["_image"], []).append(row)
+        for group in groups.values():
+            if current and len(current) + len(group) > batch_size:
+                yield Batch(current)
+                current = []
+            while len(group) > batch_size:
+                yield Batch(group[:batch_size])
+                group = group[batch_size:]
+            current.extend(group)
+    if current:
+        yield Batch(current)
+
+
+def size_workers(cfg: DictConfig, resources: dict[str, float]) -> tuple[int, float, float]:
+    """(count, num_cpus, num_gpus) per worker. CPU workers together reserve at most CPUs - 1
+    (never below 0.25 each), so the driver and Ray's own processes are never starved."""
+    w = cfg.workers
+    cpus, gpus = float(resources.get("CPU", 1)), float(resources.get("GPU", 0))
+    num_gpus = float(w.num_gpus) if w.num_gpus is not None else (1.0 if gpus >= 1 else 0.0)
+    if num_gpus > 0:
+        count = int(w.count or max(1, int(gpus // num_gpus)))
+        num_cpus = float(w.num_cpus if w.num_cpus is not None else 1.0)
+    else:
+        count = int(w.count or 1)
+        num_cpus = float(w.num_cpus) if w.num_cpus is not None else max(0.25, (cpus - 1) / count)
+    if count * num_cpus > cpus or (num_gpus and count * num_gpus > gpus):
+        log.warning(
+            "%d workers x (%.2f CPU, %.2f GPU) exceed the cluster's %.0f CPU / %.0f GPU: "
+            "some start only when the cluster grows",
+            count,
+            num_cpus,
+            num_gpus,
+            cpus,
+            gpus,
+        )
+    return count, num_cpus, num_gpus
+
+
+class Runner:
+    """One job: manifest -> workers -> committed results. Use ``run()``."""
+
+    def __init__(
+        self,
+        cfg: DictConfig,
+        manifest_path: str,
+        out_dir: str,
+        *,
+        hook: Any = None,
+        renderer_factory: Callable | None = None,
+        encoder: Callable | None = None,
+        progress_stream: Any = None,
+        info: mf.ManifestInfo | None = None,
+    ):
+        self.cfg = cfg
+        self.info = info
+        self.cfg_dict = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+        self.manifest_path = manifest_path
+        self.out_dir = os.path.abspath(out_dir)
+        self.hook = SafeHook(hook or NoopHook())
+        self.renderer_factory = renderer_factory
+        self.encoder = encoder
+        self.progress_stream = progress_stream
+        self.counters = {"skipped": 0, "rendered": 0}
+        self.workers: list[_Worker] = []
+        self.inflight: dict[Any, tuple[_Worker, Batch]] = {}
+        self.retry: deque[Batch] = deque()
+        self._next_label = 0
+
+    # -- workers -----------------------------------------------------------------------
+
+    def _start_worker(self) -> _Worker:
+        import ray
+
+        label = f"worker-{self._next_label}"
+        self._next_label += 1
+        remote = ray.remote(RenderWorker).options(
+            num_cpus=self.num_cpus,
+            num_gpus=self.num_gpus,
+            max_concurrency=2,  # the next batch renders while this one's last video encodes
+            max_restarts=0,  # the driver replaces dead workers and retries their batches
+            name=None,
+        )
+        threads = max(1, math.floor(self.num_cpus))
+        actor = remote.remote(self.cfg_dict, label, self.renderer_factory, self.encoder, threads)
+        worker = _Worker(actor, label)
+        self.workers.append(worker)
+        return worker
+
+    def _start_pool(self, count: int) -> None:
+        import ray
+
+        started = [self._start_worker() for _ in range(count)]
+        refs = {w.actor.info.remote(): w for w in started}
+        errors = []
+        for ref, worker in refs.items():
+            try:
+                info = ray.get(ref, timeout=float(self.cfg.workers.start_timeout_s))
+                log.info(
+                    "%s ready on %s (pid %s, %s)", worker.label, info["node"], info["pid"], info["device"]
+                )
+            except Exception as exc:
+                worker.alive = False
+                errors.append(f"{worker.label}: {exc}")
+        if not any(w.alive for w in self.workers):
+            raise JobError("no worker could start:\n" + "\n".join(errors))
+        for error in errors:
+            log.warning("worker failed to start: %s", error)
+
+    def _worker_died(self, worker: _Worker, exc: BaseException) -> None:
+        import ray
+
+        if not worker.alive:
+            return
+        worker.alive = False
+        log.warning(
+            "%s died (%s); retrying its %d batch(es)", worker.label, type(exc).__name__, len(worker.inflight)
+        )
+        for ref in list(worker.inflight):
+            _, batch = self.inflight.pop(ref)
+            batch.attempts += 1
+            batch.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            self._requeue(batch)
+        worker.inflight.clear()
+        try:
+            ray.kill(worker.actor, no_restart=True)
+        except Exception:
+            pass
+        if self.restarts_left > 0:
+            self.restarts_left -= 1
+            new = self._start_worker()
+            log.info("started %s to replace %s", new.label, worker.label)
+
+    def _requeue(self, batch: Batch) -> None:
+        max_attempts = int(self.cfg.workers.max_attempts)
+        if batch.attempts < max_attempts:
+            self.retry.append(batch)
+        elif len(batch.rows) > 1:  # isolate the row that kills workers: one last try each
+            self.retry.extend(Batch([r], max_attempts - 1, batch.last_error) for r in batch.rows)
+        else:
+            error = f"worker process died {batch.attempts} times rendering this row ({batch.last_error})"
+            self._commit(batch, [{"status": "failed", "error": error} for _ in batch.rows])
+
+    # -- results -----------------------------------------------------------------------
+
+    def _task(self, row: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "id": row["id"],
+            "image": row["_image"],
+            "output": rs.video_path(self.out_dir, row["id"], self.cfg.output.format),
+            "params": resolve_params(row, self.cfg_dict["defaults"]),
+        }
+
+    def _commit(self, batch: Batch, results: list[dict[str, Any]]) -> None:
+        rows = []
+        for row, result in zip(batch.rows, results, strict=True):
+            out = {k: v for k, v in row.items() if not k.startswith("_")}
+            out.update(resolve_params(row, self.cfg_dict["defaults"]))
+            out.setdefault("vcut_mode", self.cfg_dict["model"]["vcut"])
+            out.update(result)
+            out["attempts"] = batch.attempts + 1
+            rows.append(out)
+        self.writer.commit(rows)
+        ok = sum(r["status"] == "ok" for r in rows)
+        self.counters["rendered"] += len(rows)
+        for row in rows:
+            self.hook.on_result(row)
+        self.progress.skipped = self.counters["skipped"]
+        self.progress.update(ok=ok, failed=len(rows) - ok)
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def _submit(self, batches: Iterator[Batch]) -> bool:
+        """Fill every live worker up to its in-flight limit; False when nothing is left."""
+        per_worker = int(self.cfg.workers.inflight_per_worker)
+        exhausted = False
+        for worker in self.workers:
+            while worker.alive and len(worker.inflight) < per_worker:
+                batch = self.retry.popleft() if self.retry else next(batches, None)
+                if batch is None:
+                    exhausted = True
+                    break
+                ref = worker.actor.render_batch.remote([self._task(r) for r in batch.rows])
+                worker.inflight.add(ref)
+                self.inflight[ref] = (worker, batch)
+        return not exhausted or bool(self.inflight) or bool(self.retry)
+
+    def _collect(self, timeout: float) -> None:
+        import ray
+        from ray.exceptions import RayTaskError
+
+        ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=timeout)
+        for ref in ready:
+            if ref not in self.inflight:  # already requeued with its dead worker
+                continue
+            worker, batch = self.inflight[ref]
+            try:
+                results = ray.get(ref)
+            except RayTaskError as exc:  # render_batch itself raised: the rows fail, the worker lives
+                if isinstance(exc.cause, BaseException) and not isinstance(exc.cause, Exception):
+                    self._worker_died(worker, exc)
+                    continue
+                del self.inflight[ref]
+                worker.inflight.discard(ref)
+                error = f"{type(exc.cause).__name__}: {exc.cause}"
+                self._commit(batch, [{"status": "failed", "error": error} for _ in batch.rows])
+                continue
+            except Exception as exc:  # the actor's process is gone
+                self._worker_died(worker, exc)
+                continue
+            del self.inflight[ref]
+            worker.inflight.discard(ref)
+            self._commit(batch, results)
+
+    def run(self) -> dict[str, Any]:
+        import ray
+
+        started = time.monotonic()
+        info = self.info or mf.validate_manifest(self.manifest_path, reserved=rs.RESERVED_COLUMNS)
+        os.makedirs(os.path.join(self.out_dir, "videos"), exist_ok=True)
+        rs.clean_temporaries(self.out_dir)
+        done = np.zeros(0, dtype=np.uint64) if self.cfg.output.overwrite else rs.done_ids(self.out_dir)
+        self.writer = rs.ResultWriter(self.out_dir, info.carried_schema)
+        count, self.num_cpus, self.num_gpus = size_workers(self.cfg, ray.cluster_resources())
+        self.restarts_left = int(self.cfg.workers.max_restarts)
+        chunks = mf.iter_manifest(self.manifest_path, int(self.cfg.workers.window_rows))
+        batches = plan_batches(chunks, done, int(self.cfg.workers.batch_size), self.counters)
+        log.info(
+            "job: %d manifest rows, %d already ok, %d worker(s) x %.2f CPU / %.2f GPU",
+            info.num_rows,
+            done.size,
+            count,
+            self.num_cpus,
+            self.num_gpus,
+        )
+        self.progress = Progress(
+            info.num_rows, interval_s=float(self.cfg.progress_interval_s), stream=self.progress_stream
+        )
+        try:
+            first = next(batches, None)  # nothing left to render: no worker, no model load
+            if first is not None:
+                self.retry.append(first)
+                self._start_pool(count)
+            while first is not None and self._submit(batches):
+                if not any(w.alive for w in self.workers):
+                    raise JobError("every worker died and the restart budget is spent")
+                self._collect(timeout=1.0)
+                self.progress.skipped = self.counters["skipped"]
+                self.progress.update()  # a log line every interval, even between commits
+                self.hook.on_pending(info.num_rows - self.progress.done)
+                self.hook.on_workers(
+                    sum(w.alive for w in self.workers), sum(bool(w.inflight) for w in self.workers)
+                )
+        finally:
+            for worker in self.workers:
+                try:
+                    ray.kill(worker.actor, no_restart=True)
+                except Exception:
+                    pass
+            self.progress.close()
+        rs.compact(self.out_dir)
+        summary = rs.summarize(
+            self.out_dir,
+            manifest_rows=info.num_rows,
+            rendered=self.counters["rendered"],
+            skipped=self.counters["skipped"],
+            wall_seconds=time.monotonic() - started,
+        )
+        summary["results"] = rs.results_dir(self.out_dir)
+        summary["videos"] = os.path.join(self.out_dir, "videos")
+        summary["vcut_mode"] = self.cfg_dict["model"]["vcut"]
+        _write_json(os.path.join(self.out_dir, "summary.json"), summary)
+        self.hook.on_pending(0)
+        self.hook.on_finish(summary)
+        return summary
+
+
+def _write_json(path: str, data: dict) -> None:
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def run_job(
+    cfg: DictConfig,
+    manifest_path: str,
+    out_dir: str,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Run a job on the connected Ray cluster, or on a local Ray instance started (and shut
+    down) here: ``cfg.ray_address``, else ``RAY_ADDRESS``, else local. Returns the summary."""
+    import ray
+
+    info = mf.validate_manifest(manifest_path, reserved=rs.RESERVED_COLUMNS)  # before any worker
+    own = not ray.is_initialized()
+    if own:
+        ray.init(
+            address=cfg.ray_address or os.environ.get("RAY_ADDRESS") or None,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            configure_logging=False,
+        )
+    try:
+        return Runner(cfg, manifest_path, out_dir, info=info, **kwargs).run()
+    finally:
+        if own:
+            ray.shutdown()

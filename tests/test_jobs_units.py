@@ -1,0 +1,251 @@
+"""Unit tests of jobs/ without Ray or a model: manifest, config, results, batching, progress."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs import manifest as mf
+from jobs import results as rs
+from jobs.config import load_config
+from jobs.main import main
+from jobs.progress import Progress, format_summary
+from jobs.runner import plan_batches, resolve_params, size_workers
+
+
+def _write(path, table: pa.Table) -> str:
+    pq.write_table(table, path)
+    return str(path)
+
+
+# -- manifest ----------------------------------------------------------------------------------
+
+
+def test_validate_reports_column_and_row(tmp_path):
+    path = _write(
+        tmp_path / "m.parquet",
+        pa.table({"image": ["a.png", "b.png", "c.png"], "fps": [7, 7, 0], "seed": [0, 1, 2]}),
+    )
+    with pytest.raises(mf.ManifestError) as err:
+        mf.validate_manifest(path)
+    assert "'fps'" in str(err.value) and "row 2" in str(err.value)
+
+
+def test_validate_missing_image_and_wrong_types(tmp_path):
+    with pytest.raises(mf.ManifestError, match="missing required column 'image'"):
+        mf.validate_manifest(_write(tmp_path / "a.parquet", pa.table({"path": ["a.png"]})))
+    csv = tmp_path / "m.csv"
+    csv.write_text("image,seed,noise_aug_strength\na.png,1,0.1\nb.png,two,0.2\n")
+    with pytest.raises(mf.ManifestError) as err:
+        mf.validate_manifest(str(csv))
+    assert "'seed'" in str(err.value) and "'two' at row 1" in str(err.value)
+    path = _write(tmp_path / "f.parquet", pa.table({"image": ["a", "b"], "num_frames": [4.0, 2.5]}))
+    with pytest.raises(mf.ManifestError, match="'num_frames' expects an integer, got 2.5 at row 1"):
+        mf.validate_manifest(path)
+
+
+def test_validate_duplicates_reserved_and_guidance(tmp_path):
+    path = _write(tmp_path / "d.parquet", pa.table({"image": ["a", "b", "c"], "id": ["x", "y", "x"]}))
+    with pytest.raises(mf.ManifestError, match="duplicate 'x' at rows 0, 2"):
+        mf.validate_manifest(path)
+    # a default id (stem-row) colliding with a given id is a duplicate too
+    path = _write(tmp_path / "e.parquet", pa.table({"image": ["a.png", "b.png"], "id": [None, "a-0"]}))
+    with pytest.raises(mf.ManifestError, match="duplicate 'a-0'"):
+        mf.validate_manifest(path)
+    path = _write(tmp_path / "r.parquet", pa.table({"image": ["a"], "status": ["x"]}))
+    with pytest.raises(mf.ManifestError, match="'status' is reserved"):
+        mf.validate_manifest(path, reserved=rs.RESERVED_COLUMNS)
+    path = _write(
+        tmp_path / "g.parquet",
+        pa.table({"image": ["a", "b"], "min_guidance_scale": [1.0, 4.0], "max_guidance_scale": [3.0, 3.0]}),
+    )
+    with pytest.raises(mf.ManifestError, match="above 'max_guidance_scale' at row 1"):
+        mf.validate_manifest(path)
+
+
+def test_iter_manifest_streams_resolved_rows(tmp_path):
+    (tmp_path / "sub").mkdir()
+    jsonl = tmp_path / "sub" / "m.jsonl"
+    lines = [
+        {"image": "i.png", "seed": 3, "note": "n0"},
+        {"image": "/abs/j.png", "id": "custom", "fps": None},
+    ]
+    lines += [{"image": "s3://bucket/k.png"}]
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    info = mf.validate_manifest(str(jsonl))
+    assert info.num_rows == 3 and info.carried == ["note"]
+    chunks = list(mf.iter_manifest(str(jsonl), chunk_rows=2))
+    assert [len(c) for c in chunks] == [2, 1]
+    rows = [r for c in chunks for r in c]
+    assert [r["id"] for r in rows] == ["i-0", "custom", "k-2"]
+    assert rows[0]["_image"] == str(tmp_path / "sub" / "i.png") and rows[0]["image"] == "i.png"
+    assert rows[1]["_image"] == "/abs/j.png" and rows[2]["_image"] == "s3://bucket/k.png"
+    assert rows[0]["seed"] == 3 and rows[0]["note"] == "n0"
+    params = resolve_params(rows[1], {"seed": 0, "fps": 7, "num_frames": None})
+    assert params["seed"] == 0 and params["fps"] == 7 and params["num_frames"] is None
+
+
+def test_build_manifest_cartesian_product(tmp_path):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    for name in ("a.png", "b.jpg", "notes.txt"):
+        (imgs / name).write_bytes(b"x")
+    out = tmp_path / "out" / "m.parquet"
+    assert (
+        main(["manifest", str(imgs), "-o", str(out), "--seeds", "0,1", "--motion-bucket-ids", "10,20"]) == 0
+    )
+    table = pq.read_table(out).to_pylist()
+    assert len(table) == 8
+    assert table[0] == {"id": "a-s0-m10", "image": "../imgs/a.png", "seed": 0, "motion_bucket_id": 10}
+    assert len({r["id"] for r in table}) == 8
+    assert mf.validate_manifest(str(out)).num_rows == 8
+    assert main(["manifest", str(tmp_path / "empty*"), "-o", str(out)]) == 2
+
+
+def test_cli_exit_2_on_bad_manifest_and_config(tmp_path, capsys):
+    bad = _write(tmp_path / "m.parquet", pa.table({"image": ["a.png"], "width": ["wide"]}))
+    assert main(["run", bad, "--out", str(tmp_path / "o")]) == 2
+    assert "'width'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()  # nothing started, nothing written
+    good = _write(tmp_path / "g.parquet", pa.table({"image": ["a.png"]}))
+    assert main(["run", good, "--out", str(tmp_path / "o"), "defaults.heigth=64"]) == 2
+    assert "heigth" in capsys.readouterr().err
+    assert main(["run", good, "--out", str(tmp_path / "o"), "workers.count=abc"]) == 2
+    assert main(["run", good, "--out", str(tmp_path / "o"), "--workers", "0"]) == 2
+    assert main(["run", good, "--out", str(tmp_path / "o"), "--bogus"]) == 2
+
+
+# -- config ------------------------------------------------------------------------------------
+
+
+def test_config_precedence(tmp_path, capsys):
+    yaml = tmp_path / "job.yaml"
+    yaml.write_text("model:\n  vcut: exact\ndefaults:\n  fps: 9\n  height: 64\nworkers:\n  count: 3\n")
+    cfg = load_config(str(yaml), {"workers.count": 2, "model.id": None}, ["defaults.fps=11"])
+    assert cfg.model.vcut.value == "exact" and cfg.workers.count == 2 and cfg.defaults.fps == 11
+    assert cfg.defaults.height == 64 and cfg.model.id.startswith("stabilityai/")
+    assert main(["config", "--config", str(yaml), "--vcut", "off", "--metrics-port", "9100"]) == 0
+    out = capsys.readouterr().out
+    assert "vcut: 'off'" in out or "vcut: off" in out
+    assert "port: 9100" in out and "fps: 9" in out
+
+
+# -- results -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "bad", ["../x", "../../etc/passwd", "/abs/path", "a/../../b", "nul\x00byte", "x" * 1000, ".", ".."]
+)
+def test_ids_cannot_escape(tmp_path, bad):
+    path = rs.video_path(str(tmp_path / "out"), bad, "mp4")
+    assert os.path.dirname(path) == str(tmp_path / "out" / "videos")
+    name = os.path.basename(path)
+    assert "\x00" not in name and "/" not in name and not name.startswith(".") and len(name) <= 130
+
+
+def test_safe_names_are_distinct_and_stable():
+    assert rs.safe_name("cat-0") == "cat-0"
+    names = {rs.safe_name(i) for i in ["a/b", "a_b", "a?b", "x" * 300, "x" * 301]}
+    assert len(names) == 5 and rs.safe_name("a/b") == rs.safe_name("a/b")
+
+
+def _row(row_id: str, status: str) -> dict:
+    return {"id": row_id, "image": "i.png", "status": status, "note": "n"}
+
+
+def test_commit_resume_and_last_row_wins(tmp_path):
+    out = str(tmp_path)
+    carried = pa.schema([("note", pa.string())])
+    writer = rs.ResultWriter(out, carried)
+    writer.commit([_row("a", "ok"), _row("b", "failed")])
+    writer.commit([_row("c", "failed")])
+    done = rs.done_ids(out)
+    assert rs.is_done(mf.hash_ids(["a", "b", "c", "d"]), done).tolist() == [True, False, False, False]
+    # a later run renders the failed rows again: its rows win
+    writer2 = rs.ResultWriter(out, carried)
+    writer2.commit([_row("b", "ok")])
+    writer2.commit([_row("c", "failed")])
+    (tmp_path / "results" / ".part-x.parquet.tmp").write_bytes(b"half")  # a crash's leftover
+    table = rs.read_results(out)
+    assert sorted(zip(table["id"].to_pylist(), table["status"].to_pylist(), strict=True)) == [
+        ("a", "ok"),
+        ("b", "ok"),
+        ("c", "failed"),
+    ]
+    assert rs.compact(out) == 2
+    on_disk = pq.read_table(tmp_path / "results")
+    assert sorted(on_disk["id"].to_pylist()) == ["a", "b", "c"]
+    assert rs.clean_temporaries(out) == 1
+    assert rs.compact(out) == 0
+    summary = rs.summarize(out, manifest_rows=3, rendered=2, skipped=1, wall_seconds=2.0)
+    assert (summary["ok"], summary["failed"], summary["videos_per_second"]) == (2, 1, 1.0)
+    assert "manifest rows" in format_summary(summary)
+
+
+# -- batching, sizing, progress ----------------------------------------------------------------
+
+
+def test_plan_batches_groups_shared_images_and_skips_done():
+    rows = [{"id": f"r{i}", "_image": img} for i, img in enumerate("abacbaddd")]
+    counters = {"skipped": 0}
+    done = np.sort(mf.hash_ids(["r8"]))
+    batches = list(plan_batches(iter([rows[:6], rows[6:]]), done, 3, counters))
+    ids = [[r["id"] for r in b.rows] for b in batches]
+    assert counters["skipped"] == 1
+    assert ids == [["r0", "r2", "r5"], ["r1", "r4", "r3"], ["r6", "r7"]]
+
+
+def test_size_workers_never_reserves_every_cpu():
+    cfg = load_config()
+    assert size_workers(cfg, {"CPU": 2}) == (1, 1.0, 0.0)
+    cfg = load_config(flags={"workers.count": 2})
+    count, cpus, gpus = size_workers(cfg, {"CPU": 2})
+    assert count == 2 and count * cpus < 2 and gpus == 0
+    assert size_workers(load_config(), {"CPU": 16, "GPU": 4}) == (4, 1.0, 1.0)
+
+
+def test_progress_log_lines():
+    stream = io.StringIO()
+    progress = Progress(10, interval_s=0, stream=stream)
+    progress.skipped = 2
+    progress.update(ok=3, failed=1)
+    assert "6/10 rows" in progress.line() and "1 failed" in progress.line()
+
+
+def test_writer_merges_small_parts_keeping_commit_order(tmp_path):
+    out = str(tmp_path)
+    writer = rs.ResultWriter(out, merge_every=3)
+    for i in range(7):
+        writer.commit([_row(f"r{i}", "failed" if i == 1 else "ok")])
+    writer.commit([_row("r1", "ok")])  # the row rendered again later wins over the merged one
+    assert len(os.listdir(tmp_path / "results")) == 4  # two merged parts + two fresh ones
+    table = rs.read_results(out)
+    assert table.num_rows == 7 and set(table["status"].to_pylist()) == {"ok"}
+    rs.compact(out)
+    assert len(os.listdir(tmp_path / "results")) == 1
+    assert sorted(pq.read_table(tmp_path / "results")["id"].to_pylist()) == [f"r{i}" for i in range(7)]
+
+
+def test_failing_metrics_hook_is_not_fatal(caplog):
+    from jobs.runner import SafeHook
+
+    class Broken:
+        def on_result(self, row: dict) -> None:
+            raise RuntimeError("boom")
+
+    hook = SafeHook(Broken())
+    hook.on_result({})
+    hook.on_result({})
+    hook.on_finish({})  # missing methods are skipped
+    assert caplog.text.count("boom") == 1
+
+
+def test_out_must_not_be_a_uri(tmp_path):
+    good = _write(tmp_path / "g.parquet", pa.table({"image": ["a.png"]}))
+    assert main(["run", good, "--out", "s3://bucket/out"]) == 2
