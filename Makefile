@@ -26,9 +26,7 @@ prometheus:
 
 demo: install
 	$(VCUT) tiny-model demo-out/tiny-svd
-	$(PY) examples/make_manifest.py demo-out/manifest.parquet
-	$(VCUT) run demo-out/manifest.parquet --out demo-out/run --model demo-out/tiny-svd --workers 1 \
-		defaults.height=64 defaults.width=64 defaults.num_frames=4 defaults.num_inference_steps=4
+	$(VCUT) run examples/manifest.parquet --out demo-out/run --model demo-out/tiny-svd --config examples/tiny-job.yaml
 	$(VCUT) macs --model svd-xt --height 576 --width 1024 --num-frames 25 --steps 25
 
 test: install prometheus
