@@ -86,18 +86,21 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from jobs.manifest import ManifestError
     from jobs.progress import format_summary
+    from jobs.results import open_output
     from jobs.runner import JobError, run_job
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if "://" in args.out:
-        print("vcut: --out must be a local or shared-filesystem folder, not a URI", file=sys.stderr)
+    try:  # a local folder or an fsspec URI (s3://, gs://, file:// ...); creates nothing yet
+        out = open_output(args.out)
+    except (ValueError, ImportError) as exc:
+        print(f"vcut: --out {args.out!r}: {exc}", file=sys.stderr)
         return 2
     cfg = _load_config(args)
     if cfg is None:
         return 2
     hook = _metrics_hook(cfg)
     try:
-        summary = run_job(cfg, args.manifest, args.out, hook=hook)
+        summary = run_job(cfg, args.manifest, out, hook=hook)
     except ManifestError as exc:
         print(f"vcut: {exc}", file=sys.stderr)
         return 2
@@ -195,8 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="render every row of a manifest to a video (resumes; exit 0 all ok, 3 some failed, 2 bad input)",
         epilog="Trailing key=value arguments override config keys, e.g. defaults.num_frames=14.",
     )
-    p.add_argument("manifest", help="Parquet (or CSV / JSONL) manifest, one row per video")
-    p.add_argument("--out", required=True, help="output folder: videos/, results/, summary.json")
+    p.add_argument(
+        "manifest",
+        help="Parquet (or CSV / JSONL) manifest, one row per video: a path or a URI (s3://, gs://)",
+    )
+    p.add_argument(
+        "--out", required=True, help="output folder or URI (s3://, gs://): videos/, results/, summary.json"
+    )
     p.add_argument("--overwrite", action="store_true", help="render rows that are already ok again")
     _add_job_flags(p)
     p.set_defaults(func=_cmd_run)

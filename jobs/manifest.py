@@ -1,8 +1,10 @@
 """The manifest: open, validate (before any worker starts), stream rows in bounded chunks, build.
 
-A manifest is a Parquet file or folder (CSV and JSONL work too) with one row per video. A
-relative local ``image`` path is resolved against the manifest's own folder, so a manifest
-and its images can move together. Row numbers in messages count data rows from 0.
+A manifest is a Parquet file or folder (CSV and JSONL work too) with one row per video, a
+local path or an fsspec URI (``s3://``, ``gs://``, ``file://`` ...; read with
+``pyarrow.dataset`` over the fsspec filesystem). A relative ``image`` path is resolved against
+the manifest's own folder (for a manifest URI: that folder's URI), so a manifest and its images
+can move together. Row numbers in messages count data rows from 0.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import glob
 import hashlib
 import math
 import os
+import posixpath
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,8 +60,19 @@ class ManifestInfo:
     carried_schema: pa.Schema = field(default_factory=lambda: pa.schema([]))
 
 
+def _is_uri(path: str) -> bool:
+    return "://" in path
+
+
+def _url_to_fs(path: str) -> tuple[Any, str]:
+    import fsspec
+
+    return fsspec.core.url_to_fs(path)
+
+
 def open_manifest(path: str) -> ds.Dataset:
-    """A pyarrow dataset over the manifest; the format follows the extension."""
+    """A pyarrow dataset over the manifest; the format follows the extension. A URI is read
+    through its fsspec filesystem (s3fs, gcsfs ...), as the images and outputs are."""
     lower = path.lower()
     if lower.endswith(".csv"):
         fmt: Any = "csv"
@@ -66,20 +80,34 @@ def open_manifest(path: str) -> ds.Dataset:
         fmt = ds.JsonFileFormat()
     else:
         fmt = "parquet"
+    if _is_uri(path):
+        fs, fs_path = _url_to_fs(path)
+        return ds.dataset(fs_path, format=fmt, filesystem=fs)
     return ds.dataset(path, format=fmt)
 
 
 def _base_dir(path: str) -> str | None:
-    if "://" in path:
-        return None
+    """The folder relative image paths resolve against: a local path, or a URI for a manifest
+    given as a URI."""
+    if _is_uri(path):
+        fs, fs_path = _url_to_fs(path)
+        fs_path = fs_path.rstrip("/")
+        folder = fs_path if fs.isdir(fs_path) else posixpath.dirname(fs_path)
+        from fsspec.implementations.local import LocalFileSystem
+
+        return os.path.abspath(folder) if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(folder)
     path = os.path.abspath(path)
     return path if os.path.isdir(path) else os.path.dirname(path)
 
 
 def resolve_image(image: str, base_dir: str | None) -> str:
-    """A URI or absolute path as is; a relative path against the manifest's folder."""
+    """A URI or absolute path as is; a relative path against the manifest's folder (a local
+    folder, or the URI of a remote one)."""
     if "://" in image or os.path.isabs(image) or base_dir is None:
         return image
+    if "://" in base_dir:
+        scheme, _, folder = base_dir.partition("://")
+        return f"{scheme}://{posixpath.normpath(posixpath.join(folder, image))}"
     return os.path.normpath(os.path.join(base_dir, image))
 
 
@@ -202,7 +230,9 @@ def validate_manifest(path: str, reserved: set[str] = frozenset(), chunk_rows: i
     try:
         dataset = open_manifest(path)
         schema = dataset.schema
-    except (OSError, pa.ArrowException, ValueError) as exc:
+    except FileNotFoundError as exc:
+        raise ManifestError([f"cannot read manifest {path!r}: not found ({exc})"]) from exc
+    except (OSError, pa.ArrowException, ValueError, ImportError) as exc:  # ImportError: no s3fs ...
         raise ManifestError([f"cannot read manifest {path!r}: {exc}"]) from exc
     problems = _check_schema(schema, reserved)
     if problems:

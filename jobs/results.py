@@ -1,21 +1,35 @@
 """The results: safe output names, committed part files, resume state, compaction, summary.
 
 ``DIR/results/`` holds Parquet part files named ``part-<commit ns>-<seq>-<tag>.parquet``; the
-name order is the commit order. Each finished batch is one part, written under a hidden
-temporary name (readers skip names starting with ``.``) and renamed, so a crash loses at most
-the batches in flight and never leaves half a file. Rule: for an id present more than once
-(a failed row rendered again on resume, or ``--overwrite``), the last committed row wins;
-``compact`` applies the rule on disk, so after a job each id has exactly one row.
+name order is the commit order. Each finished batch is one part, and a crash loses at most the
+batches in flight and never leaves half a file under a final name. Rule: for an id present more
+than once (a failed row rendered again on resume, or ``--overwrite``), the last committed row
+wins; ``compact`` applies the rule on disk, so after a job each id has exactly one row.
+
+``DIR`` is a local folder or an fsspec URI (``s3://``, ``gs://``, ``file://`` ...), resolved
+once by :func:`open_output`; every results read and write goes through that filesystem.
+How a file appears complete under its final name depends on the storage:
+
+- **local**: written under a hidden temporary name (readers skip names starting with ``.``),
+  fsynced and renamed (``os.replace``);
+- **object stores** (S3, GCS, Azure, ...): serialized in memory, then written directly under
+  the final name with one upload. An object PUT, single or multipart, becomes visible only
+  once complete (a failed or killed upload leaves no object), so nothing is ever half-written
+  under the final name; a "rename" there would be a copy plus a delete, i.e. a second full
+  write and a window with two copies, for no added safety;
+- **other fsspec filesystems** (SFTP, HDFS, ...): hidden temporary name, then ``fs.mv``.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import posixpath
 import re
 import socket
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -76,25 +90,161 @@ def safe_name(row_id: str) -> str:
     return f"{name[: MAX_NAME - 13]}-{digest}" if name else digest
 
 
-def video_path(out_dir: str, row_id: str, ext: str) -> str:
-    path = os.path.join(os.path.abspath(out_dir), "videos", f"{safe_name(row_id)}.{ext}")
-    assert os.path.dirname(path) == os.path.join(os.path.abspath(out_dir), "videos")
+#: fsspec protocols of object stores: no directories, no rename, uploads visible only complete.
+OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"})
+#: Temporary names left by ``pipeline.encode`` uploads on a URI (``<name>.tmp-<12 hex>``).
+_UPLOAD_TMP = re.compile(r"\.tmp-[0-9a-f]{12}$")
+
+
+@dataclass(frozen=True)
+class OutputDir:
+    """Where a job writes, resolved once: a local folder (``fs`` is None, ``root`` an absolute
+    path) or a folder on an fsspec filesystem (``root`` the path on ``fs``, ``uri`` the same
+    folder as a URI: what other processes, such as Ray workers, are given)."""
+
+    uri: str
+    root: str
+    fs: Any = None
+
+    @property
+    def local(self) -> bool:
+        return self.fs is None
+
+    @property
+    def object_store(self) -> bool:
+        if self.local:
+            return False
+        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
+        return bool(OBJECT_STORES.intersection(protocols))
+
+    def path(self, *names: str) -> str:
+        """A path under the root, on ``fs`` (local: an OS path)."""
+        if self.local:
+            return os.path.join(self.root, *names)
+        return posixpath.join(self.root.rstrip("/"), *names)
+
+    def uri_of(self, *names: str) -> str:
+        """A URI under the root (local: an OS path), to hand to another process."""
+        if self.local:
+            return self.path(*names)
+        return posixpath.join(self.uri.rstrip("/"), *names)
+
+    def listdir(self, *sub: str) -> list[str]:
+        """The names in a sub-folder ([] when it does not exist), never from a stale cache."""
+        folder = self.path(*sub)
+        if self.local:
+            return os.listdir(folder) if os.path.isdir(folder) else []
+        self.fs.invalidate_cache(folder)  # other processes (the workers) write here too
+        try:
+            found = self.fs.ls(folder, detail=False)
+        except FileNotFoundError:
+            return []
+        return [posixpath.basename(p.rstrip("/")) for p in found if p.rstrip("/") != folder.rstrip("/")]
+
+    def makedirs(self, *sub: str) -> None:
+        """Create a sub-folder; nothing on object stores (no directories; s3fs would even
+        create a missing bucket)."""
+        if self.local:
+            os.makedirs(self.path(*sub), exist_ok=True)
+        elif not self.object_store:
+            try:
+                self.fs.makedirs(self.path(*sub), exist_ok=True)
+            except (OSError, NotImplementedError):
+                pass
+
+    def remove(self, path: str) -> None:
+        if self.local:
+            os.remove(path)
+        else:
+            self.fs.rm_file(path)
+
+    def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(path, columns=columns, filesystem=self.fs)
+
+    def read_schema(self, path: str) -> pa.Schema:
+        return pq.read_schema(path, filesystem=self.fs)
+
+    def write_table(self, table: pa.Table, path: str) -> None:
+        """Write a Parquet file that is never seen half-written under ``path``."""
+        if self.local:
+            _atomic_write(table, path)
+            return
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf)
+        self.write_bytes(path, buf.getvalue().to_pybytes())
+
+    def write_bytes(self, path: str, data: bytes) -> None:
+        """Write ``data`` to ``path`` atomically (see the module docstring for how)."""
+        if self.local:
+            folder, name = os.path.split(path)
+            tmp = os.path.join(folder, f".{name}.tmp")
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        elif self.object_store:
+            self.fs.pipe_file(path, data)  # one upload: visible only once complete
+        else:
+            folder, name = posixpath.split(path)
+            tmp = posixpath.join(folder, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
+            self.fs.pipe_file(tmp, data)
+            self.fs.mv(tmp, path)
+
+
+def open_output(out: str | os.PathLike | OutputDir) -> OutputDir:
+    """Resolve ``--out`` once: a local path (made absolute), ``file://`` (local too), or an
+    fsspec URI. Raises ValueError for a protocol fsspec does not know or that is private to
+    one process (``memory://``), ImportError when its package (s3fs, gcsfs ...) is missing.
+    Creates nothing."""
+    if isinstance(out, OutputDir):
+        return out
+    out = os.fspath(out)
+    if "://" not in out:
+        path = os.path.abspath(out)
+        return OutputDir(uri=path, root=path)
+    import fsspec
+    from fsspec.implementations.local import LocalFileSystem
+
+    fs, root = fsspec.core.url_to_fs(out)
+    if isinstance(fs, LocalFileSystem):
+        path = os.path.abspath(root)
+        return OutputDir(uri=path, root=path)
+    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
+    if "memory" in protocols:
+        raise ValueError(f"{out!r}: memory:// is private to one process; Ray workers cannot write there")
+    root = root.rstrip("/")
+    if not root:
+        raise ValueError(f"{out!r} names no folder")
+    return OutputDir(uri=fs.unstrip_protocol(root), root=root, fs=fs)
+
+
+def video_path(out_dir: str | OutputDir, row_id: str, ext: str) -> str:
+    """Where a row's video goes: ``DIR/videos/<safe name>.<ext>``, a local path or a URI."""
+    out = open_output(out_dir)
+    path = out.uri_of("videos", f"{safe_name(row_id)}.{ext}")
+    parent = os.path.dirname(path) if out.local else posixpath.dirname(path)
+    assert parent == out.uri_of("videos")
     return path
 
 
-def results_dir(out_dir: str) -> str:
+def results_dir(out_dir: str | OutputDir) -> str:
+    """``DIR/results`` (a URI on a remote filesystem)."""
+    if isinstance(out_dir, OutputDir) or "://" in out_dir:
+        return open_output(out_dir).uri_of("results")
     return os.path.join(out_dir, "results")
 
 
 class ResultWriter:
-    """Commits result rows, one small Parquet part per call, atomically (temp + rename)."""
+    """Commits result rows, one small Parquet part per call, atomically."""
 
-    def __init__(self, out_dir: str, carried_schema: pa.Schema | None = None, merge_every: int = 256):
+    def __init__(
+        self, out_dir: str | OutputDir, carried_schema: pa.Schema | None = None, merge_every: int = 256
+    ):
+        self.out = open_output(out_dir)
         self.out_dir = out_dir
         self.merge_every = merge_every  # merge this writer's small parts every N commits
         self._recent: list[str] = []
-        self.dir = results_dir(out_dir)
-        os.makedirs(self.dir, exist_ok=True)
+        self.dir = self.out.path("results")
+        self.out.makedirs("results")
         fields = list(RESULT_SCHEMA) + [
             f for f in (carried_schema or []) if f.name not in RESULT_SCHEMA.names
         ]
@@ -109,8 +259,8 @@ class ResultWriter:
         table = pa.Table.from_pylist(rows, schema=self.schema)
         self._seq += 1
         name = f"part-{now:020d}-{self._seq:06d}-{self._tag}.parquet"
-        path = os.path.join(self.dir, name)
-        _atomic_write(table, path)
+        path = self.out.path("results", name)
+        self.out.write_table(table, path)
         self._recent.append(path)
         if len(self._recent) >= self.merge_every:
             self.merge()
@@ -118,7 +268,7 @@ class ResultWriter:
 
     def merge(self) -> None:
         """Merge the parts this writer committed since the last merge into one (few files)."""
-        compact(self.out_dir, parts=self._recent)
+        compact(self.out, parts=self._recent)
         self._recent = []
 
 
@@ -132,34 +282,35 @@ def _atomic_write(table: pa.Table, path: str) -> None:
     os.replace(tmp, path)
 
 
-def _parts(out_dir: str) -> list[str]:
-    folder = results_dir(out_dir)
-    if not os.path.isdir(folder):
-        return []
+def _parts(out_dir: str | OutputDir) -> list[str]:
+    out = open_output(out_dir)
     return sorted(
-        os.path.join(folder, n)
-        for n in os.listdir(folder)
+        out.path("results", n)
+        for n in out.listdir("results")
         if n.startswith("part-") and n.endswith(".parquet")
     )
 
 
-def clean_temporaries(out_dir: str) -> int:
-    """Remove hidden temporary files left by a crash (results and videos). Returns the count."""
+def clean_temporaries(out_dir: str | OutputDir) -> int:
+    """Remove temporary files left by a crash (results and videos). Returns the count.
+
+    Hidden ``.<name>.tmp*`` files everywhere and, on a remote filesystem, the
+    ``<name>.tmp-<hex>`` upload names of ``pipeline.encode`` (a video name always ends in
+    ``.<format>``, so it never matches)."""
+    out = open_output(out_dir)
     removed = 0
     for sub in ("results", "videos"):
-        folder = os.path.join(out_dir, sub)
-        if not os.path.isdir(folder):
-            continue
-        for name in os.listdir(folder):
-            if name.startswith(".") and ".tmp" in name:
-                os.remove(os.path.join(folder, name))
+        for name in out.listdir(sub):
+            hidden = name.startswith(".") and ".tmp" in name
+            if hidden or (not out.local and _UPLOAD_TMP.search(name)):
+                out.remove(out.path(sub, name))
                 removed += 1
     return removed
 
 
-def _latest_mask(parts: list[str]) -> tuple[list[np.ndarray], list[pa.Table]]:
+def _latest_mask(out: OutputDir, parts: list[str]) -> tuple[list[np.ndarray], list[pa.Table]]:
     """Per part, a mask of the rows that are the last committed row of their id."""
-    tables = [pq.read_table(p, columns=["id", "status"]) for p in parts]
+    tables = [out.read_table(p, columns=["id", "status"]) for p in parts]
     hashes = [hash_ids(t.column("id").to_pylist()) for t in tables]
     if not hashes:
         return [], []
@@ -178,9 +329,10 @@ def _latest_mask(parts: list[str]) -> tuple[list[np.ndarray], list[pa.Table]]:
     return masks, tables
 
 
-def done_ids(out_dir: str) -> np.ndarray:
+def done_ids(out_dir: str | OutputDir) -> np.ndarray:
     """Sorted 64-bit hashes of the ids whose latest committed row is ``ok`` (8 bytes per id)."""
-    masks, tables = _latest_mask(_parts(out_dir))
+    out = open_output(out_dir)
+    masks, tables = _latest_mask(out, _parts(out))
     ok = []
     for mask, table in zip(masks, tables, strict=True):
         status = pc.equal(table.column("status"), "ok").to_numpy(zero_copy_only=False)
@@ -195,23 +347,24 @@ def is_done(hashes: np.ndarray, done: np.ndarray) -> np.ndarray:
     return done[pos] == hashes
 
 
-def compact(out_dir: str, target_rows: int = 100_000, parts: list[str] | None = None) -> int:
+def compact(out_dir: str | OutputDir, target_rows: int = 100_000, parts: list[str] | None = None) -> int:
     """Apply the last-row-wins rule on disk and merge small parts, one file at a time.
 
     Consecutive parts with one schema merge into a part named after the last of them, so the
-    commit order is kept; the inputs are deleted only after the merged part is renamed into
-    place. A crash in between leaves rows that the rule (and the next compaction) resolves.
+    commit order is kept; the inputs are deleted only after the merged part is complete under
+    its final name. A crash in between leaves rows that the rule (and the next compaction) resolves.
     ``parts`` (consecutive in commit order) limits the work to those files. Returns the number
     of superseded rows removed.
     """
-    parts = _parts(out_dir) if parts is None else sorted(parts)
-    masks, _ = _latest_mask(parts)
+    out = open_output(out_dir)
+    parts = _parts(out) if parts is None else sorted(parts)
+    masks, _ = _latest_mask(out, parts)
     dropped = 0
     groups: list[list[int]] = []
     schema = None
     rows = 0
     for i, path in enumerate(parts):
-        part_schema = pq.read_schema(path)
+        part_schema = out.read_schema(path)
         n = int(masks[i].sum())
         if groups and part_schema.equals(schema) and rows + n <= target_rows:
             groups[-1].append(i)
@@ -225,31 +378,30 @@ def compact(out_dir: str, target_rows: int = 100_000, parts: list[str] | None = 
         if len(group) == 1 and kept == total:
             continue
         dropped += total - kept
-        last = os.path.basename(parts[group[-1]])
-        tables = [pq.read_table(parts[i]).filter(pa.array(masks[i])) for i in group]
+        last = (os.path if out.local else posixpath).basename(parts[group[-1]])
+        tables = [out.read_table(parts[i]).filter(pa.array(masks[i])) for i in group]
         merged = pa.concat_tables(tables)
         stem = last[: -len(".parquet")]
         if merged.num_rows:
-            _atomic_write(
-                merged, os.path.join(results_dir(out_dir), f"{stem}-c{uuid.uuid4().hex[:6]}.parquet")
-            )
+            out.write_table(merged, out.path("results", f"{stem}-c{uuid.uuid4().hex[:6]}.parquet"))
         for i in group:
-            os.remove(parts[i])
+            out.remove(parts[i])
     return dropped
 
 
-def read_results(out_dir: str, columns: list[str] | None = None) -> pa.Table:
+def read_results(out_dir: str | OutputDir, columns: list[str] | None = None) -> pa.Table:
     """The results table, one row per id (the last committed row wins)."""
-    parts = _parts(out_dir)
+    out = open_output(out_dir)
+    parts = _parts(out)
     if not parts:
         return RESULT_SCHEMA.empty_table()
-    masks, _ = _latest_mask(parts)
-    schema = pa.unify_schemas([pq.read_schema(p) for p in parts], promote_options="permissive")
+    masks, _ = _latest_mask(out, parts)
+    schema = pa.unify_schemas([out.read_schema(p) for p in parts], promote_options="permissive")
     if columns is not None:
         schema = pa.schema([schema.field(c) for c in columns])
     tables = []
     for path, mask in zip(parts, masks, strict=True):
-        t = pq.read_table(path).filter(pa.array(mask))
+        t = out.read_table(path).filter(pa.array(mask))
         cols = [
             t.column(f.name).cast(f.type) if f.name in t.column_names else pa.nulls(t.num_rows, f.type)
             for f in schema
@@ -258,9 +410,12 @@ def read_results(out_dir: str, columns: list[str] | None = None) -> pa.Table:
     return pa.concat_tables(tables)
 
 
-def summarize(out_dir: str, *, manifest_rows: int, rendered: int, skipped: int, wall_seconds: float) -> dict:
+def summarize(
+    out_dir: str | OutputDir, *, manifest_rows: int, rendered: int, skipped: int, wall_seconds: float
+) -> dict:
     """Counts over the whole results table plus this run's throughput."""
-    status = read_results(out_dir, ["status", "macs_saved", "macs"]) if _parts(out_dir) else None
+    out = open_output(out_dir)
+    status = read_results(out, ["status", "macs_saved", "macs"]) if _parts(out) else None
     ok = failed = 0
     macs_saved = macs = 0
     if status is not None and status.num_rows:

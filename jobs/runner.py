@@ -145,7 +145,7 @@ class Runner:
         self,
         cfg: DictConfig,
         manifest_path: str,
-        out_dir: str,
+        out_dir: str | rs.OutputDir,
         *,
         hook: Any = None,
         renderer_factory: Callable | None = None,
@@ -157,7 +157,9 @@ class Runner:
         self.info = info
         self.cfg_dict = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         self.manifest_path = manifest_path
-        self.out_dir = os.path.abspath(out_dir)
+        # Resolved once; the workers get URIs (strings), never this filesystem object.
+        self.out = rs.open_output(out_dir)
+        self.out_dir = self.out.uri
         self.hook = SafeHook(hook or NoopHook())
         self.renderer_factory = renderer_factory
         self.encoder = encoder
@@ -248,7 +250,7 @@ class Runner:
         return {
             "id": row["id"],
             "image": row["_image"],
-            "output": rs.video_path(self.out_dir, row["id"], self.cfg.output.format),
+            "output": rs.video_path(self.out, row["id"], self.cfg.output.format),
             "params": resolve_params(row, self.cfg_dict["defaults"]),
         }
 
@@ -318,10 +320,10 @@ class Runner:
 
         started = time.monotonic()
         info = self.info or mf.validate_manifest(self.manifest_path, reserved=rs.RESERVED_COLUMNS)
-        os.makedirs(os.path.join(self.out_dir, "videos"), exist_ok=True)
-        rs.clean_temporaries(self.out_dir)
-        done = np.zeros(0, dtype=np.uint64) if self.cfg.output.overwrite else rs.done_ids(self.out_dir)
-        self.writer = rs.ResultWriter(self.out_dir, info.carried_schema)
+        self.out.makedirs("videos")
+        rs.clean_temporaries(self.out)
+        done = np.zeros(0, dtype=np.uint64) if self.cfg.output.overwrite else rs.done_ids(self.out)
+        self.writer = rs.ResultWriter(self.out, info.carried_schema)
         count, self.num_cpus, self.num_gpus = size_workers(self.cfg, ray.cluster_resources())
         self.restarts_left = int(self.cfg.workers.max_restarts)
         chunks = mf.iter_manifest(self.manifest_path, int(self.cfg.workers.window_rows))
@@ -359,35 +361,33 @@ class Runner:
                 except Exception:
                     pass
             self.progress.close()
-        rs.compact(self.out_dir)
+        rs.compact(self.out)
         summary = rs.summarize(
-            self.out_dir,
+            self.out,
             manifest_rows=info.num_rows,
             rendered=self.counters["rendered"],
             skipped=self.counters["skipped"],
             wall_seconds=time.monotonic() - started,
         )
-        summary["results"] = rs.results_dir(self.out_dir)
-        summary["videos"] = os.path.join(self.out_dir, "videos")
+        summary["results"] = self.out.uri_of("results")
+        summary["videos"] = self.out.uri_of("videos")
         summary["vcut_mode"] = self.cfg_dict["model"]["vcut"]
-        _write_json(os.path.join(self.out_dir, "summary.json"), summary)
+        _write_json(self.out, summary)
         self.hook.on_pending(0)
         self.hook.on_finish(summary)
         return summary
 
 
-def _write_json(path: str, data: dict) -> None:
-    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+def _write_json(out: rs.OutputDir, data: dict) -> None:
+    """``DIR/summary.json``, atomically (local: temporary + rename; object store: one upload)."""
+    text = json.dumps(data, indent=2, default=str) + "\n"
+    out.write_bytes(out.path("summary.json"), text.encode())
 
 
 def run_job(
     cfg: DictConfig,
     manifest_path: str,
-    out_dir: str,
+    out_dir: str | rs.OutputDir,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Run a job on the connected Ray cluster, or on a local Ray instance started (and shut
@@ -395,6 +395,7 @@ def run_job(
     import ray
 
     info = mf.validate_manifest(manifest_path, reserved=rs.RESERVED_COLUMNS)  # before any worker
+    out_dir = rs.open_output(out_dir)  # an unknown protocol or a missing s3fs/gcsfs: before Ray
     own = not ray.is_initialized()
     if own:
         ray.init(

@@ -246,6 +246,54 @@ def test_failing_metrics_hook_is_not_fatal(caplog):
     assert caplog.text.count("boom") == 1
 
 
-def test_out_must_not_be_a_uri(tmp_path):
+def test_out_uri_resolves_once_and_bad_protocols_exit_2(tmp_path, capsys):
+    local = rs.open_output(f"file://{tmp_path}/o")
+    assert local.local and local.root == local.uri == str(tmp_path / "o")
+    assert rs.video_path(local, "a", "mp4") == str(tmp_path / "o" / "videos" / "a.mp4")
     good = _write(tmp_path / "g.parquet", pa.table({"image": ["a.png"]}))
-    assert main(["run", good, "--out", "s3://bucket/out"]) == 2
+    # memory:// lives in one process (the workers could not write there); unknown protocols
+    assert main(["run", good, "--out", "memory://out"]) == 2
+    assert "memory://" in capsys.readouterr().err
+    assert main(["run", good, "--out", "nosuchprotocol://bucket/out"]) == 2
+    assert "nosuchprotocol" in capsys.readouterr().err
+    assert main(["run", str(tmp_path / "none.parquet"), "--out", str(tmp_path / "o")]) == 2
+    assert not (tmp_path / "o").exists()  # nothing started, nothing written
+
+
+def _memory_output(tmp_name: str):
+    """An OutputDir on fsspec's in-memory filesystem: the non-local code path, without a server
+    (``open_output`` refuses memory:// for jobs, whose workers are other processes)."""
+    from fsspec.implementations.memory import MemoryFileSystem
+
+    fs = MemoryFileSystem()
+    root = f"/{tmp_name}/out"
+    return rs.OutputDir(uri=f"memory://{root}", root=root, fs=fs)
+
+
+def test_results_through_an_fsspec_filesystem(request):
+    out = _memory_output(request.node.name)
+    fs = out.fs
+    try:
+        for bad in ["../x", "../../etc/passwd", "/abs/path", "a/../../b", ".", ".."]:
+            path = rs.video_path(out, bad, "mp4")
+            assert path.startswith(out.uri + "/videos/") and "/" not in path[len(out.uri + "/videos/") :]
+        writer = rs.ResultWriter(out, pa.schema([("note", pa.string())]), merge_every=3)
+        for i in range(4):
+            writer.commit([_row(f"r{i}", "failed" if i == 1 else "ok")])
+        writer.commit([_row("r1", "ok")])
+        assert rs.is_done(mf.hash_ids(["r0", "r1", "r9"]), rs.done_ids(out)).tolist() == [True, True, False]
+        fs.pipe_file(out.path("results", ".part-x.parquet.tmp"), b"half")  # a crash's leftovers
+        fs.pipe_file(out.path("videos", "v.mp4.tmp-0123456789ab"), b"half")
+        fs.pipe_file(out.path("videos", "v.tmp-0123456789ab.mp4"), b"a video")  # a real video name
+        assert rs.clean_temporaries(out) == 2
+        assert out.listdir("videos") == ["v.tmp-0123456789ab.mp4"]
+        rs.compact(out)
+        assert len(out.listdir("results")) == 1
+        table = rs.read_results(out)
+        assert sorted(table["id"].to_pylist()) == [f"r{i}" for i in range(4)]
+        assert set(table["status"].to_pylist()) == {"ok"} and set(table["note"].to_pylist()) == {"n"}
+        summary = rs.summarize(out, manifest_rows=4, rendered=5, skipped=0, wall_seconds=1.0)
+        assert (summary["ok"], summary["failed"]) == (4, 0)
+        assert rs.results_dir(out) == out.uri + "/results"
+    finally:
+        fs.rm(out.root, recursive=True)
