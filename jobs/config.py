@@ -141,7 +141,7 @@ def check_config(cfg: DictConfig) -> None:
         (w.max_restarts >= 0, "workers.max_restarts must be >= 0"),
         (g.num_inference_steps >= 1, "defaults.num_inference_steps must be >= 1"),
         (g.width >= 8 and g.height >= 8, "defaults.width and defaults.height must be >= 8"),
-        (g.num_frames is None or g.num_frames >= 1, "defaults.num_frames must be >= 1"),
+        (g.num_frames is None or g.num_frames >= 2, "defaults.num_frames must be >= 2 (SVD needs 2 or more)"),
         (g.fps >= 1, "defaults.fps must be >= 1"),
         (g.min_guidance_scale <= g.max_guidance_scale, "defaults.min_guidance_scale > max_guidance_scale"),
         (cfg.output.format.isalnum(), "output.format must be a plain extension such as mp4"),

@@ -27,7 +27,7 @@ import pyarrow.dataset as ds
 #: VAE cannot take, ...) are the renderer's to reject; they become ``failed`` rows.
 GENERATION_COLUMNS: dict[str, tuple[str, float, float]] = {
     "seed": ("int", 0, 2**63 - 1),
-    "num_frames": ("int", 1, 1024),
+    "num_frames": ("int", 2, 1024),  # SVD needs 2 or more (diffusers fails on 1)
     "fps": ("int", 1, 240),
     "motion_bucket_id": ("int", 0, 1023),
     "noise_aug_strength": ("float", 0.0, 10.0),

@@ -36,7 +36,14 @@ GENERATE_KEYS = (
 
 def load_renderer(model: dict[str, Any], cache: dict[str, Any]) -> Any:
     """The real ``pipeline.Renderer`` for a ``model`` config section."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
     from pipeline import Renderer
+
+    # A worker process is ours: per-component loading bars would only clutter the job's log.
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
 
     return Renderer.from_pretrained(
         model["id"],

@@ -212,7 +212,7 @@ class Renderer:
         seed = _check_int("seed", seed, 0, 2**64 - 1)
         if num_frames is None:
             num_frames = int(self.unet_config.get("num_frames", 25))
-        num_frames = _check_int("num_frames", num_frames, 1)
+        num_frames = _check_int("num_frames", num_frames, 2)  # diffusers' SVD fails on 1 frame
         num_inference_steps = _check_int("num_inference_steps", num_inference_steps, 1)
         height = _check_int("height", height, 8)
         width = _check_int("width", width, 8)

@@ -48,6 +48,9 @@ def test_validate_missing_image_and_wrong_types(tmp_path):
     path = _write(tmp_path / "f.parquet", pa.table({"image": ["a", "b"], "num_frames": [4.0, 2.5]}))
     with pytest.raises(mf.ManifestError, match="'num_frames' expects an integer, got 2.5 at row 1"):
         mf.validate_manifest(path)
+    path = _write(tmp_path / "n.parquet", pa.table({"image": ["a", "b"], "num_frames": [4, 1]}))
+    with pytest.raises(mf.ManifestError, match=r"'num_frames' is out of range \[2, 1024\]: 1 at row 1"):
+        mf.validate_manifest(path)
 
 
 def test_validate_duplicates_reserved_and_guidance(tmp_path):

@@ -1,0 +1,311 @@
+"""Orchestration at scale: rows per second through the ``vcut run`` driver and its peak memory.
+
+Usage (from the repository root)::
+
+    python -m benchmarks.orchestration                        # 10k and 50k rows
+    python -m benchmarks.orchestration --rows 1000 --paths stub,resume,tiny
+
+Each measurement runs in its own fresh Python process (so that its peak memory is its own),
+on a local Ray instance, through ``jobs.runner.run_job``, the function behind ``vcut run``:
+
+* ``stub``: the whole job machinery (manifest validation, windowed streaming, grouping by
+  image, batching, Ray actor calls, result commits to Parquet, compaction, summary) with the
+  model replaced by a no-op renderer and encoder through the runner's ``renderer_factory`` /
+  ``encoder`` seams: each row "renders" one 16x16 black frame instantly and writes no video.
+  This is the driver's ceiling: the rows per second it can push when rendering costs nothing.
+* ``resume``: ``vcut run`` again over the finished ``stub`` output: every row is already
+  ``ok``, so the driver validates and streams the manifest, drops every row as done and
+  starts no worker. This is the resume path a restarted job takes.
+* ``tiny``: the real tiny random-weight model at the smallest settings that render (8x8
+  pixels, 2 frames, 1 step: the job config accepts 1 frame, but every such row fails in the
+  renderer with a tensor size mismatch) and the real ffmpeg encoder. Its rows per second are
+  bound by rendering on this machine, so it runs on ``--tiny-rows`` rows only (default 200).
+
+Reported per run: rows, wall time (Ray start excluded: it is timed apart), rows per second
+over the wall time and between the first and the last committed row (steady), the driver's
+peak RSS (sampled every 20 ms, and ``ru_maxrss``), and the peak total RSS of the Ray
+processes it started. Memory must not grow with the manifest: compare 10k with 50k.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import REPO_ROOT, RESULTS_DIR, header, machine_info, write_json
+from benchmarks.e2e import ensure_tiny_model, generation_key, make_images, make_manifest
+
+#: The smallest settings (pixels, frames, steps), as ``<section>.<key>`` of the job config.
+SMALLEST = {"height": 8, "width": 8, "num_frames": 2, "num_inference_steps": 1}
+
+
+# -- the no-op model (module level: Ray pickles these by reference) ------------------------------
+
+
+class _StubGeneration:
+    def __init__(self, seed: int, fps: int):
+        import numpy as np
+
+        self.frames = np.zeros((1, 16, 16, 3), dtype=np.uint8)
+        self.timings = {"total": 0.0, "denoise": 0.0}
+        self.cache_hit = False
+        self.num_inference_steps = 1
+        self.fps = fps
+        self.seed = seed
+
+
+class StubRenderer:
+    vcut_mode = "full"
+    device = "cpu"
+    unet_config = None  # the worker's MAC count fails once, logs it, and records none
+
+    def generate(self, image: Any, *, seed: int = 0, fps: int = 7, **kwargs: Any) -> _StubGeneration:
+        return _StubGeneration(seed, fps)
+
+
+def stub_renderer(model: dict, cache: dict) -> StubRenderer:
+    return StubRenderer()
+
+
+def stub_encode(frames: Any, out: str, **kwargs: Any) -> float:
+    return 0.0
+
+
+# -- memory sampling ------------------------------------------------------------------------------
+
+
+class MemorySampler:
+    """Peak RSS of this process (every ``period`` s) and of its descendants (every 0.5 s)."""
+
+    def __init__(self, period: float = 0.02):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.period = period
+        self.peak = 0
+        self.peak_children = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        import psutil
+
+        last_children = 0.0
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self.proc.memory_info().rss)
+            now = time.monotonic()
+            if now - last_children > 0.5:
+                last_children = now
+                total = 0
+                for child in self.proc.children(recursive=True):
+                    try:
+                        total += child.memory_info().rss
+                    except psutil.Error:
+                        pass
+                self.peak_children = max(self.peak_children, total)
+            self._stop.wait(self.period)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class _CommitClock:
+    """A runner hook that notes when the first and the last row were committed."""
+
+    def __init__(self) -> None:
+        self.first: float | None = None
+        self.last: float | None = None
+        self.rows = 0
+
+    def on_result(self, row: dict) -> None:
+        now = time.monotonic()
+        self.first = self.first if self.first is not None else now
+        self.last = now
+        self.rows += 1
+
+
+def run_one(path: str, manifest: str, out_dir: str, model: str | None) -> dict[str, Any]:
+    """One measurement, in this process (called in a fresh subprocess by ``main``)."""
+    import logging
+
+    import ray
+
+    from jobs.config import check_config, load_config
+    from jobs.runner import run_job
+
+    flags: dict[str, Any] = {"model.vcut": "full", "workers.count": 1}
+    if model:
+        flags["model.id"] = model
+    smallest = {f"{generation_key()}.{k}": v for k, v in SMALLEST.items()}
+    settings = {**smallest, "output.preset": "ultrafast", "progress_interval_s": 3600}
+    dotlist = [f"{k}={v}" for k, v in settings.items()]
+    cfg = load_config(None, flags, dotlist)
+    check_config(cfg)
+    kwargs: dict[str, Any] = {}
+    if path == "stub":
+        from benchmarks import orchestration as seams  # by reference, not by value from __main__
+
+        kwargs = {"renderer_factory": seams.stub_renderer, "encoder": seams.stub_encode}
+    clock = _CommitClock()
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with MemorySampler() as mem:
+        t0 = time.monotonic()
+        ray.init(include_dashboard=False, logging_level=logging.WARNING, configure_logging=False)
+        ray_start_s = time.monotonic() - t0
+        t1 = time.monotonic()
+        with open(os.devnull, "w") as devnull:
+            summary = run_job(cfg, manifest, out_dir, hook=clock, progress_stream=devnull, **kwargs)
+        wall = time.monotonic() - t1
+        ray.shutdown()
+    rows = int(summary.get("manifest_rows", 0))
+    steady = (
+        (clock.rows - 1) / (clock.last - clock.first) if clock.rows > 1 and clock.last > clock.first else None
+    )
+    return {
+        "path": path,
+        "rows": rows,
+        "committed_rows": clock.rows,
+        "ok": summary.get("ok"),
+        "failed": summary.get("failed"),
+        "skipped": summary.get("skipped"),
+        "ray_start_s": ray_start_s,
+        "wall_s": wall,
+        "rows_per_s": rows / wall if wall else None,
+        "steady_rows_per_s": steady,
+        "driver_peak_rss_bytes": max(mem.peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
+        "driver_rss_before_bytes": rss_before,
+        "ray_processes_peak_rss_bytes": mem.peak_children,
+        "job_summary": {k: v for k, v in summary.items() if not isinstance(v, (dict, list))},
+    }
+
+
+def _subprocess(
+    path: str, manifest: Path, out_dir: Path, model: Path | None, tmp: Path, log
+) -> dict[str, Any]:
+    result_file = tmp / f"one-{path}-{out_dir.name}.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.orchestration",
+        "--one",
+        path,
+        "--manifest",
+        str(manifest),
+        "--out-dir",
+        str(out_dir),
+        "--result",
+        str(result_file),
+    ]
+    if model:
+        cmd += ["--model", str(model)]
+    env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    )
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+        )
+    run = json.loads(result_file.read_text())
+    run["process_wall_s"] = time.monotonic() - t0
+    log(
+        f"{path:6} {run['rows']:>6} rows: {run['wall_s']:.1f}s, {run['rows_per_s']:.1f} rows/s "
+        f"(steady {run['steady_rows_per_s'] or 0:.1f}), "
+        f"driver peak RSS {run['driver_peak_rss_bytes'] / 2**20:.0f} MiB, "
+        f"Ray processes {run['ray_processes_peak_rss_bytes'] / 2**20:.0f} MiB"
+    )
+    return run
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m benchmarks.orchestration", description=__doc__.split("\n\n")[0]
+    )
+    p.add_argument("--rows", default="10000,50000", help="manifest sizes (default 10000,50000)")
+    p.add_argument(
+        "--paths", default="stub,resume,tiny", help="which measurements (default stub,resume,tiny)"
+    )
+    p.add_argument(
+        "--tiny-rows", type=int, default=200, help="rows for the real tiny-model path (default 200)"
+    )
+    p.add_argument("--images", type=int, default=6)
+    p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
+    p.add_argument(
+        "--out", type=Path, default=None, help="JSON file (default: benchmarks/results/orchestration.json)"
+    )
+    # internal: one measurement in this process
+    p.add_argument("--one", choices=["stub", "resume", "tiny"], help=argparse.SUPPRESS)
+    p.add_argument("--manifest", help=argparse.SUPPRESS)
+    p.add_argument("--out-dir", help=argparse.SUPPRESS)
+    p.add_argument("--model", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.one:
+        run = run_one(args.one, args.manifest, args.out_dir, args.model)
+        Path(args.result).write_text(json.dumps(run, default=str))
+        return 0
+
+    def log(msg: str) -> None:
+        print(f"[orchestration] {msg}", flush=True)
+
+    sizes = [int(x) for x in args.rows.split(",") if x.strip()]
+    paths = [x.strip() for x in args.paths.split(",") if x.strip()]
+    out = args.out or RESULTS_DIR / "orchestration.json"
+    work = args.work or Path(tempfile.mkdtemp(prefix="vcut-orch-"))
+    result = header("orchestration")
+    result.update(sizes=sizes, paths=paths, settings=SMALLEST, workers=1, tiny_rows=args.tiny_rows)
+    runs: list[dict[str, Any]] = []
+    try:
+        images = make_images(work / "images", args.images)
+        for n in sizes:
+            manifest = make_manifest(work / f"manifest-{n}.parquet", images, n)
+            log(f"manifest of {n} rows: {manifest.stat().st_size / 2**10:.0f} KiB")
+            out_dir = work / f"out-stub-{n}"
+            if "stub" in paths:
+                runs.append({**_subprocess("stub", manifest, out_dir, None, work, log), "manifest_rows": n})
+            if "resume" in paths and out_dir.exists():
+                runs.append({**_subprocess("resume", manifest, out_dir, None, work, log), "manifest_rows": n})
+            shutil.rmtree(out_dir, ignore_errors=True)
+            result["runs"] = runs
+            write_json(out, result)
+        if "tiny" in paths and args.tiny_rows:
+            model = ensure_tiny_model(work / "tiny-svd")
+            manifest = make_manifest(work / f"manifest-{args.tiny_rows}.parquet", images, args.tiny_rows)
+            runs.append(
+                {
+                    **_subprocess("tiny", manifest, work / "out-tiny", model, work, log),
+                    "manifest_rows": args.tiny_rows,
+                }
+            )
+        result["runs"] = runs
+        result["load_average_at_end"] = machine_info()["load_average_1_5_15min"]
+        write_json(out, result)
+        log(f"wrote {out}")
+    finally:
+        if args.work is None:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
