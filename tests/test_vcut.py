@@ -94,6 +94,27 @@ def test_exact_runs_no_query_key_or_norm_and_computes_once_per_video(stock_pipe)
         )
 
 
+def test_constants_are_reused_across_videos_of_one_image_without_per_step_compares(stock_pipe, monkeypatch):
+    patched = _patched(stock_pipe, "exact")
+    processors = [
+        m.attn2.processor
+        for m in patched.unet.modules()
+        if isinstance(m, BasicTransformerBlock) and m.attn2 is not None
+    ]
+    compares = []
+    real_equal = torch.equal
+    monkeypatch.setattr(torch, "equal", lambda a, b: compares.append(1) or real_equal(a, b))
+    steps = RENDER["num_inference_steps"]
+    _render(patched, _image(0), 0)
+    assert compares == []  # nothing remembered yet: nothing to compare
+    _render(patched, _image(0), 5)  # same image, new tensor: one content compare, then identity
+    assert len(compares) == 1
+    _render(patched, _image(1), 0)  # another image: compared once with the one remembered
+    assert len(compares) == 2
+    for p in processors:
+        assert (p.misses, p.hits) == (2, 3 * steps - 2)
+
+
 def test_cache_is_keyed_by_content_not_by_buffer(stock_pipe):
     stock = stock_pipe.unet
     patched = copy.deepcopy(stock)

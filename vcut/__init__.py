@@ -7,6 +7,7 @@ what it saves on any shape without loading weights.
 from vcut.macs import MacReport, count_macs, load_unet_config
 from vcut.patch import (
     MODES,
+    ConditioningKeys,
     SpatialCrossAttnLinearProcessor,
     VCUTError,
     VCUTReport,
@@ -18,6 +19,7 @@ from vcut.patch import (
 __all__ = [
     "MODES",
     "MacReport",
+    "ConditioningKeys",
     "SpatialCrossAttnLinearProcessor",
     "VCUTError",
     "VCUTReport",

@@ -27,6 +27,7 @@ from torch import nn
 MODES = ("off", "exact", "full")
 
 _REPORT_ATTR = "_vcut_report"
+_KEYS_ATTR = "_vcut_keys"
 
 
 class VCUTError(RuntimeError):
@@ -48,46 +49,85 @@ class VCUTReport:
         return asdict(self)
 
 
+class ConditioningKeys:
+    """Names the conditioning embedding of the current UNet call with a small integer token.
+
+    A forward pre-hook on the UNet sees its ``encoder_hidden_states`` ``(batch, 1, dim)``
+    once per call, before the UNet repeats it per frame. The token is chosen so that the
+    cache can never leak between videos or between the two halves of classifier-free
+    guidance, and so that the denoising loop costs no GPU synchronisation:
+
+    * the same live tensor object with the same version counter (the pipeline passes one
+      embedding tensor at every step) keeps its token without reading its data: the entry
+      holds a reference, so the object cannot be freed and its ``id`` reused, and any
+      in-place change bumps the version;
+    * any other tensor is compared by content (``torch.equal``, one sync per UNet call)
+      with private copies of the remembered embeddings: a repeated image gets its old token,
+      anything else a new one.
+
+    ``max_entries`` embeddings are remembered (LRU); processors drop constants of forgotten
+    tokens.
+    """
+
+    def __init__(self, max_entries: int = 4) -> None:
+        self.max_entries = max_entries
+        # token -> (the tensor seen, its version then, a private copy of its content)
+        self._entries: OrderedDict[int, tuple[torch.Tensor, int, torch.Tensor]] = OrderedDict()
+        self._next = 0
+        self.current: int | None = None
+
+    def live(self, token: int) -> bool:
+        return token in self._entries
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.current = None
+
+    def _token_for(self, e: torch.Tensor) -> int:
+        for token, (seen, version, _) in self._entries.items():
+            if seen is e and version == e._version:
+                self._entries.move_to_end(token)
+                return token
+        if not e.is_meta:  # meta tensors (MAC counting) have no content to compare
+            for token, (_, _, copy) in self._entries.items():
+                if copy.shape == e.shape and copy.dtype == e.dtype and copy.device == e.device:
+                    if torch.equal(copy, e):
+                        self._entries[token] = (e, e._version, copy)
+                        self._entries.move_to_end(token)
+                        return token
+        token, self._next = self._next, self._next + 1
+        self._entries[token] = (e, e._version, e if e.is_meta else e.detach().clone())
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        return token
+
+    def before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        e = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
+        self.current = self._token_for(e) if isinstance(e, torch.Tensor) else None
+
+    def after_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        self.current = None
+
+
 class SpatialCrossAttnLinearProcessor:
     """Spatial cross-attention as a one-time linear layer: returns ``to_out(to_v(e))``.
 
-    The result depends on the conditioning embedding only, so it is cached by the
-    embedding's *content* (exact comparison with ``torch.equal`` against a private copy) and reused at every
-    denoising step. Keying on content, not on tensor identity, means the cache cannot leak
-    between videos or between the two halves of classifier-free guidance: a different
-    embedding is always a miss. ``max_entries`` bounds the cache (LRU).
+    The result depends on the conditioning embedding only, so it is computed once per
+    embedding (per :class:`ConditioningKeys` token) and reused at every denoising step.
+    Called outside a patched UNet's forward (no token), it computes without caching.
 
     The returned tensor has shape ``(batch, 1, dim)``; the block adds it to its hidden
     states (``attn_output + hidden_states``), which broadcasts over the sequence.
     """
 
-    def __init__(self, max_entries: int = 4) -> None:
-        self.max_entries = max_entries
-        self._cache: OrderedDict[int, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._next_key = 0
+    def __init__(self, keys: ConditioningKeys | None = None) -> None:
+        self.keys = keys
+        self._values: dict[int, torch.Tensor] = {}
         self.hits = 0
         self.misses = 0
 
     def clear(self) -> None:
-        self._cache.clear()
-
-    def _lookup(self, e: torch.Tensor) -> torch.Tensor | None:
-        for key, (cached_e, value) in self._cache.items():
-            if e.is_meta or cached_e.is_meta:
-                # Meta tensors (MAC counting only) have no content: the same shape counts as the
-                # same embedding, so a counted second call sees the cache hit a real one would.
-                same = e.is_meta and cached_e.is_meta and cached_e.shape == e.shape
-            else:
-                same = (
-                    cached_e.shape == e.shape
-                    and cached_e.dtype == e.dtype
-                    and cached_e.device == e.device
-                    and torch.equal(cached_e, e)
-                )
-            if same:
-                self._cache.move_to_end(key)
-                return value
-        return None
+        self._values.clear()
 
     def __call__(
         self,
@@ -102,9 +142,10 @@ class SpatialCrossAttnLinearProcessor:
             raise VCUTError("VCUT spatial cross-attention called without encoder_hidden_states")
         if e.ndim != 3 or e.shape[1] != 1:
             raise VCUTError(
-                f"VCUT needs a single conditioning token (shape (batch, 1, dim)), got encoder_hidden_states "
-                f"of shape {tuple(e.shape)}; with more than one token, cross-attention is not a linear "
-                "function of the embedding and VCUT would compute something wrong. Use mode='off'."
+                f"VCUT needs a single conditioning token (shape (batch, 1, dim)), got "
+                f"encoder_hidden_states of shape {tuple(e.shape)}; with more than one token, "
+                "cross-attention is not a linear function of the embedding and VCUT would compute "
+                "something wrong. Use mode='off'."
             )
         if attention_mask is not None:
             raise VCUTError("VCUT does not support an encoder attention mask on spatial cross-attention")
@@ -113,22 +154,26 @@ class SpatialCrossAttnLinearProcessor:
                 f"VCUT: unexpected hidden_states shape {tuple(hidden_states.shape)} for "
                 f"conditioning of shape {tuple(e.shape)}"
             )
+        if attn.residual_connection:  # not SVD's case
+            raise VCUTError("VCUT does not support cross-attention with residual_connection=True")
 
-        value = self._lookup(e)
-        if value is None:
-            self.misses += 1
-            ctx = attn.norm_encoder_hidden_states(e) if attn.norm_cross else e
-            value = attn.to_out[1](attn.to_out[0](attn.to_v(ctx)))
-            if attn.residual_connection:  # not SVD's case; kept for fidelity to the processor contract
-                raise VCUTError("VCUT does not support cross-attention with residual_connection=True")
-            value = value / attn.rescale_output_factor
-            # Keep a copy of the key: the caller may later reuse its buffer for another image.
-            self._cache[self._next_key] = (e if e.is_meta else e.detach().clone(), value)
-            self._next_key += 1
-            while len(self._cache) > self.max_entries:
-                self._cache.popitem(last=False)
-        else:
+        token = self.keys.current if self.keys is not None else None
+        value = self._values.get(token) if token is not None else None
+        # The UNet repeats the embedding per frame: the same token with another frame count,
+        # device or dtype needs new constants.
+        if value is not None and (value.shape[0], value.device, value.dtype) == (
+            e.shape[0],
+            hidden_states.device,
+            hidden_states.dtype,
+        ):
             self.hits += 1
+            return value
+        self.misses += 1
+        ctx = attn.norm_encoder_hidden_states(e) if attn.norm_cross else e
+        value = attn.to_out[1](attn.to_out[0](attn.to_v(ctx))) / attn.rescale_output_factor
+        if token is not None:
+            self._values = {t: v for t, v in self._values.items() if self.keys.live(t)}
+            self._values[token] = value
         return value
 
 
@@ -169,8 +214,9 @@ def apply_vcut(obj: object, mode: str = "full", *, cache_entries: int = 4) -> VC
             paper's VCUT, which changes the output).
 
     Args to tinker with:
-        cache_entries: conditioning embeddings remembered per spatial cross-attention
-            (LRU). Two suffice for one video with classifier-free guidance in one batch.
+        cache_entries: conditioning embeddings whose constants are remembered (LRU). One
+            suffices for one video at a time (both halves of classifier-free guidance travel
+            in one batch); more keep the constants of recently repeated images.
 
     Returns:
         A :class:`VCUTReport` (``params_removed`` and friends). Applying the same mode
@@ -194,10 +240,11 @@ def apply_vcut(obj: object, mode: str = "full", *, cache_entries: int = 4) -> VC
         return VCUTReport("off", params_before, params_before, 0, 0, 0)
 
     spatial = temporal = 0
+    keys = ConditioningKeys(max_entries=cache_entries)
     for block, temporal_block in _spatio_temporal_blocks(unet):
         attn = block.attn2
         if attn is not None and attn.is_cross_attention:
-            attn.set_processor(SpatialCrossAttnLinearProcessor(max_entries=cache_entries))
+            attn.set_processor(SpatialCrossAttnLinearProcessor(keys))
             attn.to_q = None
             attn.to_k = None
             block.norm2 = nn.Identity()
@@ -209,6 +256,9 @@ def apply_vcut(obj: object, mode: str = "full", *, cache_entries: int = 4) -> VC
     if spatial == 0:
         raise VCUTError("found no spatial cross-attention to patch: is this an SVD UNet?")
 
+    unet.register_forward_pre_hook(keys.before_forward, with_kwargs=True)
+    unet.register_forward_hook(keys.after_forward, with_kwargs=True, always_call=True)
+    setattr(unet, _KEYS_ATTR, keys)
     params_after = _count(unet)
     report = VCUTReport(mode, params_before, params_after, params_before - params_after, spatial, temporal)
     setattr(unet, _REPORT_ATTR, report)
@@ -223,6 +273,10 @@ def vcut_mode(obj: object) -> str:
 
 def clear_vcut_cache(obj: object) -> None:
     """Forget every cached ``to_out(to_v(e))`` (frees memory; results do not depend on it)."""
-    for processor in _resolve_unet(obj).attn_processors.values():
+    unet = _resolve_unet(obj)
+    keys = getattr(unet, _KEYS_ATTR, None)
+    if keys is not None:
+        keys.clear()
+    for processor in unet.attn_processors.values():
         if isinstance(processor, SpatialCrossAttnLinearProcessor):
             processor.clear()
