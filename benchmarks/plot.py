@@ -52,7 +52,7 @@ def machine_label(result: dict[str, Any]) -> str:
     cores = m.get("usable_cores") or m.get("logical_cores")
     mem = m.get("memory_bytes")
     mem_s = f", {mem / 2**30:.0f} GiB" if mem else ""
-    return f"{m.get('cpu_model', '?')}, {cores} cores{mem_s} (shared)"
+    return f"{m.get('cpu_model', '?')}, {cores} cores{mem_s}, VM"
 
 
 def ab_entries(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
