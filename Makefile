@@ -30,6 +30,7 @@ demo: install
 	$(VCUT) macs --model svd-xt --height 576 --width 1024 --num-frames 25 --steps 25
 
 test: install prometheus
+	$(VENV)/bin/ruff check vcut pipeline jobs tests benchmarks examples
 	$(PY) -m pytest -q
 
 lint: install
