@@ -166,9 +166,6 @@ class OutputDir:
 
     def write_table(self, table: pa.Table, path: str) -> None:
         """Write a Parquet file that is never seen half-written under ``path``."""
-        if self.local:
-            _atomic_write(table, path)
-            return
         buf = pa.BufferOutputStream()
         pq.write_table(table, buf)
         self.write_bytes(path, buf.getvalue().to_pybytes())
@@ -180,6 +177,8 @@ class OutputDir:
             tmp = os.path.join(folder, f".{name}.tmp")
             with open(tmp, "wb") as f:
                 f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
             os.replace(tmp, path)
         elif self.object_store:
             self.fs.pipe_file(path, data)  # one upload: visible only once complete
@@ -270,16 +269,6 @@ class ResultWriter:
         """Merge the parts this writer committed since the last merge into one (few files)."""
         compact(self.out, parts=self._recent)
         self._recent = []
-
-
-def _atomic_write(table: pa.Table, path: str) -> None:
-    folder, name = os.path.split(path)
-    tmp = os.path.join(folder, f".{name}.tmp")
-    with open(tmp, "wb") as f:
-        pq.write_table(table, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _parts(out_dir: str | OutputDir) -> list[str]:
