@@ -50,8 +50,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import RESULTS_DIR, header, machine_info, rotated, summarize, write_json
-
-MODES = ("off", "exact", "full")
+from vcut import MODES
 
 
 @dataclass(frozen=True)

@@ -73,18 +73,11 @@ def _load_config(args: argparse.Namespace):
         return None
 
 
-def _metrics_hook(cfg):
-    try:
-        from jobs.metrics import make_metrics_hook
-    except ImportError:
-        return None
-    return make_metrics_hook(cfg.metrics)
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
     import logging
 
     from jobs.manifest import ManifestError
+    from jobs.metrics import make_metrics_hook
     from jobs.progress import format_summary
     from jobs.results import open_output
     from jobs.runner import JobError, run_job
@@ -98,7 +91,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     if cfg is None:
         return 2
-    hook = _metrics_hook(cfg)
+    hook = make_metrics_hook(cfg.metrics)
     try:
         summary = run_job(cfg, args.manifest, out, hook=hook)
     except ManifestError as exc:
@@ -108,8 +101,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"vcut: job failed: {exc}", file=sys.stderr)
         return 1
     finally:
-        if hook is not None and hasattr(hook, "close"):
-            hook.close()
+        hook.close()
     print(format_summary(summary))
     return 0 if summary["failed"] == 0 else 3
 

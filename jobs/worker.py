@@ -124,8 +124,8 @@ class RenderWorker:
                     mode=self.vcut_mode,
                     guidance=guidance,
                 )
-                macs = report.baseline_macs if self.vcut_mode == "off" else report.vcut_macs
-                self._macs[key] = (int(macs), 0 if self.vcut_mode == "off" else int(report.macs_saved))
+                # For mode "off", vcut_macs is the baseline and macs_saved is 0.
+                self._macs[key] = (int(report.vcut_macs), int(report.macs_saved))
             except Exception as exc:  # MAC counting must never fail a video
                 if not self._macs_warned:
                     log.warning("MAC counting unavailable: %s", _error(exc))

@@ -18,6 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from vcut import MODES as VCUT_MODES
+
 from .cache import EmbeddingCache
 from .encode import FORMATS, encode_video
 from .images import DEFAULT_MAX_PIXELS, FIT_MODES, ImageSource, fit_image, load_image
@@ -26,7 +28,6 @@ from .svd import RenderPipeline
 
 logger = logging.getLogger(__name__)
 
-VCUT_MODES = ("off", "exact", "full")
 
 
 @dataclass

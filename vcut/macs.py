@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vcut.patch import apply_vcut
+from vcut.patch import MODES, apply_vcut
 
 #: The published SVD UNets share one architecture, which is diffusers' default config
 #: for ``UNetSpatioTemporalConditionModel``; they differ in their frame count only.
@@ -230,7 +230,7 @@ def count_macs(
 
     Results are cached per (config, shape, steps, mode, guidance) in this process.
     """
-    if mode not in ("off", "exact", "full"):
+    if mode not in MODES:
         raise ValueError(f"unknown VCUT mode {mode!r}; expected off, exact or full")
     if height <= 0 or width <= 0 or height % 8 or width % 8:
         raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
