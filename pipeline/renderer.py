@@ -29,7 +29,6 @@ from .svd import RenderPipeline
 logger = logging.getLogger(__name__)
 
 
-
 @dataclass
 class Generation:
     """One generated video: ``frames`` is uint8 ``(F, H, W, 3)``; ``timings`` are seconds.
@@ -142,10 +141,7 @@ class Renderer:
         """
         if vcut not in VCUT_MODES:
             raise ValueError(f"vcut must be one of {VCUT_MODES}, got {vcut!r}")
-        from vcut import apply_vcut
-
-        cache = EmbeddingCache(max_entries=cache_entries, max_bytes=cache_bytes)
-        stock, dev, torch_dtype = load_svd_pipeline(
+        stock, _, _ = load_svd_pipeline(
             model,
             device=device,
             dtype=dtype,
@@ -153,20 +149,55 @@ class Renderer:
             variant=variant,
             local_files_only=local_files_only,
         )
-        pipe = RenderPipeline(**stock.components)
-        pipe.set_progress_bar_config(disable=True)
-        pipe.embedding_cache = cache
-        model_id = os.fspath(model)
-        pipe.cache_namespace = f"{model_id}|{torch_dtype}"
-        unet_config = dict(pipe.unet.config)
-        report = apply_vcut(pipe, vcut)
+        return cls.from_pipe(
+            stock,
+            vcut=vcut,
+            compile=compile,
+            cache_entries=cache_entries,
+            cache_bytes=cache_bytes,
+            max_pixels=max_pixels,
+            model_id=os.fspath(model),
+        )
+
+    @classmethod
+    def from_pipe(
+        cls,
+        pipe: Any,
+        *,
+        vcut: str = "full",
+        compile: bool = False,
+        cache_entries: int = 64,
+        cache_bytes: int = 256 * 2**20,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        model_id: str | None = None,
+    ) -> Renderer:
+        """A renderer around an already loaded ``StableVideoDiffusionPipeline`` (as diffusers' ``from_pipe``).
+
+        The pipeline's components are shared, not copied, and its UNet is patched with VCUT
+        in place: patch a pipeline once (see :func:`vcut.apply_vcut`). Device and dtype are
+        the UNet's. ``model_id`` names the model in the embedding-cache key (default: the
+        pipeline's ``name_or_path``).
+        """
+        if vcut not in VCUT_MODES:
+            raise ValueError(f"vcut must be one of {VCUT_MODES}, got {vcut!r}")
+        from vcut import apply_vcut
+
+        render_pipe = RenderPipeline(**pipe.components)
+        render_pipe.set_progress_bar_config(disable=True)
+        render_pipe.embedding_cache = EmbeddingCache(max_entries=cache_entries, max_bytes=cache_bytes)
+        if model_id is None:
+            model_id = str(pipe.config.get("_name_or_path") or "pipe")
+        torch_dtype = render_pipe.unet.dtype
+        render_pipe.cache_namespace = f"{model_id}|{torch_dtype}"
+        unet_config = dict(render_pipe.unet.config)
+        report = apply_vcut(render_pipe, vcut)
         if compile:
-            pipe.unet = torch.compile(pipe.unet)
+            render_pipe.unet = torch.compile(render_pipe.unet)
         return cls(
-            pipe,
+            render_pipe,
             model_id=model_id,
             vcut_mode=vcut,
-            device=dev,
+            device=render_pipe.unet.device,
             dtype=torch_dtype,
             unet_config=unet_config,
             vcut_report=report,
