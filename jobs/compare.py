@@ -274,7 +274,9 @@ def run_compare(
             res.seconds.append(float(gen.timings["total"]))
             res.timings.append(dict(gen.timings))
             frames = gen.frames
-            res.thumbs.append([frames[i] for i in key_frames(frames.shape[0])])
+            res.thumbs.append(
+                [frames[i].copy() for i in key_frames(frames.shape[0])]
+            )  # not views: frees the video
             if config.name == REFERENCE:
                 reference.append(frames)
             res.distances.append(video_distance(reference[len(res.distances)], frames, lpips=lpips_metric))

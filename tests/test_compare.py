@@ -16,6 +16,7 @@ from PIL import Image
 from jobs.compare import CompareConfig, CompareError, parse_config, parse_configs
 from jobs.compare_report import GAP, HEADER_H, LABEL_W, contact_sheet_size
 from jobs.main import main
+from pipeline import probe_video
 from pipeline.quality import LpipsMetric, frame_psnr, frame_ssim, video_distance
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
@@ -84,6 +85,7 @@ def test_contact_sheet_layout_and_plot(run: Path) -> None:
     sheet = np.asarray(Image.open(run / "contact_sheet.png").convert("RGB"))
     width, height = contact_sheet_size(3, 2, (64, 64), 288)
     assert (width, height) == (LABEL_W + 2 * 3 * 64 + GAP, HEADER_H + 3 * 64)
+    assert contact_sheet_size(2, 1, (576, 1024), 288) == (LABEL_W + 3 * 512, HEADER_H + 2 * 288)
     assert sheet.shape == (height, width, 3)
 
     def cell(row: int, image: int, col: int) -> np.ndarray:
@@ -154,10 +156,15 @@ def test_cache_configs_reach_the_renderer_factory(
     monkeypatch.setattr(compare, "make_renderer", factory)
     monkeypatch.setattr(compare, "config_macs", macs)
     argv = ["compare", images[1], "--model", str(tiny_model_dir), "--configs", "off,exact+cache2"]
-    assert main([*argv, "--out", str(tmp_path), *SHAPE, "--steps", "1", "--step-cache-depth", "2"]) == 0
+    flags = ["--steps", "1", "--step-cache-depth", "2", "--seeds", "7", "--save-videos"]
+    assert main([*argv, "--out", str(tmp_path), *SHAPE, *flags]) == 0
     assert seen == [(CompareConfig("off", "off"), 2), (CompareConfig("exact+cache2", "exact", 2), 2)]
-    q = _configs(tmp_path)["exact+cache2"]["quality"]
+    c = _configs(tmp_path)
+    q = c["exact+cache2"]["quality"]
     assert not q["identical"] and q["max_abs_diff"] >= 1 and q["psnr_worst"] < 50.0
+    videos = c["off"]["videos"] + c["exact+cache2"]["videos"]
+    assert [Path(v).name for v in videos] == ["off__img1_s7.mp4", "exact+cache2__img1_s7.mp4"]
+    assert all(probe_video(v).frames == 4 for v in videos)
 
 
 # -- CLI errors: one line, exit 2, nothing loaded ---------------------------------------------
