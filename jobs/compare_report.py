@@ -132,7 +132,9 @@ def build_markdown(data: dict[str, Any]) -> str:
         "",
         f"Model `{meta['model']}` on {meta['device_name']} ({meta['dtype']}): {g['width']}x{g['height']}, "
         f"{g['num_frames']} frames, {g['num_inference_steps']} steps; "
-        f"{len(meta['images'])} image(s), seeds {', '.join(map(str, meta['seeds']))}.",
+        f"{len(meta['images'])} image(s), seeds {', '.join(map(str, meta['seeds']))}. Seconds per video: "
+        f"the renderer's total (image load to uint8 frames), after {meta['warmup_videos_per_config']} "
+        "untimed warm-up video(s) per configuration.",
         "",
         "Distance to `off` (stock SVD, same images and seeds): PSNR and SSIM per frame (scikit-image); "
         "*mean* over the frames of all images (PSNR: of the frames that differ), *worst* the lowest frame. "
