@@ -40,6 +40,103 @@ def _cmd_tiny_model(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- compare: the quality A/B on the user's own weights ----------------------------------------
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from jobs.compare import CompareError, check_images, check_model, parse_configs
+
+    def fail(msg: str) -> int:
+        print(f"vcut: error: {msg}", file=sys.stderr)
+        return 2
+
+    try:  # everything that can be checked before a model is loaded
+        if not args.model:
+            raise CompareError("--model is required (a local SVD folder or a hub id)")
+        if not args.out:
+            raise CompareError("--out is required (the folder for compare.json, compare.md and the PNGs)")
+        configs, added_off = parse_configs(args.configs)
+        check_model(args.model)
+        check_images(args.images)
+        for name in ("height", "width"):
+            value = getattr(args, name)
+            if value < 8 or value % 8:
+                raise CompareError(f"--{name} must be a positive multiple of 8, got {value}")
+        if args.num_frames is not None and args.num_frames < 2:
+            raise CompareError(f"--num-frames must be >= 2, got {args.num_frames}")
+        if args.steps < 1 or args.warmup < 0 or args.step_cache_depth < 1 or args.sheet_height < 0:
+            raise CompareError(
+                "--steps and --step-cache-depth must be >= 1, --warmup and --sheet-height >= 0"
+            )
+        if args.seeds is not None:
+            if len(args.seeds) != len(args.images):
+                raise CompareError(f"--seeds gives {len(args.seeds)} seeds for {len(args.images)} images")
+            seeds = list(args.seeds)
+        else:
+            seeds = [args.seed + i for i in range(len(args.images))]
+        if any(s < 0 for s in seeds):
+            raise CompareError("seeds must be >= 0")
+        for module, package in (("skimage", "scikit-image"), ("matplotlib", "matplotlib")):
+            if importlib.util.find_spec(module) is None:
+                raise CompareError(f"vcut compare needs {package}: pip install 'vcut-render[compare]'")
+        from jobs.results import open_output
+
+        try:
+            out = open_output(args.out)
+        except (ValueError, ImportError) as exc:
+            raise CompareError(f"--out {args.out!r}: {exc}") from exc
+    except CompareError as exc:
+        return fail(str(exc))
+
+    from jobs.compare import run_compare
+    from pipeline.errors import ImageError, ModelLoadError
+
+    if added_off:
+        print("vcut: 'off' added to --configs: it is the reference of every distance", file=sys.stderr)
+    generate_kwargs = {
+        "height": args.height,
+        "width": args.width,
+        "num_frames": args.num_frames,
+        "num_inference_steps": args.steps,
+        "fps": args.fps,
+        "motion_bucket_id": args.motion_bucket_id,
+        "noise_aug_strength": args.noise_aug_strength,
+        "min_guidance_scale": args.min_guidance_scale,
+        "max_guidance_scale": args.max_guidance_scale,
+        "decode_chunk_size": args.decode_chunk_size,
+        "fit": args.fit,
+    }
+    try:
+        data = run_compare(
+            args.model,
+            args.images,
+            configs,
+            seeds=seeds,
+            out=out,
+            generate_kwargs=generate_kwargs,
+            device=args.device,
+            dtype=args.dtype,
+            variant=args.variant,
+            allow_pickle=args.allow_pickle,
+            warmup=args.warmup,
+            step_cache_depth=args.step_cache_depth,
+            save_videos=args.save_videos,
+            use_lpips=not args.no_lpips,
+            thumb_height=args.sheet_height or None,
+        )
+    except (CompareError, ModelLoadError, ImageError, ValueError) as exc:
+        return fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    from jobs.compare_report import build_markdown
+
+    print(build_markdown(data))
+    print(
+        f"wrote compare.json, compare.md, contact_sheet.png, psnr_per_frame.png to {out.uri}", file=sys.stderr
+    )
+    return 0
+
+
 # -- jobs: run, config, manifest ------------------------------------------------------------
 
 #: CLI flags -> config keys (flags override the YAML file; ``key=value`` overrides win).
@@ -179,6 +276,65 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_macs)
+
+    p = sub.add_parser(
+        "compare",
+        help="render images under several VCUT / step-cache configurations and measure each against 'off'",
+        description="Render every IMAGE under every configuration with the same seeds, and write per "
+        "configuration: seconds per video, MACs, and the distance to 'off' (PSNR and SSIM per frame; "
+        "LPIPS when the lpips package is installed) as compare.json, compare.md, contact_sheet.png and "
+        "psnr_per_frame.png in --out.",
+    )
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="input images (paths or URIs)")
+    p.add_argument("--model", help="local SVD folder or hub id (required)")
+    p.add_argument(
+        "--configs",
+        default="off,exact,full",
+        help="comma-separated VCUT modes (off, exact, full), each optionally +cacheN for a step-cache "
+        "interval N >= 2, e.g. off,exact,full,full+cache3; 'off' is the reference, added when missing "
+        "(default: off,exact,full)",
+    )
+    p.add_argument("--out", help="output folder (or URI) for the report files (required)")
+    p.add_argument("--height", type=int, default=576)
+    p.add_argument("--width", type=int, default=1024)
+    p.add_argument(
+        "--num-frames", type=int, default=None, help="default: the model's own (25 for svd-xt, 14 for svd)"
+    )
+    p.add_argument("--steps", type=int, default=25, help="denoising steps per video")
+    seeds = p.add_mutually_exclusive_group()
+    seeds.add_argument(
+        "--seed", type=int, default=0, help="image i is rendered with seed SEED + i (default 0)"
+    )
+    seeds.add_argument("--seeds", type=_int_list, help="comma-separated seeds, one per image")
+    p.add_argument("--fps", type=int, default=7)
+    p.add_argument("--motion-bucket-id", type=int, default=127)
+    p.add_argument("--noise-aug-strength", type=float, default=0.02)
+    p.add_argument("--min-guidance-scale", type=float, default=1.0)
+    p.add_argument("--max-guidance-scale", type=float, default=3.0)
+    p.add_argument("--decode-chunk-size", type=int, default=None)
+    p.add_argument("--fit", choices=["crop", "letterbox"], default="crop")
+    p.add_argument("--device", help="default: cuda when available, else cpu")
+    p.add_argument("--dtype", help="default: float16 on cuda, float32 on cpu")
+    p.add_argument("--variant", help="weights variant, e.g. fp16")
+    p.add_argument("--allow-pickle", action="store_true", help="allow pickle weights (runs their code)")
+    p.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed videos per configuration before the timed ones (default 1)",
+    )
+    p.add_argument("--step-cache-depth", type=int, default=1, help="outer levels the step cache always runs")
+    p.add_argument("--save-videos", action="store_true", help="also write every video to OUT/videos/")
+    p.add_argument(
+        "--no-lpips", action="store_true", help="skip LPIPS even when the lpips package is installed"
+    )
+    p.add_argument(
+        "--sheet-height",
+        type=int,
+        default=288,
+        help="frame height on the contact sheet (0: full size; default 288)",
+    )
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("tiny-model", help="write a tiny RANDOM-WEIGHT SVD pipeline for tests and demos")
     p.add_argument("dir", help="output folder")

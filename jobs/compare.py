@@ -1,0 +1,324 @@
+"""``vcut compare``: render the same images with the same seeds under several configurations
+and measure how far each one lands from ``off`` (stock SVD), how long it took and its MACs.
+
+A configuration is a VCUT mode (``off``, ``exact``, ``full``), optionally followed by
+``+cacheN``: the step cache with interval N (N >= 2). ``off`` is the reference; it is added
+when not listed, and always rendered first.
+
+Loading: the model is loaded once (:func:`pipeline.loading.load_svd_pipeline`). Each
+configuration gets its own UNet, because VCUT and the step cache patch a UNet in place and
+cannot be undone: a deep copy of the module structure whose memo maps every parameter and
+buffer to itself, so the copies share the weights (no second copy in memory, CPU or GPU).
+VAE, image encoder and feature extractor are shared; the scheduler, which keeps per-call
+state, is copied. Configurations are rendered one after the other, and each one's renderer
+is dropped before the next is built.
+
+The renderer for a configuration comes from one function, :func:`make_renderer`, and its
+MACs from one function, :func:`config_macs`: the only two places that turn a configuration
+into keyword arguments of the renderer and of :func:`vcut.count_macs`.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import os
+import re
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vcut import MODES as VCUT_MODES
+
+_CONFIG_RE = re.compile(r"^(?P<mode>[a-z]+)(?:\+cache(?P<interval>\d+))?$")
+REFERENCE = "off"
+
+
+class CompareError(ValueError):
+    """A bad argument of ``vcut compare`` (reported in one line, exit status 2)."""
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """One configuration: a VCUT mode and an optional step-cache interval."""
+
+    name: str
+    mode: str
+    step_cache: int | None = None
+
+
+def parse_config(text: str) -> CompareConfig:
+    """``"full"`` -> full VCUT; ``"full+cache3"`` -> full VCUT plus the step cache, interval 3."""
+    name = text.strip()
+    m = _CONFIG_RE.match(name)
+    if m is None or m["mode"] not in VCUT_MODES:
+        raise CompareError(
+            f"unknown configuration {name!r}: expected a VCUT mode ({', '.join(VCUT_MODES)}), "
+            "optionally followed by +cacheN (step-cache interval N >= 2), e.g. full+cache3"
+        )
+    interval = None
+    if m["interval"] is not None:
+        interval = int(m["interval"])
+        if interval < 2:
+            raise CompareError(
+                f"configuration {name!r}: the step-cache interval must be >= 2 (interval 1 would be no "
+                "cache: leave +cacheN out)"
+            )
+    return CompareConfig(name=name, mode=m["mode"], step_cache=interval)
+
+
+def parse_configs(text: str) -> tuple[list[CompareConfig], bool]:
+    """A comma-separated list -> (configurations with ``off`` first, whether ``off`` was added)."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise CompareError("--configs names no configuration")
+    configs = [parse_config(n) for n in names]
+    seen: set[str] = set()
+    for c in configs:
+        if c.name in seen:
+            raise CompareError(f"configuration {c.name!r} is listed twice")
+        seen.add(c.name)
+    added = REFERENCE not in seen
+    ref = CompareConfig(REFERENCE, REFERENCE)
+    return [ref] + [c for c in configs if c.name != REFERENCE], added
+
+
+def check_model(model: str) -> None:
+    """Refuse a local model folder that is not there, before anything is loaded (hub ids pass)."""
+    name = model[len("file://") :] if model.startswith("file://") else model
+    path = Path(name).expanduser()
+    looks_local = path.exists() or name.startswith(("/", "./", "../", "~")) or name.count("/") != 1
+    if looks_local and not (path / "model_index.json").is_file():
+        what = (
+            "does not exist"
+            if not path.exists()
+            else "is not a diffusers pipeline folder (no model_index.json)"
+        )
+        raise CompareError(f"--model {model!r} {what}; give a local SVD folder or a hub id (owner/name)")
+
+
+def check_images(images: Sequence[str]) -> None:
+    """Every local image must be a file (URIs are read when rendering)."""
+    if not images:
+        raise CompareError("give at least one image")
+    for image in images:
+        if "://" in image and not image.startswith("file://"):
+            continue
+        path = image[len("file://") :] if image.startswith("file://") else image
+        if not os.path.isfile(path):
+            raise CompareError(f"image {image!r} does not exist")
+
+
+def image_labels(images: Sequence[str]) -> list[str]:
+    """Short, unique labels: the file stem, with ``#i`` appended where two stems collide."""
+    stems = [Path(i.rstrip("/")).stem or f"image{n}" for n, i in enumerate(images)]
+    return [s if stems.count(s) == 1 else f"{s}#{n}" for n, s in enumerate(stems)]
+
+
+# -- one configuration -> renderer, MACs -------------------------------------------------------
+
+
+def shared_weight_copy(module: Any) -> Any:
+    """A copy of ``module``'s structure that shares every parameter and buffer with it."""
+    memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return copy.deepcopy(module, memo)
+
+
+def make_renderer(stock: Any, config: CompareConfig, *, model_id: str, step_cache_depth: int = 1) -> Any:
+    """A :class:`pipeline.Renderer` for ``config`` on a pipeline that shares ``stock``'s weights.
+
+    ``stock`` itself is never patched. The step-cache keywords are passed only for a
+    ``+cacheN`` configuration.
+    """
+    from pipeline.renderer import Renderer
+    from vcut import vcut_mode
+
+    components = dict(stock.components)
+    components["unet"] = shared_weight_copy(stock.unet)
+    components["scheduler"] = copy.deepcopy(stock.scheduler)
+    pipe = type(stock)(**components)
+    kwargs: dict[str, Any] = {}
+    if config.step_cache is not None:
+        kwargs.update(step_cache=config.step_cache, step_cache_depth=step_cache_depth)
+    renderer = Renderer.from_pipe(pipe, vcut=config.mode, model_id=model_id, **kwargs)
+    if vcut_mode(stock.unet) != "off":  # the copies must never touch the loaded model
+        raise RuntimeError("patching a copy changed the loaded UNet")
+    return renderer
+
+
+def config_macs(
+    unet_config: dict,
+    config: CompareConfig,
+    *,
+    height: int,
+    width: int,
+    num_frames: int,
+    steps: int,
+    guidance: bool,
+    step_cache_depth: int = 1,
+) -> Any:
+    """:class:`vcut.MacReport` of ``config`` for one video of this shape (no weights needed)."""
+    from vcut import count_macs
+
+    kwargs: dict[str, Any] = {}
+    if config.step_cache is not None:
+        kwargs.update(step_cache=config.step_cache, step_cache_depth=step_cache_depth)
+    return count_macs(
+        unet_config,
+        height=height,
+        width=width,
+        num_frames=num_frames,
+        num_inference_steps=steps,
+        mode=config.mode,
+        guidance=guidance,
+        **kwargs,
+    )
+
+
+# -- the whole comparison ------------------------------------------------------------------
+
+
+@dataclass
+class ConfigResult:
+    """What one configuration produced: timings, MACs, distance to ``off`` per image, thumbnails."""
+
+    config: CompareConfig
+    seconds: list[float] = field(default_factory=list)
+    timings: list[dict[str, float]] = field(default_factory=list)
+    distances: list[Any] = field(default_factory=list)  # pipeline.quality.VideoDistance per image
+    thumbs: list[list[np.ndarray]] = field(default_factory=list)  # per image: first, middle, last frame
+    mac_report: Any = None
+    vcut_report: dict | None = None
+    videos: list[str] = field(default_factory=list)
+
+
+def key_frames(num_frames: int) -> list[int]:
+    """Indices of the first, middle and last frame."""
+    return [0, (num_frames - 1) // 2, num_frames - 1]
+
+
+def run_compare(
+    model: str,
+    images: Sequence[str],
+    configs: Sequence[CompareConfig],
+    *,
+    seeds: Sequence[int],
+    out: Any,
+    generate_kwargs: dict[str, Any],
+    device: str | None = None,
+    dtype: str | None = None,
+    variant: str | None = None,
+    allow_pickle: bool = False,
+    warmup: int = 0,
+    step_cache_depth: int = 1,
+    save_videos: bool = False,
+    use_lpips: bool = True,
+    thumb_height: int | None = None,
+    log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
+) -> dict[str, Any]:
+    """Render every image under every configuration (``configs[0]`` must be ``off``), write
+    the report files into ``out`` (a :class:`jobs.results.OutputDir`) and return the JSON dict."""
+    import torch
+
+    from jobs.compare_report import write_reports
+    from pipeline.encode import encode_video
+    from pipeline.loading import load_svd_pipeline
+    from pipeline.quality import LpipsMetric, lpips_available, video_distance
+    from vcut import clear_vcut_cache
+
+    if not configs or configs[0].name != REFERENCE:
+        raise CompareError("the first configuration must be 'off', the reference")
+    if len(seeds) != len(images):
+        raise CompareError(f"{len(seeds)} seeds for {len(images)} images")
+    labels = image_labels(images)
+
+    t0 = time.perf_counter()
+    stock, dev, torch_dtype = load_svd_pipeline(
+        model, device=device, dtype=dtype, allow_pickle=allow_pickle, variant=variant
+    )
+    load_seconds = time.perf_counter() - t0
+    unet_config = dict(stock.unet.config)
+    kw = dict(generate_kwargs)
+    if kw.get("num_frames") is None:
+        kw["num_frames"] = int(unet_config.get("num_frames", 25))
+    log(f"loaded {model} on {dev} ({torch_dtype}) in {load_seconds:.1f}s")
+
+    lpips_metric = None
+    lpips_note = "lpips is not installed: LPIPS not computed (pip install lpips; it downloads its weights)"
+    if use_lpips and lpips_available():
+        lpips_metric = LpipsMetric(device=str(dev))
+        lpips_note = "LPIPS: lpips package, AlexNet features"
+    elif not use_lpips:
+        lpips_note = "LPIPS not computed (--no-lpips)"
+
+    if save_videos:
+        out.makedirs("videos")
+    reference: list[np.ndarray] = []
+    results: list[ConfigResult] = []
+    guidance = float(kw.get("max_guidance_scale", 3.0)) > 1.0
+    for config in configs:
+        res = ConfigResult(config)
+        renderer = make_renderer(stock, config, model_id=str(model), step_cache_depth=step_cache_depth)
+        res.vcut_report = renderer.vcut_report.to_dict() if renderer.vcut_report is not None else None
+        for _ in range(warmup):  # not timed; then forget the caches, so each timed video starts cold
+            renderer.generate(images[0], seed=seeds[0], **kw)
+        renderer.cache.clear()
+        clear_vcut_cache(renderer.pipe)
+        for image, seed, label in zip(images, seeds, labels, strict=True):
+            gen = renderer.generate(image, seed=seed, **kw)
+            res.seconds.append(float(gen.timings["total"]))
+            res.timings.append(dict(gen.timings))
+            frames = gen.frames
+            res.thumbs.append(
+                [frames[i].copy() for i in key_frames(frames.shape[0])]
+            )  # not views: frees the video
+            if config.name == REFERENCE:
+                reference.append(frames)
+            res.distances.append(video_distance(reference[len(res.distances)], frames, lpips=lpips_metric))
+            if save_videos:
+                path = out.uri_of("videos", f"{_safe(config.name)}__{_safe(label)}_s{seed}.mp4")
+                encode_video(frames, path, fps=gen.fps)
+                res.videos.append(path)
+            log(f"{config.name:>14} {label}: {gen.timings['total']:.2f}s")
+        del renderer
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+        res.mac_report = config_macs(
+            unet_config,
+            config,
+            height=kw["height"],
+            width=kw["width"],
+            num_frames=kw["num_frames"],
+            steps=kw["num_inference_steps"],
+            guidance=guidance,
+            step_cache_depth=step_cache_depth,
+        )
+        results.append(res)
+
+    meta = {
+        "model": str(model),
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        "images": list(images),
+        "image_labels": labels,
+        "seeds": [int(s) for s in seeds],
+        "generate": kw,
+        "key_frames": key_frames(kw["num_frames"]),
+        "warmup_videos_per_config": warmup,
+        "step_cache_depth": step_cache_depth,
+        "guidance": guidance,
+        "load_seconds": load_seconds,
+        "lpips": lpips_note,
+        "torch": torch.__version__,
+    }
+    return write_reports(out, meta, results, thumb_height=thumb_height)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", name)
