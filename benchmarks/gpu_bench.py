@@ -64,7 +64,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -477,6 +477,8 @@ def detect_features(renderer_cls: Any = None, count_macs: Any = None) -> dict[st
     out: dict[str, Any] = {
         "compile": comp is not None,
         "compile_annotation": str(comp.annotation) if comp is not None else None,
+        "compile_backend_kw": "compile_backend" in params,
+        "compile_vae_kw": "compile_vae" in params,
         "step_cache": "step_cache" in params,
         "generate_batch": callable(getattr(renderer_cls, "generate_batch", None)),
         "count_macs_step_cache": "step_cache" in inspect.signature(count_macs).parameters,
@@ -868,9 +870,21 @@ class Bench:
         rec: dict[str, Any] = {"hard_limit_s": limit}
         self.result["configs"][name] = rec
         self.log(f"{name}: compiling (hard limit {limit:.0f}s)")
-        with hard_limit(limit), compile_backend(self.args.compile_backend):
+        feats = self.result["features"]
+        ckw: dict[str, Any] = {"compile": self.args.compile_mode}
+        if feats["compile_backend_kw"]:  # the Renderer takes the backend itself
+            ckw["compile_backend"] = self.args.compile_backend
+            backend_patch = contextlib.nullcontext()
+        else:
+            backend_patch = compile_backend(self.args.compile_backend)
+        if self.args.compile_vae != "default":
+            if not feats["compile_vae_kw"]:
+                raise RuntimeError("--compile-vae: Renderer.from_pipe takes no compile_vae keyword")
+            ckw["compile_vae"] = self.args.compile_vae == "on"
+        rec["renderer_compile_kwargs"] = ckw
+        with hard_limit(limit), backend_patch:
             before = dynamo_counts()
-            renderer, build_s = self.make_renderer("full", compile=self.args.compile_mode, **kw)
+            renderer, build_s = self.make_renderer("full", **ckw, **kw)
             rec["renderer_build_s"] = build_s
             call = self.renderer_call(renderer)
             self.measure(
@@ -882,6 +896,9 @@ class Bench:
         if eager and eager.get("fixed_s") is not None:
             s = rec["warmup"]["steps"]
             rec["compile_s_net"] = rec["warmup"]["seconds"] - (eager["fixed_s"] + s * eager["per_step_s"])
+        report = getattr(renderer, "compile_report", None)
+        if report is not None:
+            rec["renderer_compile_report"] = asdict(report) if is_dataclass(report) else repr(report)
         for attr in ("compile_seconds",):
             if hasattr(renderer, attr):
                 rec[f"renderer_{attr}"] = getattr(renderer, attr)
@@ -1178,6 +1195,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--compile-backend",
         default="inductor",
         help="torch.compile backend (default inductor; 'eager' runs dynamo alone: the quick CPU path)",
+    )
+    p.add_argument(
+        "--compile-vae",
+        choices=("default", "on", "off"),
+        default="default",
+        help="Renderer compile_vae= (default: the Renderer's own default, on CUDA: on)",
     )
     p.add_argument(
         "--min-compile-s",
