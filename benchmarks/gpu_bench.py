@@ -860,7 +860,8 @@ class Bench:
 
     def _compiled(self, name: str, kw: dict[str, Any], steps: tuple[int, ...], stage: str) -> None:
         """Build a compiled ``full`` renderer, time its first video apart, then timed videos."""
-        limit = self.left() - self.reserve_after(stage)
+        # what is left after the later stages' time and a margin for stopping and cleaning up
+        limit = self.left() - self.reserve_after(stage) - (3.0 if self.tiny else 15.0)
         minimum = 5.0 if self.tiny else self.args.min_compile_s
         if limit < minimum:
             self.skip(
