@@ -40,6 +40,10 @@ video (a full step, the stored feature dropped) when any of these holds:
 
 Nothing is kept between videos: a new video starts with a full step and drops the stored
 feature before it runs.
+
+Compile: compile ``unet.forward`` (the hooks then run eagerly around it), after this patch.
+A forward hook copies the stored feature out of the compiled call after each full step (one
+copy per full step), so CUDA graphs (``mode="reduce-overhead"``) cannot overwrite it.
 """
 
 from __future__ import annotations
@@ -141,6 +145,13 @@ class StepCacheState:
         else:
             self.deep = None  # a full step stores a fresh one (dropped if the step fails)
             self.full_steps += 1
+
+    def after_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
+        if not self.shallow and self.deep is not None:
+            # Own the stored feature, outside any compiled code: under CUDA graphs
+            # (torch.compile mode="reduce-overhead") the full step's tensors live in the graph's
+            # memory pool and are overwritten by the next replay. One copy per full step.
+            self.deep = self.deep.clone()
 
 
 # -- the wrapped forwards (bound on the block instance; they call the class's own forward) ------
@@ -271,6 +282,7 @@ def apply_step_cache(obj: object, interval: int | None, depth: int = 1) -> StepC
         module.forward = types.MethodType(forward, module)
 
     unet.register_forward_pre_hook(state.before_forward, with_kwargs=True)
+    unet.register_forward_hook(state.after_forward, with_kwargs=True)
     setattr(unet, _STATE_ATTR, state)
     names = tuple(name for name, _, _ in wrapped)
     state.report = StepCacheReport(
@@ -294,6 +306,10 @@ def remove_step_cache(obj: object) -> None:
         if getattr(hook, "__self__", None) is state:  # found by value: also right on a deepcopy
             del unet._forward_pre_hooks[key]
             unet._forward_pre_hooks_with_kwargs.pop(key, None)
+    for key, hook in list(unet._forward_hooks.items()):
+        if getattr(hook, "__self__", None) is state:
+            del unet._forward_hooks[key]
+            unet._forward_hooks_with_kwargs.pop(key, None)
     for module in unet.modules():
         if getattr(module, _STATE_ATTR, None) is state:
             if module is not unet:
