@@ -27,6 +27,9 @@ class ModelConfig:
     compile: bool = False
     allow_pickle: bool = False
     local_files_only: bool | None = None
+    # Step caching (changes the output): the whole UNet every N-th step, the shallow path between.
+    step_cache: int | None = None  # None or 1: off
+    step_cache_depth: int = 1  # outer down/up levels that always run
 
 
 @dataclass
@@ -129,8 +132,10 @@ def to_yaml(cfg: DictConfig) -> str:
 
 def check_config(cfg: DictConfig) -> None:
     """Value checks that types alone cannot express; raises ValueError naming the key."""
-    w, g = cfg.workers, cfg.defaults
+    w, g, m = cfg.workers, cfg.defaults, cfg.model
     checks = [
+        (m.step_cache is None or m.step_cache >= 1, "model.step_cache must be >= 1 (1 or null: off)"),
+        (m.step_cache_depth >= 1, "model.step_cache_depth must be >= 1"),
         (w.count is None or w.count >= 1, "workers.count must be >= 1"),
         (w.num_cpus is None or w.num_cpus > 0, "workers.num_cpus must be > 0"),
         (w.num_gpus is None or w.num_gpus >= 0, "workers.num_gpus must be >= 0"),

@@ -14,15 +14,21 @@ import sys
 def _cmd_macs(args: argparse.Namespace) -> int:
     from vcut import count_macs
 
-    report = count_macs(
-        args.model,
-        height=args.height,
-        width=args.width,
-        num_frames=args.num_frames,
-        num_inference_steps=args.steps,
-        mode=args.mode,
-        guidance=not args.no_guidance,
-    )
+    try:
+        report = count_macs(
+            args.model,
+            height=args.height,
+            width=args.width,
+            num_frames=args.num_frames,
+            num_inference_steps=args.steps,
+            mode=args.mode,
+            guidance=not args.no_guidance,
+            step_cache=args.step_cache,
+            step_cache_depth=args.step_cache_depth,
+        )
+    except ValueError as exc:  # a bad shape, steps or step-cache setting: say which
+        print(f"vcut macs: error: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -269,7 +275,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=int, default=25, help="denoising steps per video")
     p.add_argument(
-        "--mode", choices=["exact", "full"], default="full", help="VCUT mode to compare (default: full)"
+        "--mode",
+        choices=["off", "exact", "full"],
+        default="full",
+        help="VCUT mode to compare (default: full)",
+    )
+    p.add_argument(
+        "--step-cache",
+        type=int,
+        default=None,
+        metavar="N",
+        help="step caching: the whole UNet every N-th step, the shallow path between (default: off)",
+    )
+    p.add_argument(
+        "--step-cache-depth",
+        type=int,
+        default=1,
+        metavar="D",
+        help="outer down/up levels that always run with --step-cache (default: 1)",
     )
     p.add_argument(
         "--no-guidance", action="store_true", help="count without classifier-free guidance (batch 1)"

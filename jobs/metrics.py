@@ -21,6 +21,9 @@ What is counted, exactly (``row`` is one result row):
   ``frames``, ``macs`` and ``macs_saved`` summed over ``ok`` rows (null counts as 0), as in
   ``summary.json``'s ``total_macs`` / ``total_macs_saved`` (a row that rendered but failed to
   encode is not counted).
+* ``vcut_macs_saved_by_lever_total{lever,worker,node}``: the row's ``macs_saved_vcut``
+  (``lever="vcut"``) and ``macs_saved_step_cache`` (``lever="step_cache"``) over ``ok`` rows;
+  summed over ``lever`` it equals ``vcut_macs_saved_total``.
 * ``vcut_embedding_cache_hits_total`` / ``..._misses_total``: rows (any status) whose
   ``cache_hit`` is true / false; rows with a null ``cache_hit`` are not counted.
 * Histograms observe ``ok`` rows only: ``vcut_render_seconds`` (``seconds``),
@@ -64,12 +67,16 @@ ENCODE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 
 
 WORKER_LABELS = ("worker", "node")
 
+#: ``lever`` label values of ``vcut_macs_saved_by_lever_total`` -> the result row's field.
+MAC_LEVERS = {"vcut": "macs_saved_vcut", "step_cache": "macs_saved_step_cache"}
+
 #: name -> (Prometheus type, label names). Counter names include ``_total`` as exposed.
 METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
     "vcut_videos_total": ("counter", ("status", *WORKER_LABELS)),
     "vcut_frames_rendered_total": ("counter", WORKER_LABELS),
     "vcut_macs_total": ("counter", WORKER_LABELS),
     "vcut_macs_saved_total": ("counter", WORKER_LABELS),
+    "vcut_macs_saved_by_lever_total": ("counter", ("lever", *WORKER_LABELS)),
     "vcut_embedding_cache_hits_total": ("counter", WORKER_LABELS),
     "vcut_embedding_cache_misses_total": ("counter", WORKER_LABELS),
     "vcut_render_seconds": ("histogram", WORKER_LABELS),
@@ -136,7 +143,12 @@ class JobMetrics:
             registry=r,
         )
         self.macs_saved = Counter(
-            "vcut_macs_saved", "Multiply-accumulates saved by VCUT versus the stock UNet.", wl, registry=r
+            "vcut_macs_saved", "Multiply-accumulates saved vs the stock UNet (all levers).", wl, registry=r
+        )
+        self.macs_saved_by_lever = Counter(
+            "vcut_macs_saved_by_lever",
+            "Multiply-accumulates saved versus the stock UNet, per lever (vcut, step_cache).",
+            ["lever", *wl], registry=r,
         )
         self.cache_hits = Counter(
             "vcut_embedding_cache_hits", "Videos whose CLIP image embedding came from the cache.", wl,
@@ -187,6 +199,7 @@ class JobMetrics:
         self.videos.labels(status=status, **labels).inc()
         # Create the work counters at 0 for every worker, so rate() sees their first increase.
         frames, macs, saved = (c.labels(**labels) for c in (self.frames, self.macs, self.macs_saved))
+        by_lever = {lever: self.macs_saved_by_lever.labels(lever=lever, **labels) for lever in MAC_LEVERS}
 
         cache_hit = row.get("cache_hit")
         if cache_hit is not None:
@@ -196,6 +209,8 @@ class JobMetrics:
             frames.inc(_num(row.get("frames")))
             macs.inc(_num(row.get("macs")))
             saved.inc(_num(row.get("macs_saved")))
+            for lever, key in MAC_LEVERS.items():
+                by_lever[lever].inc(_num(row.get(key)))
             if row.get("seconds") is not None:
                 self.render_seconds.labels(**labels).observe(_num(row["seconds"]))
             if row.get("encode_seconds") is not None:

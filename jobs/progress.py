@@ -87,7 +87,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("wall time", _duration(summary.get("wall_seconds", 0.0))),
         ("videos per second", f"{summary.get('videos_per_second', 0.0):.3f}"),
         ("total MACs", f"{summary.get('total_macs', 0):.4g}"),
-        ("total MACs saved by VCUT", f"{summary.get('total_macs_saved', 0):.4g}"),
+        ("total MACs saved", f"{summary.get('total_macs_saved', 0):.4g}"),
+        ("  by VCUT", f"{summary.get('total_macs_saved_vcut', 0):.4g}"),
+        ("  by step caching", f"{summary.get('total_macs_saved_step_cache', 0):.4g}"),
         ("results", summary.get("results")),
     ]
     width = max(len(k) for k, _ in rows)

@@ -58,6 +58,8 @@ RESULT_SCHEMA = pa.schema(
         ("encode_seconds", pa.float64()),
         ("macs", pa.int64()),
         ("macs_saved", pa.int64()),
+        ("macs_saved_vcut", pa.int64()),
+        ("macs_saved_step_cache", pa.int64()),
         ("worker", pa.string()),
         ("worker_pid", pa.int64()),
         ("cache_hit", pa.bool_()),
@@ -404,14 +406,17 @@ def summarize(
 ) -> dict:
     """Counts over the whole results table plus this run's throughput."""
     out = open_output(out_dir)
-    status = read_results(out, ["status", "macs_saved", "macs"]) if _parts(out) else None
+    saved_cols = ["macs_saved", "macs_saved_vcut", "macs_saved_step_cache"]
+    status = read_results(out, ["status", *saved_cols, "macs"]) if _parts(out) else None
     ok = failed = 0
-    macs_saved = macs = 0
+    macs = 0
+    saved = dict.fromkeys(saved_cols, 0)
     if status is not None and status.num_rows:
         is_ok = pc.equal(status.column("status"), "ok")
         ok = int(pc.sum(is_ok).as_py() or 0)
         failed = status.num_rows - ok
-        macs_saved = int(pc.sum(pc.filter(status.column("macs_saved"), is_ok)).as_py() or 0)
+        for col in saved_cols:
+            saved[col] = int(pc.sum(pc.filter(status.column(col), is_ok)).as_py() or 0)
         macs = int(pc.sum(pc.filter(status.column("macs"), is_ok)).as_py() or 0)
     return {
         "manifest_rows": manifest_rows,
@@ -422,6 +427,8 @@ def summarize(
         "wall_seconds": round(wall_seconds, 3),
         "videos_per_second": round(rendered / wall_seconds, 4) if wall_seconds > 0 else 0.0,
         "total_macs": macs,
-        "total_macs_saved": macs_saved,
+        "total_macs_saved": saved["macs_saved"],
+        "total_macs_saved_vcut": saved["macs_saved_vcut"],
+        "total_macs_saved_step_cache": saved["macs_saved_step_cache"],
         "host": socket.gethostname(),
     }

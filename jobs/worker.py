@@ -33,6 +33,9 @@ GENERATE_KEYS = (
     "max_guidance_scale",
 )
 
+#: MAC fields of a result row (see ``count_macs``).
+MAC_FIELDS = ("macs", "macs_saved", "macs_saved_vcut", "macs_saved_step_cache")
+
 
 def load_renderer(model: dict[str, Any], cache: dict[str, Any]) -> Any:
     """The real ``pipeline.Renderer`` for a ``model`` config section."""
@@ -56,6 +59,8 @@ def load_renderer(model: dict[str, Any], cache: dict[str, Any]) -> Any:
         cache_entries=int(cache["entries"]),
         cache_bytes=int(cache["bytes"]),
         local_files_only=model.get("local_files_only"),
+        step_cache=model.get("step_cache"),
+        step_cache_depth=int(model.get("step_cache_depth") or 1),
     )
 
 
@@ -93,11 +98,15 @@ class RenderWorker:
         self.output = cfg["output"]
         self.renderer = (renderer_factory or load_renderer)(cfg["model"], cfg["cache"])
         self.vcut_mode = str(getattr(self.renderer, "vcut_mode", cfg["model"]["vcut"]))
+        self.step_cache = getattr(self.renderer, "step_cache", cfg["model"].get("step_cache"))
+        self.step_cache_depth = int(
+            getattr(self.renderer, "step_cache_depth", cfg["model"].get("step_cache_depth")) or 1
+        )
         self.encode = encoder or default_encoder()
         self.decode_chunk_size = cfg["defaults"].get("decode_chunk_size")
         self._render_lock = threading.Lock()
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
-        self._macs: dict[tuple, tuple[int | None, int | None]] = {}
+        self._macs: dict[tuple, dict[str, int | None]] = {}
         self._macs_warned = False
 
     def info(self) -> dict[str, Any]:
@@ -109,8 +118,9 @@ class RenderWorker:
     def _on_cuda(self) -> bool:
         return str(self._device()).startswith("cuda")
 
-    def count_macs(self, height: int, width: int, frames: int, steps: int, guidance: bool) -> tuple:
-        key = (height, width, frames, steps, self.vcut_mode, guidance)
+    def count_macs(self, height: int, width: int, frames: int, steps: int, guidance: bool) -> dict:
+        """The row's MAC fields: ``macs``, ``macs_saved`` and the latter per lever (None if unknown)."""
+        key = (height, width, frames, steps, self.vcut_mode, guidance, self.step_cache, self.step_cache_depth)
         if key not in self._macs:
             try:
                 from vcut import count_macs
@@ -123,14 +133,21 @@ class RenderWorker:
                     num_inference_steps=steps,
                     mode=self.vcut_mode,
                     guidance=guidance,
+                    step_cache=self.step_cache,
+                    step_cache_depth=self.step_cache_depth,
                 )
-                # For mode "off", vcut_macs is the baseline and macs_saved is 0.
-                self._macs[key] = (int(report.vcut_macs), int(report.macs_saved))
+                # For mode "off" without step caching, vcut_macs is the baseline and macs_saved is 0.
+                self._macs[key] = {
+                    "macs": int(report.vcut_macs),
+                    "macs_saved": int(report.macs_saved),
+                    "macs_saved_vcut": int(report.macs_saved_vcut),
+                    "macs_saved_step_cache": int(report.macs_saved_step_cache),
+                }
             except Exception as exc:  # MAC counting must never fail a video
                 if not self._macs_warned:
                     log.warning("MAC counting unavailable: %s", _error(exc))
                     self._macs_warned = True
-                self._macs[key] = (None, None)
+                self._macs[key] = dict.fromkeys(MAC_FIELDS)
         return self._macs[key]
 
     def _render(self, task: dict[str, Any]) -> tuple[dict[str, Any], Any]:
@@ -166,10 +183,11 @@ class RenderWorker:
 
                 result["gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated())
             guidance = float(params["max_guidance_scale"]) > 1.0
-            macs, saved = self.count_macs(
-                int(frames.shape[1]), int(frames.shape[2]), int(frames.shape[0]), steps, guidance
+            result.update(
+                self.count_macs(
+                    int(frames.shape[1]), int(frames.shape[2]), int(frames.shape[0]), steps, guidance
+                )
             )
-            result.update(macs=macs, macs_saved=saved)
             return result, frames
         except Exception as exc:
             result.update(error=_error(exc), seconds=time.perf_counter() - start)

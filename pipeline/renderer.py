@@ -4,7 +4,9 @@ Determinism: every call seeds a fresh CPU ``torch.Generator`` with ``seed`` (as
 ``generator=torch.Generator().manual_seed(seed)`` in stock diffusers), so the video does
 not depend on what the renderer rendered before, nor on which worker or GPU index renders
 it (the noise is drawn on the CPU and then moved). The embedding cache and VCUT's constant
-cache only ever return values equal to what they replace.
+cache only ever return values equal to what they replace. Step caching (``step_cache=N``, off
+by default) does change the frames, but deterministically: it is reset at the start of every
+generation, so a video never depends on the one rendered before.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 
 from vcut import MODES as VCUT_MODES
+from vcut.step_cache import check_step_cache_args
 
 from .cache import EmbeddingCache
 from .encode import FORMATS, encode_video
@@ -106,6 +109,9 @@ class Renderer:
         unet_config: dict[str, Any],
         vcut_report: Any = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        step_cache: int | None = None,
+        step_cache_depth: int = 1,
+        step_cache_report: Any = None,
     ) -> None:
         self.pipe = pipe
         self.model_id = model_id
@@ -115,6 +121,10 @@ class Renderer:
         self.unet_config = unet_config
         self.vcut_report = vcut_report
         self.max_pixels = max_pixels
+        #: Step-caching interval (None: off) and depth, as passed to :func:`vcut.apply_step_cache`.
+        self.step_cache = step_cache
+        self.step_cache_depth = step_cache_depth
+        self.step_cache_report = step_cache_report
 
     @classmethod
     def from_pretrained(
@@ -131,16 +141,23 @@ class Renderer:
         cache_bytes: int = 256 * 2**20,
         local_files_only: bool | None = None,
         max_pixels: int = DEFAULT_MAX_PIXELS,
+        step_cache: int | None = None,
+        step_cache_depth: int = 1,
     ) -> Renderer:
         """Load ``model`` (hub id or local diffusers folder) and patch it with VCUT mode ``vcut``.
 
         See :mod:`pipeline.loading` for the safetensors, dtype, variant and offline rules.
         ``compile=True`` wraps the UNet in ``torch.compile`` (after VCUT; the first render
-        then pays the compile time). Raises ``ValueError`` for a bad argument and
-        :class:`~pipeline.errors.ModelLoadError` for a model that cannot be loaded.
+        then pays the compile time). ``step_cache=N`` (off by default; None or 1: off) runs
+        the whole UNet at every N-th denoising step only and the shallow path in between,
+        reusing the deep features (:func:`vcut.apply_step_cache`, with ``step_cache_depth``
+        outer levels always run): it saves MACs and CHANGES the frames. Raises
+        ``ValueError`` for a bad argument and :class:`~pipeline.errors.ModelLoadError` for a
+        model that cannot be loaded.
         """
         if vcut not in VCUT_MODES:
             raise ValueError(f"vcut must be one of {VCUT_MODES}, got {vcut!r}")
+        check_step_cache_args(step_cache, step_cache_depth)
         stock, _, _ = load_svd_pipeline(
             model,
             device=device,
@@ -157,6 +174,8 @@ class Renderer:
             cache_bytes=cache_bytes,
             max_pixels=max_pixels,
             model_id=os.fspath(model),
+            step_cache=step_cache,
+            step_cache_depth=step_cache_depth,
         )
 
     @classmethod
@@ -170,17 +189,23 @@ class Renderer:
         cache_bytes: int = 256 * 2**20,
         max_pixels: int = DEFAULT_MAX_PIXELS,
         model_id: str | None = None,
+        step_cache: int | None = None,
+        step_cache_depth: int = 1,
     ) -> Renderer:
         """A renderer around an already loaded ``StableVideoDiffusionPipeline`` (as diffusers' ``from_pipe``).
 
         The pipeline's components are shared, not copied, and its UNet is patched with VCUT
         in place: patch a pipeline once (see :func:`vcut.apply_vcut`). Device and dtype are
         the UNet's. ``model_id`` names the model in the embedding-cache key (default: the
-        pipeline's ``name_or_path``).
+        pipeline's ``name_or_path``). ``step_cache`` / ``step_cache_depth``: see
+        :meth:`from_pretrained` (applied after VCUT and before compile).
         """
         if vcut not in VCUT_MODES:
             raise ValueError(f"vcut must be one of {VCUT_MODES}, got {vcut!r}")
-        from vcut import apply_vcut
+        # Validated before anything is patched (the depth bound is the UNet's number of levels).
+        unet_levels = len(getattr(getattr(pipe, "unet", None), "up_blocks", ())) or None
+        interval, _ = check_step_cache_args(step_cache, step_cache_depth, unet_levels)
+        from vcut import apply_step_cache, apply_vcut
 
         render_pipe = RenderPipeline(**pipe.components)
         render_pipe.set_progress_bar_config(disable=True)
@@ -191,6 +216,7 @@ class Renderer:
         render_pipe.cache_namespace = f"{model_id}|{torch_dtype}"
         unet_config = dict(render_pipe.unet.config)
         report = apply_vcut(render_pipe, vcut)
+        cache_report = apply_step_cache(render_pipe, interval, step_cache_depth)
         if compile:
             render_pipe.unet = torch.compile(render_pipe.unet)
         return cls(
@@ -202,7 +228,17 @@ class Renderer:
             unet_config=unet_config,
             vcut_report=report,
             max_pixels=max_pixels,
+            step_cache=interval if interval > 1 else None,
+            step_cache_depth=step_cache_depth,
+            step_cache_report=cache_report,
         )
+
+    def _begin_video(self) -> None:
+        """Call before each pipeline call: the step cache starts a new video (a full step)."""
+        if self.step_cache is not None:
+            from vcut import reset_step_cache
+
+            reset_step_cache(self.pipe)
 
     # -- cache ------------------------------------------------------------------------------
     @property
@@ -271,6 +307,7 @@ class Renderer:
         pipe.marks = {}
         pipe.last_decode_chunk_size = None
         pipe.last_decode_retries = 0
+        self._begin_video()
         out = pipe(
             image=img,
             height=height,

@@ -9,6 +9,12 @@ measured on a CPU in seconds for any shape. Conventions:
   (batch 2; batch 1 with ``guidance=False``).
 * VCUT per video = one call that computes the one-time linear constants plus
   ``num_inference_steps - 1`` calls that reuse them, both measured.
+* Step caching with interval ``N`` (:mod:`vcut.step_cache`): steps ``0, N, 2N, ...`` are full
+  calls, the others shallow calls; both kinds are measured on the (VCUT-patched) UNet. The
+  first step is a full call that also computes VCUT's constants.
+* Savings are attributed lever by lever: ``macs_saved_vcut`` = stock minus VCUT without
+  step caching; ``macs_saved_step_cache`` = VCUT without step caching minus VCUT with it;
+  ``macs_saved`` is their sum (stock minus what runs).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from vcut.patch import MODES, apply_vcut
+from vcut.step_cache import apply_step_cache, check_step_cache_args
 
 #: The published SVD UNets share one architecture, which is diffusers' default config
 #: for ``UNetSpatioTemporalConditionModel``; they differ in their frame count only.
@@ -88,6 +95,14 @@ class MacReport:
     params_baseline: int
     params_vcut: int
     params_removed: int
+    # Step caching (interval 1: off). ``vcut_macs`` and ``macs_saved`` above include it.
+    step_cache: int = 1
+    step_cache_depth: int = 1
+    full_calls: int = 0  # UNet calls per video that run the whole UNet
+    shallow_calls: int = 0  # UNet calls per video that run the shallow path only
+    shallow_call_macs: int = 0  # one shallow call (VCUT-patched) on the (CFG) batch
+    macs_saved_vcut: int = 0  # stock minus VCUT without step caching
+    macs_saved_step_cache: int = 0  # VCUT without step caching minus VCUT with it
 
     @property
     def saved_fraction(self) -> float:
@@ -103,13 +118,22 @@ class MacReport:
         def m(x: int) -> str:
             return f"{x / 1e6:,.2f} M"
 
+        def pct(x: int) -> str:
+            return f"{100 * x / self.baseline_macs:.2f} %" if self.baseline_macs else "0 %"
+
         cfg = "with CFG (batch 2)" if self.guidance else "no CFG (batch 1)"
+        cache, with_cache = "", ""
+        if self.step_cache > 1:
+            cache = f", step cache every {self.step_cache} steps at depth {self.step_cache_depth}"
+            with_cache = f" (+ step cache: {self.full_calls} full, {self.shallow_calls} shallow calls)"
         rows = [
             f"SVD UNet, {self.width}x{self.height}, {self.num_frames} frames, "
-            f"{self.num_inference_steps} steps, {cfg}; VCUT mode {self.mode!r}",
+            f"{self.num_inference_steps} steps, {cfg}; VCUT mode {self.mode!r}{cache}",
             f"  MACs per video, stock : {t(self.baseline_macs)}",
-            f"  MACs per video, VCUT  : {t(self.vcut_macs)}",
+            f"  MACs per video, VCUT  : {t(self.vcut_macs)}{with_cache}",
             f"  MACs saved per video  : {t(self.macs_saved)} ({100 * self.saved_fraction:.2f} %)",
+            f"    by VCUT             : {t(self.macs_saved_vcut)} ({pct(self.macs_saved_vcut)})",
+            f"    by step caching     : {t(self.macs_saved_step_cache)} ({pct(self.macs_saved_step_cache)})",
             f"  with attention kernels: stock {t(self.baseline_macs_with_attention)}, "
             f"VCUT {t(self.vcut_macs_with_attention)}, saved {t(self.macs_saved_with_attention)}",
             f"  UNet parameters, stock: {m(self.params_baseline)}",
@@ -147,43 +171,90 @@ def _meta_unet(config: dict):
     return unet.to("meta")
 
 
+@dataclass(frozen=True)
+class _CallMacs:
+    """Per-call figures: (MACs without, MACs of) the attention kernels, per kind of UNet call."""
+
+    stock: tuple[int, int]
+    first: tuple[int, int]  # VCUT call that computes the constants (stock when mode is off)
+    again: tuple[int, int]  # VCUT call that reuses them
+    full: tuple[int, int]  # full step-cached call (reusing VCUT constants)
+    shallow: tuple[int, int]  # shallow step-cached call
+    params_baseline: int
+    params_vcut: int
+
+
 @lru_cache(maxsize=256)
-def _count_cached(
-    config_json: str, height: int, width: int, num_frames: int, steps: int, mode: str, guidance: bool
-) -> MacReport:
+def _count_calls(
+    config_json: str, height: int, width: int, num_frames: int, mode: str, guidance: bool, depth: int | None
+) -> _CallMacs:
     config = json.loads(config_json)
     unet = _meta_unet(config)
     latent_h, latent_w = height // 8, width // 8
     batch = 2 if guidance else 1
     in_channels = config.get("in_channels", 8)
     sample = torch.empty(batch, num_frames, in_channels, latent_h, latent_w, device="meta")
-    timestep = torch.empty((), device="meta")
     emb = torch.empty(batch, 1, config.get("cross_attention_dim", 1024), device="meta")
     n_time_ids = config.get("projection_class_embeddings_input_dim", 768) // config.get(
         "addition_time_embed_dim", 256
     )
     time_ids = torch.empty(batch, n_time_ids, device="meta")
 
-    def call() -> None:
-        # Some diffusers blocks create helper tensors without a device: keep them on meta too.
-        with torch.device("meta"):
-            unet(sample, timestep, encoder_hidden_states=emb, added_time_ids=time_ids, return_dict=False)
+    def call(timestep: torch.Tensor):
+        def run() -> None:
+            # Some diffusers blocks create helper tensors without a device: keep them on meta too.
+            with torch.device("meta"):
+                unet(sample, timestep, encoder_hidden_states=emb, added_time_ids=time_ids, return_dict=False)
 
+        return run
+
+    # A video's timesteps as the SVD pipeline passes them: views of one schedule tensor.
+    schedule = torch.empty(2, device="meta")
     with torch.no_grad():
         params_baseline = sum(p.numel() for p in unet.parameters())
-        stock, stock_attn = _macs(call)
+        stock = _macs(call(schedule[0]))
         if mode == "off":
-            (first, first_attn), (again, again_attn) = (stock, stock_attn), (stock, stock_attn)
+            first = again = stock
             params_vcut = params_baseline
         else:
             apply_vcut(unet, mode)
-            first, first_attn = _macs(call)  # computes and caches to_out(to_v(e))
-            again, again_attn = _macs(call)  # reuses it, as every later denoising step does
+            first = _macs(call(schedule[0]))  # computes and caches to_out(to_v(e))
+            again = _macs(call(schedule[0]))  # reuses it, as every later denoising step does
             params_vcut = sum(p.numel() for p in unet.parameters())
-    baseline = steps * stock
-    vcut = first + (steps - 1) * again
-    baseline_attn = baseline + steps * stock_attn
-    vcut_attn = vcut + first_attn + (steps - 1) * again_attn
+        full = shallow = again
+        if depth is not None:
+            apply_step_cache(unet, 2, depth)
+            video = torch.empty(2, device="meta")  # a new video: its step 0 is full, step 1 shallow
+            full = _macs(call(video[0]))
+            shallow = _macs(call(video[1]))
+    return _CallMacs(stock, first, again, full, shallow, params_baseline, params_vcut)
+
+
+def _report(
+    calls: _CallMacs,
+    height: int,
+    width: int,
+    num_frames: int,
+    steps: int,
+    mode: str,
+    guidance: bool,
+    interval: int,
+    depth: int,
+) -> MacReport:
+    n_full = -(-steps // interval)  # steps 0, N, 2N, ... run the whole UNet
+    n_shallow = steps - n_full
+
+    def per_video(k: int) -> tuple[int, int, int]:
+        """(stock, VCUT without step caching, VCUT with it) per video; k=0 without, 1 of attention."""
+        stock = steps * calls.stock[k]
+        vcut = calls.first[k] + (steps - 1) * calls.again[k]
+        cached = calls.first[k] + (n_full - 1) * calls.full[k] + n_shallow * calls.shallow[k]
+        return stock, vcut, cached
+
+    baseline, vcut_only, vcut = per_video(0)
+    baseline_attn, _, vcut_attn = per_video(1)
+    baseline_attn += baseline
+    vcut_attn += vcut
     return MacReport(
         mode=mode,
         height=height,
@@ -191,18 +262,25 @@ def _count_cached(
         num_frames=num_frames,
         num_inference_steps=steps,
         guidance=guidance,
-        unet_call_macs=stock,
-        vcut_first_call_macs=first,
-        vcut_call_macs=again,
+        unet_call_macs=calls.stock[0],
+        vcut_first_call_macs=calls.first[0],
+        vcut_call_macs=calls.again[0],
         baseline_macs=baseline,
         vcut_macs=vcut,
         macs_saved=baseline - vcut,
         baseline_macs_with_attention=baseline_attn,
         vcut_macs_with_attention=vcut_attn,
         macs_saved_with_attention=baseline_attn - vcut_attn,
-        params_baseline=params_baseline,
-        params_vcut=params_vcut,
-        params_removed=params_baseline - params_vcut,
+        params_baseline=calls.params_baseline,
+        params_vcut=calls.params_vcut,
+        params_removed=calls.params_baseline - calls.params_vcut,
+        step_cache=interval,
+        step_cache_depth=depth,
+        full_calls=n_full,
+        shallow_calls=n_shallow,
+        shallow_call_macs=calls.shallow[0] if n_shallow else 0,
+        macs_saved_vcut=baseline - vcut_only,
+        macs_saved_step_cache=vcut_only - vcut,
     )
 
 
@@ -215,6 +293,8 @@ def count_macs(
     num_inference_steps: int = 25,
     mode: str = "full",
     guidance: bool = True,
+    step_cache: int | None = None,
+    step_cache_depth: int = 1,
 ) -> MacReport:
     """Measure MACs per video and parameters of the SVD UNet, stock versus VCUT ``mode``.
 
@@ -227,8 +307,10 @@ def count_macs(
         mode: ``"off"``, ``"exact"`` or ``"full"``.
         guidance: count classifier-free guidance (UNet batch of 2), as SVD's pipeline
             does whenever ``max_guidance_scale > 1``.
+        step_cache: step-caching interval (see :func:`vcut.apply_step_cache`); None or 1: off.
+        step_cache_depth: outer down/up levels that always run (step caching's ``depth``).
 
-    Results are cached per (config, shape, steps, mode, guidance) in this process.
+    Per-call counts are cached per (config, shape, mode, guidance, depth) in this process.
     """
     if mode not in MODES:
         raise ValueError(f"unknown VCUT mode {mode!r}; expected off, exact or full")
@@ -241,5 +323,9 @@ def count_macs(
     frames = int(num_frames if num_frames is not None else config.get("num_frames", 25))
     if frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {frames}")
+    levels = len(config.get("up_block_types", (None,) * 4))
+    interval, depth = check_step_cache_args(step_cache, step_cache_depth, levels)
     key = json.dumps(config, sort_keys=True, default=str)
-    return _count_cached(key, int(height), int(width), frames, int(num_inference_steps), mode, bool(guidance))
+    h, w, steps, guidance = int(height), int(width), int(num_inference_steps), bool(guidance)
+    calls = _count_calls(key, h, w, frames, mode, guidance, depth if interval > 1 else None)
+    return _report(calls, h, w, frames, steps, mode, guidance, interval, depth)
