@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import gc
 import inspect
 import json
@@ -247,6 +248,16 @@ def graph_break_reasons(limit: int = 5) -> list[str]:
     return [f"{count}x {reason[:200]}" for reason, count in items]
 
 
+@dataclass(frozen=True)
+class Runner:
+    """One configuration's call: ``inputs(index, shape)`` before the clock, ``run(steps, inputs,
+    index, shape)`` timed, ``inspect(output, steps, index, shape) -> info`` after it."""
+
+    inputs: Callable[[int, Shape], Any]
+    run: Callable[[int, Any, int, Shape], Any]
+    inspect: Callable[[Any, int, int, Shape], dict[str, Any]]
+
+
 class RecompiledDuringTiming(RuntimeError):
     pass
 
@@ -332,6 +343,7 @@ def derive(points: list[tuple[int, float]], target_steps: int) -> dict[str, Any]
     return {"per_step_s": step, "fixed_s": fixed, "video_s": fixed + target_steps * step}
 
 
+@functools.lru_cache(maxsize=64)
 def make_image(shape: Shape, index: int):
     """A deterministic input image per index (smooth gradients plus noise, like a photo's statistics)."""
     from PIL import Image
@@ -516,7 +528,7 @@ class Bench:
         name = "tiny" if args.tiny else "svd-xt-full"
         self.out = args.out or RESULTS_DIR / f"gpu_bench_{name}_{_device_slug(args.device)}.json"
         self.components: dict[str, Any] = {}
-        self.runners: dict[str, Callable[..., dict[str, Any]]] = {}  # config -> call(steps, index, shape)
+        self.runners: dict[str, Runner] = {}  # config -> its call
         self.eager_configs: list[str] = []
         self.reference_frames: dict[int, tuple[int, np.ndarray]] = {}  # stock's (steps, frames)
         self.result: dict[str, Any] = header("gpu_bench")
@@ -637,7 +649,7 @@ class Bench:
     def measure(
         self,
         name: str,
-        call: Callable[[int, int, Shape], dict[str, Any]],
+        call: Runner,
         *,
         steps: tuple[int, ...],
         shape: Shape,
@@ -652,10 +664,8 @@ class Bench:
         self.result["configs"][name] = rec
         self.reset_peak()
         index = 0
-        t0 = time.perf_counter()
-        info = call(warmup_steps, index, shape)
-        _sync(self.device)
-        rec["warmup"] = {"steps": warmup_steps, "seconds": time.perf_counter() - t0, **info}
+        secs, info = self.timed(call, warmup_steps, index, shape)
+        rec["warmup"] = {"steps": warmup_steps, "seconds": secs, **info}
         self.log(f"{name}: warm-up video ({warmup_steps} steps) {rec['warmup']['seconds']:.2f}s")
         self.save()
         points = []
@@ -664,11 +674,7 @@ class Bench:
             for _ in range(self.args.reps):
                 for s in steps:
                     index += 1
-                    _sync(self.device)
-                    t0 = time.perf_counter()
-                    info = call(s, index, shape)
-                    _sync(self.device)
-                    secs = time.perf_counter() - t0
+                    secs, info = self.timed(call, s, index, shape)
                     rec["raw"].append({"steps": s, "seconds": secs, "image_index": index, **info})
                     points.append((s, secs))
                     self.log(f"{name}: {s} steps {secs:.3f}s")
@@ -704,12 +710,12 @@ class Bench:
             "mean_abs_diff_vs_stock_uint8": float(diff.mean()),
         }
 
-    def stock_call(self, pipe) -> Callable[[int, int, Shape], dict[str, Any]]:
+    def stock_call(self, pipe) -> Runner:
         from pipeline.renderer import frames_to_uint8  # a numpy helper: no project code in the model path
 
-        def call(steps: int, index: int, shape: Shape) -> dict[str, Any]:
-            out = pipe(
-                image=make_image(shape, index),
+        def run(steps: int, image: Any, index: int, shape: Shape) -> Any:
+            return pipe(
+                image=image,
                 height=shape.height,
                 width=shape.width,
                 num_frames=shape.num_frames,
@@ -717,44 +723,62 @@ class Bench:
                 generator=torch.Generator().manual_seed(index),
                 output_type="np",
             )
+
+        def inspect_(out: Any, steps: int, index: int, shape: Shape) -> dict[str, Any]:
             frames = np.asarray(out.frames[0])
             if shape == self.shape:
                 self.reference_frames = {index: (steps, frames_to_uint8(frames))}  # one video only
             return {"frames_finite": bool(np.isfinite(frames).all()), "frames_std": float(frames.std())}
 
-        return call
+        return Runner(lambda index, shape: make_image(shape, index), run, inspect_)
 
-    def renderer_call(self, renderer) -> Callable[[int, int, Shape], dict[str, Any]]:
-        def call(steps: int, index: int, shape: Shape) -> dict[str, Any]:
-            gen = renderer.generate(
-                make_image(shape, index),
+    def renderer_call(self, renderer) -> Runner:
+        def run(steps: int, image: Any, index: int, shape: Shape) -> Any:
+            return renderer.generate(
+                image,
                 seed=index,
                 num_frames=shape.num_frames,
                 num_inference_steps=steps,
                 height=shape.height,
                 width=shape.width,
             )
+
+        def inspect_(gen: Any, steps: int, index: int, shape: Shape) -> dict[str, Any]:
             info: dict[str, Any] = {"timings": gen.timings, "frames_std": float(gen.frames.std())}
             if shape == self.shape:
                 info.update(self._compare(index, steps, gen.frames))
             return info
 
-        return call
+        return Runner(lambda index, shape: make_image(shape, index), run, inspect_)
 
-    def batch_call(self, renderer, batch: int) -> Callable[[int, int, Shape], dict[str, Any]]:
-        def call(steps: int, index: int, shape: Shape) -> dict[str, Any]:
-            first = 100 * (index + 1)
-            gens = renderer.generate_batch(
-                [make_image(shape, first + i) for i in range(batch)],
-                seeds=[first + i for i in range(batch)],
+    def batch_call(self, renderer, batch: int) -> Runner:
+        def inputs(index: int, shape: Shape) -> list[Any]:
+            return [make_image(shape, 100 * (index + 1) + i) for i in range(batch)]
+
+        def run(steps: int, images: list[Any], index: int, shape: Shape) -> Any:
+            return renderer.generate_batch(
+                images,
+                seeds=[100 * (index + 1) + i for i in range(batch)],
                 num_frames=shape.num_frames,
                 num_inference_steps=steps,
                 height=shape.height,
                 width=shape.width,
             )
+
+        def inspect_(gens: Any, steps: int, index: int, shape: Shape) -> dict[str, Any]:
             return {"rows": len(gens), "frames_std": float(np.mean([g.frames.std() for g in gens]))}
 
-        return call
+        return Runner(inputs, run, inspect_)
+
+    def timed(self, runner: Runner, steps: int, index: int, shape: Shape) -> tuple[float, dict[str, Any]]:
+        """Seconds of one call (inputs made before, outputs inspected after the clock) and its info."""
+        inputs = runner.inputs(index, shape)
+        _sync(self.device)
+        t0 = time.perf_counter()
+        out = runner.run(steps, inputs, index, shape)
+        _sync(self.device)
+        secs = time.perf_counter() - t0
+        return secs, runner.inspect(out, steps, index, shape)
 
     def make_renderer(self, mode: str, **kw: Any):
         from pipeline.renderer import Renderer
@@ -945,11 +969,7 @@ class Bench:
         self.reset_peak()
         guard = forbid_recompiles(rec) if "compile" in best else contextlib.nullcontext()
         with hard_limit(max(5.0, self.left() - self.reserve_after("whole_video"))), guard:
-            _sync(self.device)
-            t0 = time.perf_counter()
-            info = self.runners[best](self.target, 999, self.shape)
-            _sync(self.device)
-            rec["seconds"] = time.perf_counter() - t0
+            rec["seconds"], info = self.timed(self.runners[best], self.target, 999, self.shape)
         rec.update(info)
         rec["measured_over_extrapolated"] = rec["seconds"] / est["video_s"]
         rec["peak_memory_bytes"] = self.peak()
