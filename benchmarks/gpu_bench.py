@@ -1214,8 +1214,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-mode", default="default", help="Renderer compile= value (default: default)")
     p.add_argument(
         "--compile-backend",
-        default="inductor",
-        help="torch.compile backend (default inductor; 'eager' runs dynamo alone: the quick CPU path)",
+        default=None,
+        help="torch.compile backend (default: inductor on cuda; on cpu 'eager', dynamo without inductor, "
+        "so the CPU path takes seconds)",
     )
     p.add_argument(
         "--compile-vae",
@@ -1246,6 +1247,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--copy-to", default="", help="also copy the JSON and Markdown files here after each stage"
     )
     args = p.parse_args(argv)
+    if args.compile_backend is None:
+        args.compile_backend = "inductor" if args.device.startswith("cuda") else "eager"
     if args.steps_per_video < 1 or args.reps < 1 or args.batch_size < 1 or args.step_cache < 0:
         p.error("--steps-per-video, --reps and --batch-size must be >= 1, --step-cache >= 0")
     return args

@@ -79,7 +79,7 @@ def test_gpu_script_cpu_tiny_path_runs_every_stage(tmp_path):
     """The CPU path of the GPU script: the same stages, tiny model, dynamo without inductor."""
     out = tmp_path / "gpu_bench.json"
     env = dict(_env(), OUT=str(tmp_path / "out"))
-    args = ("--compile-backend", "eager", "--steps", "1,2", "--steps-per-video", "2", "--batch-size", "2")
+    args = ("--steps", "1,2", "--steps-per-video", "2", "--batch-size", "2")
     proc = subprocess.run(
         _gpu_bench_cmd(*args, "--out", str(out)),
         cwd=ROOT,
@@ -93,6 +93,7 @@ def test_gpu_script_cpu_tiny_path_runs_every_stage(tmp_path):
     for key in ("benchmark", "date", "command", "machine", "versions", "git", "shape", "dtype", "features"):
         assert key in data, key
     assert data["benchmark"] == "gpu_bench" and data["device"] == "cpu" and data["dtype"] == "fp32"
+    assert data["compile_backend"] == "eager"  # the CPU default: dynamo without inductor
     assert data["versions"]["torch"] and data["versions"]["diffusers"]
     assert data["stages_done"][:3] == ["build", "stock", "eager"] and data["stages_done"][-1] == "done"
     stages = data["stages"]
