@@ -662,6 +662,23 @@ class Bench:
         rec: dict[str, Any] = record if record is not None else {}
         rec.update(config=name, shape=asdict(shape), batch=batch, steps_timed=list(steps), raw=[])
         self.result["configs"][name] = rec
+        try:
+            return self._measure(name, call, rec, steps, shape, batch, warmup_steps, compiled)
+        except BaseException as exc:  # the table marks the configuration; the stage records the error
+            rec["error"] = _error(exc)[:1000]
+            raise
+
+    def _measure(
+        self,
+        name: str,
+        call: Runner,
+        rec: dict[str, Any],
+        steps: tuple[int, ...],
+        shape: Shape,
+        batch: int,
+        warmup_steps: int,
+        compiled: bool,
+    ) -> dict[str, Any]:
         self.reset_peak()
         index = 0
         secs, info = self.timed(call, warmup_steps, index, shape)
@@ -1167,6 +1184,8 @@ def summary_markdown(result: dict[str, Any]) -> str:
         peak = c.get("peak_memory_bytes")
         vps = c.get("videos_per_s") or (1 / c["video_s"] if c.get("video_s") else None)
         batch = f" (batch {c['batch']})" if c.get("batch", 1) > 1 else ""
+        if c.get("error"):
+            batch += f" (error: {c['error'].splitlines()[0][:80]})"
         lines.append(
             f"| {name}{batch} | {sh.get('width')}x{sh.get('height')}x{sh.get('num_frames')} "
             f"| {_fmt(c.get('per_step_s'), '.4g')} | {_fmt(c.get('fixed_s'), '.3g')} "

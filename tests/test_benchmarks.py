@@ -124,6 +124,10 @@ def test_gpu_script_cpu_tiny_path_runs_every_stage(tmp_path):
         assert configs["full+compile"]["compile_s"] > 0
     else:
         assert "Recompil" in comp["error"] or "compiled during the timed" in comp["error"], comp
+        assert (
+            configs["full+compile"]["error"]
+            and "| full+compile (error: " in out.with_suffix(".md").read_text()
+        )
     for feature, stage in (("step_cache", "compile_step_cache"), ("generate_batch", "batched:batch2")):
         if not data["features"][feature]:
             assert data["stages_skipped"][stage] == data["features"]["missing"][feature]
