@@ -130,6 +130,12 @@ def render_key(row: dict[str, Any], generation: dict[str, Any]) -> tuple:
     return tuple((k, params[k]) for k in mf.GENERATION_COLUMNS if k != "seed")
 
 
+def rows_per_task(cfg: DictConfig) -> int:
+    """Rows per task (and commit): ``workers.batch_size``, raised to ``workers.render_batch``
+    when that is larger, so that a task can fill one pipeline call."""
+    return max(int(cfg.workers.batch_size), int(cfg.workers.render_batch))
+
+
 def size_workers(cfg: DictConfig, resources: dict[str, float]) -> tuple[int, float, float]:
     """(count, num_cpus, num_gpus) per worker. CPU workers together reserve at most CPUs - 1
     (never below 0.25 each), so the driver and Ray's own processes are never starved."""
@@ -344,12 +350,11 @@ class Runner:
         count, self.num_cpus, self.num_gpus = size_workers(self.cfg, ray.cluster_resources())
         self.restarts_left = int(self.cfg.workers.max_restarts)
         chunks = mf.iter_manifest(self.manifest_path, int(self.cfg.workers.window_rows))
-        render_batch = int(self.cfg.workers.render_batch)
-        batch_size = max(int(self.cfg.workers.batch_size), render_batch)
+        batch_size = rows_per_task(self.cfg)
         if batch_size > int(self.cfg.workers.batch_size):
-            log.info("workers.batch_size raised to workers.render_batch=%d (rows per task)", render_batch)
+            log.info("workers.batch_size raised to workers.render_batch=%d (rows per task)", batch_size)
         defaults = self.cfg_dict["defaults"]
-        key = (lambda row: render_key(row, defaults)) if render_batch > 1 else None
+        key = (lambda row: render_key(row, defaults)) if int(self.cfg.workers.render_batch) > 1 else None
         batches = plan_batches(chunks, done, batch_size, self.counters, key)
         log.info(
             "job: %d manifest rows, %d already ok, %d worker(s) x %.2f CPU / %.2f GPU",

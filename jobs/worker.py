@@ -112,7 +112,7 @@ class RenderWorker:
         )
         self.encode = encoder or default_encoder()
         self.decode_chunk_size = cfg["defaults"].get("decode_chunk_size")
-        self.render_batch = max(1, int(cfg["workers"].get("render_batch") or 1))
+        self.rows_per_call = max(1, int(cfg["workers"].get("render_batch") or 1))
         self._render_lock = threading.Lock()
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
         self._macs: dict[tuple, dict[str, int | None]] = {}
@@ -260,16 +260,16 @@ class RenderWorker:
         return frames
 
     def _groups(self, tasks: list[dict[str, Any]]) -> list[list[int]]:
-        """Task indices to render together: rows sharing ``RENDER_KEYS``, ``render_batch`` at a time."""
-        if self.render_batch == 1:
+        """Task indices to render together: rows sharing ``RENDER_KEYS``, N (render_batch) at a time."""
+        if self.rows_per_call == 1:
             return [[i] for i in range(len(tasks))]
         by_key: dict[tuple, list[int]] = {}
         for i, task in enumerate(tasks):
             by_key.setdefault(tuple(task["params"][k] for k in RENDER_KEYS), []).append(i)
         return [
-            rows[start : start + self.render_batch]
+            rows[start : start + self.rows_per_call]
             for rows in by_key.values()
-            for start in range(0, len(rows), self.render_batch)
+            for start in range(0, len(rows), self.rows_per_call)
         ]
 
     def _encode(self, frames: Any, out: str, fps: int) -> float:
