@@ -235,7 +235,9 @@ class _FailingBatchRenderer:
 
     vcut_mode = "off"
     device = "cpu"
-    unet_config = None
+
+    def __init__(self, unet_config: dict) -> None:
+        self.unet_config = unet_config  # the tiny model's: MACs are counted per row
 
     def prepare_image(self, image: Any, **kw: Any) -> Any:
         return image
@@ -249,14 +251,16 @@ class _FailingBatchRenderer:
         return _FakeGeneration(seed)
 
 
-def test_worker_retries_a_failed_batch_row_by_row(tiny_model_dir: Path) -> None:
+def test_worker_retries_a_failed_batch_row_by_row(renderers, tiny_model_dir: Path) -> None:
     cfg = _worker_cfg(tiny_model_dir, "workers.render_batch=4")
     encoder = _Recorder()
-    worker = RenderWorker(cfg, "w0", renderer_factory=lambda m, c: _FailingBatchRenderer(), encoder=encoder)
+    fake = _FailingBatchRenderer(renderers["off"].unet_config)
+    worker = RenderWorker(cfg, "w0", renderer_factory=lambda m, c: fake, encoder=encoder)
     tasks = [_task(cfg, "x.png", seed, f"r{seed}") for seed in (11, 12, 13)]
     results = worker.render_batch(tasks)
     assert [r["status"] for r in results] == ["ok", "ok", "failed"]
     assert results[2]["error"] == "RuntimeError: row 13 blew up"
+    assert results[0]["macs"] > 0 and results[0]["seconds"] == pytest.approx(0.5, abs=0.05)
     assert sorted(encoder.frames) == ["r11", "r12"] and encoder.frames["r12"][0, 0, 0, 0] == 12
 
 
