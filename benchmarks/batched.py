@@ -11,7 +11,8 @@ How it measures:
   ``--rows`` images and seeds for every configuration. Configuration ``b`` renders them in
   ``rows / b`` calls of ``generate_batch`` with ``b`` rows each (``b`` must divide ``rows``).
 * A warm-up pass of every configuration first (it also fills the embedding cache, so every
-  measured row is a cache hit in every configuration alike), then ``--rounds`` rounds of all
+  measured row is a cache hit in every configuration alike, and its frames are compared
+  with batch 1's), then ``--rounds`` rounds of all
   configurations in rotating order (round k starts with configuration k mod n), so that a
   slow spell of a shared machine hits each alike. A measurement is the wall time of all
   ``rows`` rows, reported per row.
@@ -109,20 +110,16 @@ def main(argv: list[str] | None = None) -> int:
     images = images_for(args.rows)
     seeds = list(range(args.rows))
     names = [str(b) for b in batches]
-    reference: list | None = None
+    reference: list = []
     max_diff: dict[str, int] = {}
-    for b in batches:  # warm-up, cache fill and the equality check
+    for b in sorted(batches):  # warm-up (batch 1 first: its frames are the reference), cache fill
         seconds, frames = render_all(renderer, images, seeds, b, kw)
-        if b == 1:
-            reference = frames
-        log(f"warm-up batch {b}: {seconds / args.rows:.3f} s/row")
-    assert reference is not None
-    for b in batches:
-        _, frames = render_all(renderer, images, seeds, b, kw)
+        reference = reference or frames
         diffs = [
             int(np.abs(f.astype(int) - r.astype(int)).max()) for f, r in zip(frames, reference, strict=True)
         ]
         max_diff[str(b)] = max(diffs)
+        log(f"warm-up batch {b}: {seconds / args.rows:.3f} s/row, max frame diff vs batch 1: {max(diffs)}")
 
     rounds = []
     for k in range(args.rounds):

@@ -337,8 +337,8 @@ class Renderer:
         level on CPU fp32). The keyword arguments are :meth:`generate`'s. Every image is
         loaded and fitted before anything renders: a bad one raises ``ImageError`` for the
         whole call (load rows one by one with :meth:`prepare_image` to isolate them). A batch
-        that runs out of CUDA memory is split in halves (recursively, down to single rows,
-        which then raise), each half with the same seeds, so the frames do not change.
+        that runs out of CUDA memory goes on with half as many rows per call (down to single
+        rows, which then raise), each row with its own seed, so the frames do not change.
         """
         seeds = list(seeds)
         if isinstance(images, str | bytes | os.PathLike) or not isinstance(images, Sequence):
@@ -406,22 +406,28 @@ class Renderer:
     def _render(
         self, images: list[Image.Image], seeds: list[int], load_seconds: list[float], call: dict[str, Any]
     ) -> list[Generation]:
-        """One pipeline call for ``images``; on CUDA OOM, the two halves one after the other."""
-        try:
-            return self._render_call(images, seeds, load_seconds, call)
-        except torch.OutOfMemoryError:
-            if len(images) == 1:
-                raise
-        # Outside the except block, so the failed attempt's tensors are already released.
-        half = (len(images) + 1) // 2
-        logger.warning(
-            "a batch of %d rows ran out of memory; rendering %d + %d", len(images), half, len(images) - half
-        )
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        return self._render(images[:half], seeds[:half], load_seconds[:half], call) + self._render(
-            images[half:], seeds[half:], load_seconds[half:], call
-        )
+        """Pipeline calls of all ``images`` at once; after a CUDA OOM, half as many rows per call
+        (for the rest of this batch: a size that ran out once is not tried again)."""
+        generations: list[Generation] = []
+        size, start = len(images), 0
+        while start < len(images):
+            end = start + size
+            try:
+                generations += self._render_call(
+                    images[start:end], seeds[start:end], load_seconds[start:end], call
+                )
+                start = end
+                continue
+            except torch.OutOfMemoryError:
+                if size == 1:
+                    raise
+            # Outside the except block, so the failed attempt's tensors are already released.
+            smaller = (size + 1) // 2
+            logger.warning("a batch of %d rows ran out of memory; going on %d rows at a time", size, smaller)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            size = smaller
+        return generations
 
     def _render_call(
         self, images: list[Image.Image], seeds: list[int], load_seconds: list[float], call: dict[str, Any]

@@ -137,7 +137,9 @@ def test_out_of_memory_batch_is_halved(renderers, monkeypatch, caplog) -> None:
         gens = r.generate_batch(images, seeds=seeds, **SMALL)
     assert sizes[:2] == [6, 4] and set(sizes[2:]) == {2}
     assert [g.batch_size for g in gens] == [1, 1, 1] and [g.seed for g in gens] == seeds
-    assert "a batch of 3 rows ran out of memory; rendering 2 + 1" in caplog.text
+    assert "a batch of 3 rows ran out of memory; going on 2 rows at a time" in caplog.text
+    assert "a batch of 2 rows ran out of memory; going on 1 rows at a time" in caplog.text
+    assert len(sizes) == 2 + 3 * SMALL["num_inference_steps"]  # 2 failed calls, then 1 row at a time
     monkeypatch.setattr(unet, "forward", real_forward)
     for img, seed, gen in zip(images, seeds, gens, strict=True):
         assert np.array_equal(gen.frames, r.generate(img, seed=seed, **SMALL).frames)
