@@ -7,6 +7,12 @@ it (the noise is drawn on the CPU and then moved). The embedding cache and VCUT'
 cache only ever return values equal to what they replace. Step caching (``step_cache=N``, off
 by default) does change the frames, but deterministically: it is reset at the start of every
 generation, so a video never depends on the one rendered before.
+
+Batches: :meth:`Renderer.generate_batch` renders rows that share every parameter but the
+image and the seed in one pipeline call, with one such generator per row, so each row's
+noise is exactly the noise it gets alone; its frames then differ from a lone render only
+by float rounding of the batched UNet/VAE-encoder arithmetic (<= 1 uint8 level, tested on
+CPU fp32). :meth:`Renderer.generate` is the batch of one.
 """
 
 from __future__ import annotations
@@ -14,11 +20,13 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from vcut import MODES as VCUT_MODES
 from vcut.step_cache import check_step_cache_args
@@ -39,9 +47,16 @@ class Generation:
 
     ``timings`` keys: ``image_load`` (read + decode + convert + fit), ``conditioning``
     (CLIP embedding, VAE encode of the image, time ids, initial noise), ``denoise`` (the
-    UNet loop), ``decode`` (VAE decode), ``postprocess`` (to uint8), ``total``; with
-    ``compile`` on also ``compile``: the part of ``denoise`` + ``decode`` that
+    UNet loop), ``decode`` (VAE decode), ``postprocess`` (to uint8), ``total`` (their sum);
+    with ``compile`` on also ``compile``: the part of ``denoise`` + ``decode`` that
     ``torch.compile`` spent compiling (0.0 once a shape is warm; not an extra stage).
+
+    A row rendered in a batch (:meth:`Renderer.generate_batch`): ``image_load`` is the
+    row's own; ``conditioning``, ``denoise``, ``decode``, ``postprocess`` and ``compile`` are
+    the batch's times *divided* by ``batch_size`` (the row's share, so that the ``total`` of
+    the rows of a call add up to the call's wall time). ``batch_size`` is the number of
+    rows of the pipeline call that rendered this row (1 alone, smaller than asked after an
+    out-of-memory split); ``cache_hit`` is this row's own embedding-cache hit.
     """
 
     frames: np.ndarray
@@ -52,6 +67,7 @@ class Generation:
     seed: int
     decode_chunk_size: int | None = None
     decode_retries: int = 0
+    batch_size: int = 1
 
 
 @dataclass
@@ -305,8 +321,60 @@ class Renderer:
         ``seed``. ``num_frames=None`` uses the UNet's configured frame count,
         ``decode_chunk_size=None`` decodes all frames at once (halved on CUDA OOM).
         Raises ``ValueError`` naming the bad parameter, or ``ImageError`` for a bad image.
+        This is :meth:`generate_batch` with one row.
         """
-        seed = _check_int("seed", seed, 0, 2**64 - 1)
+        return self.generate_batch(
+            [image],
+            seeds=[seed],
+            num_frames=num_frames,
+            num_inference_steps=num_inference_steps,
+            height=height,
+            width=width,
+            fps=fps,
+            motion_bucket_id=motion_bucket_id,
+            noise_aug_strength=noise_aug_strength,
+            min_guidance_scale=min_guidance_scale,
+            max_guidance_scale=max_guidance_scale,
+            decode_chunk_size=decode_chunk_size,
+            fit=fit,
+            filesystem=filesystem,
+        )[0]
+
+    def generate_batch(
+        self,
+        images: Sequence[ImageSource],
+        *,
+        seeds: Sequence[int],
+        num_frames: int | None = None,
+        num_inference_steps: int = 25,
+        height: int = 576,
+        width: int = 1024,
+        fps: int = 7,
+        motion_bucket_id: int = 127,
+        noise_aug_strength: float = 0.02,
+        min_guidance_scale: float = 1.0,
+        max_guidance_scale: float = 3.0,
+        decode_chunk_size: int | None = None,
+        fit: str = "crop",
+        filesystem: Any = None,
+    ) -> list[Generation]:
+        """Render several images that share every parameter but the seed, in one pipeline call.
+
+        ``images[i]`` is rendered with ``seeds[i]`` (one CPU generator per row), so each
+        returned :class:`Generation` (in order) has the frames :meth:`generate` gives for
+        that image and seed, up to float rounding of the batched arithmetic (<= 1 uint8
+        level on CPU fp32). The keyword arguments are :meth:`generate`'s. Every image is
+        loaded and fitted before anything renders: a bad one raises ``ImageError`` for the
+        whole call (load rows one by one with :meth:`prepare_image` to isolate them). A batch
+        that runs out of CUDA memory goes on with half as many rows per call (down to single
+        rows, which then raise), each row with its own seed, so the frames do not change.
+        """
+        seeds = list(seeds)
+        if isinstance(images, str | bytes | os.PathLike) or not isinstance(images, Sequence):
+            raise ValueError(f"images must be a sequence of images, got {type(images).__name__}")
+        if len(images) != len(seeds):
+            raise ValueError(f"seeds must have one seed per image: {len(images)} images, {len(seeds)} seeds")
+        seeds = [_check_int("seed", seed, 0, 2**64 - 1) for seed in seeds]
         if num_frames is None:
             num_frames = int(self.unet_config.get("num_frames", 25))
         num_frames = _check_int("num_frames", num_frames, 2)  # diffusers' SVD fails on 1 frame
@@ -325,23 +393,17 @@ class Renderer:
             decode_chunk_size = _check_int("decode_chunk_size", decode_chunk_size, 1)
         if fit not in FIT_MODES:
             raise ValueError(f"fit must be one of {FIT_MODES}, got {fit!r}")
+        if not images:
+            return []
 
-        t0 = time.perf_counter()
-        img = fit_image(
-            load_image(image, max_pixels=self.max_pixels, filesystem=filesystem), width, height, fit
-        )
-        t_loaded = time.perf_counter()
-
-        pipe = self.pipe
-        pipe.marks = {}
-        pipe.last_decode_chunk_size = None
-        pipe.last_decode_retries = 0
-        self._begin_video()
-        watch = CompileWatch(what="a render") if self.compile_mode != "off" else None
-        if watch is not None:
-            watch.__enter__()
-        out = pipe(
-            image=img,
+        fitted, load_seconds = [], []
+        for image in images:
+            t0 = time.perf_counter()
+            fitted.append(
+                self.prepare_image(image, width=width, height=height, fit=fit, filesystem=filesystem)
+            )
+            load_seconds.append(time.perf_counter() - t0)
+        call = dict(
             height=height,
             width=width,
             num_frames=num_frames,
@@ -352,37 +414,114 @@ class Renderer:
             motion_bucket_id=motion_bucket_id,
             noise_aug_strength=noise_aug_strength,
             decode_chunk_size=decode_chunk_size,
-            generator=torch.Generator().manual_seed(seed),
-            output_type="np",
         )
-        frames = frames_to_uint8(np.asarray(out.frames[0]))
-        t_end = time.perf_counter()
+        return self._render(fitted, seeds, load_seconds, call)
+
+    def prepare_image(
+        self,
+        image: ImageSource,
+        *,
+        width: int,
+        height: int,
+        fit: str = "crop",
+        filesystem: Any = None,
+    ) -> Image.Image:
+        """``image`` loaded (:func:`~pipeline.images.load_image`, this renderer's
+        ``max_pixels``) and fitted to ``width`` x ``height``: what :meth:`generate` renders.
+        Raises ``ImageError`` for a bad image."""
+        img = load_image(image, max_pixels=self.max_pixels, filesystem=filesystem)
+        return fit_image(img, width, height, fit)
+
+    def _render(
+        self, images: list[Image.Image], seeds: list[int], load_seconds: list[float], call: dict[str, Any]
+    ) -> list[Generation]:
+        """Pipeline calls of all ``images`` at once; after a CUDA OOM, half as many rows per call
+        (for the rest of this batch: a size that ran out once is not tried again)."""
+        generations: list[Generation] = []
+        size, start = len(images), 0
+        while start < len(images):
+            end = start + size
+            try:
+                generations += self._render_call(
+                    images[start:end], seeds[start:end], load_seconds[start:end], call
+                )
+                start = end
+                continue
+            except torch.OutOfMemoryError:
+                if size == 1:
+                    raise
+            # Outside the except block, so the failed attempt's tensors are already released.
+            smaller = (size + 1) // 2
+            logger.warning("a batch of %d rows ran out of memory; going on %d rows at a time", size, smaller)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            size = smaller
+        return generations
+
+    def _render_call(
+        self, images: list[Image.Image], seeds: list[int], load_seconds: list[float], call: dict[str, Any]
+    ) -> list[Generation]:
+        pipe = self.pipe
+        pipe.marks = {}
+        pipe.last_decode_chunk_size = None
+        pipe.last_decode_retries = 0
+        t_start = time.perf_counter()
+        self._begin_video()  # one pipeline call: its rows start their step cache together
+        watch = CompileWatch(what="a render") if self.compile_mode != "off" else None
         if watch is not None:
-            watch.__exit__(None, None, None)
-            shape = (height, width, num_frames, decode_chunk_size, max_guidance_scale > 1.0)
+            watch.__enter__()
+        try:
+            out = pipe(
+                image=list(images),
+                generator=[torch.Generator().manual_seed(seed) for seed in seeds],
+                output_type="np",
+                **call,
+            )
+        finally:
+            if watch is not None:
+                watch.__exit__(None, None, None)
+        videos = [frames_to_uint8(np.asarray(video)) for video in out.frames]
+        t_end = time.perf_counter()
+        n = len(images)
+        if watch is not None:
+            shape = (
+                n,
+                call["height"],
+                call["width"],
+                call["num_frames"],
+                call["decode_chunk_size"],
+                call["max_guidance_scale"] > 1.0,
+            )
             self._note_compile(shape, watch)
 
         m = pipe.marks
-        timings = {
-            "image_load": t_loaded - t0,
-            "conditioning": m["conditioning_end"] - t_loaded,
-            "denoise": m["decode_start"] - m["conditioning_end"],
-            "decode": m["decode_end"] - m["decode_start"],
-            "postprocess": t_end - m["decode_end"],
-            "total": t_end - t0,
+        shared = {
+            "conditioning": (m["conditioning_end"] - t_start) / n,
+            "denoise": (m["decode_start"] - m["conditioning_end"]) / n,
+            "decode": (m["decode_end"] - m["decode_start"]) / n,
+            "postprocess": (t_end - m["decode_end"]) / n,
         }
-        if watch is not None:
-            timings["compile"] = watch.seconds
-        return Generation(
-            frames=frames,
-            timings=timings,
-            cache_hit=pipe.last_cache_hit,
-            num_inference_steps=num_inference_steps,
-            fps=fps,
-            seed=seed,
-            decode_chunk_size=pipe.last_decode_chunk_size,
-            decode_retries=pipe.last_decode_retries,
-        )
+        hits = pipe.last_cache_hits
+        generations = []
+        for i, (frames, seed) in enumerate(zip(videos, seeds, strict=True)):
+            timings = {"image_load": load_seconds[i], **shared}
+            timings["total"] = sum(timings.values())
+            if watch is not None:
+                timings["compile"] = watch.seconds / n
+            generations.append(
+                Generation(
+                    frames=frames,
+                    timings=timings,
+                    cache_hit=bool(hits[i]),
+                    num_inference_steps=call["num_inference_steps"],
+                    fps=call["fps"],
+                    seed=seed,
+                    decode_chunk_size=pipe.last_decode_chunk_size,
+                    decode_retries=pipe.last_decode_retries,
+                    batch_size=n,
+                )
+            )
+        return generations
 
     def _note_compile(self, shape: tuple, watch: CompileWatch) -> None:
         """Log compile time apart; warn when a shape that was already rendered compiled again."""
