@@ -24,7 +24,9 @@ class ModelConfig:
     device: str | None = None  # None: cuda when the worker has a GPU, else cpu
     dtype: str | None = None  # None: fp16 on GPU, fp32 on CPU (the Renderer's choice)
     variant: str | None = None
-    compile: bool = False
+    # torch.compile mode: off, default, max-autotune or reduce-overhead (a YAML true/false
+    # is read as default/off); see model_compile_mode.
+    compile: str = "off"
     allow_pickle: bool = False
     local_files_only: bool | None = None
     # Step caching (changes the output): the whole UNet every N-th step, the shallow path between.
@@ -63,6 +65,9 @@ class WorkersConfig:
     num_cpus: float | None = None  # per worker; None: 1 on GPU, else (CPUs - 1) / count, >= 0.25
     num_gpus: float | None = None  # None: 1 when the cluster has GPUs, else 0
     batch_size: int = 4  # rows per task: also the commit granularity
+    # Rows rendered together in one pipeline call (rows that share every generation value but
+    # image and seed). A task holds max(batch_size, render_batch) rows.
+    render_batch: int = 1
     inflight_per_worker: int = 2  # queued batches per worker, so it never idles
     window_rows: int = 1024  # manifest rows grouped by image at a time (bounded memory)
     max_attempts: int = 3  # tries of a row whose worker process died
@@ -130,6 +135,24 @@ def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg)
 
 
+COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead")
+_COMPILE_ALIASES = {"true": "default", "yes": "default", "on": "default", "false": "off", "no": "off"}
+
+
+def model_compile_mode(value: Any) -> str:
+    """``model.compile`` as a renderer compile mode; YAML booleans (read as "True"/"False") map to
+    ``default``/``off``. Raises ValueError naming the key for anything else."""
+    if value is None or isinstance(value, bool):
+        return "default" if value else "off"
+    text = str(value).strip()
+    mode = _COMPILE_ALIASES.get(text.lower(), text)
+    if mode not in COMPILE_MODES:
+        raise ValueError(
+            f"model.compile must be one of {', '.join(COMPILE_MODES)} (or true/false), got {value!r}"
+        )
+    return mode
+
+
 def check_config(cfg: DictConfig) -> None:
     """Value checks that types alone cannot express; raises ValueError naming the key."""
     w, g, m = cfg.workers, cfg.defaults, cfg.model
@@ -140,6 +163,10 @@ def check_config(cfg: DictConfig) -> None:
         (w.num_cpus is None or w.num_cpus > 0, "workers.num_cpus must be > 0"),
         (w.num_gpus is None or w.num_gpus >= 0, "workers.num_gpus must be >= 0"),
         (w.batch_size >= 1, "workers.batch_size must be >= 1"),
+        (
+            not isinstance(w.render_batch, bool) and w.render_batch >= 1,
+            f"workers.render_batch must be an integer >= 1 (rows per pipeline call), got {w.render_batch}",
+        ),
         (w.inflight_per_worker >= 1, "workers.inflight_per_worker must be >= 1"),
         (w.window_rows >= 1, "workers.window_rows must be >= 1"),
         (w.max_attempts >= 1, "workers.max_attempts must be >= 1"),
@@ -154,3 +181,4 @@ def check_config(cfg: DictConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    model_compile_mode(cfg.model.compile)

@@ -1,11 +1,13 @@
 """The distributor: streams the manifest to a pool of Ray worker actors and commits results.
 
 The driver reads the manifest in windows of ``workers.window_rows`` rows, drops ids already
-``ok`` in ``DIR/results/``, groups the rest by image and packs them into small batches. Each
-worker has at most ``workers.inflight_per_worker`` batches queued. A finished batch is
-committed at once as one results part. When a worker process dies, every batch queued on it
-is retried on the others and a replacement worker starts; a batch that keeps killing workers
-is split into single rows, and a row that still does becomes ``failed``.
+``ok`` in ``DIR/results/``, groups the rest by image (with ``workers.render_batch`` > 1, first
+by every generation value but seed, so rows that can render in one call travel together) and
+packs them into small batches. Each worker has at most ``workers.inflight_per_worker``
+batches queued. A finished batch is committed at once as one results part. When a worker
+process dies, every batch queued on it is retried on the others and a replacement worker
+starts; a batch that keeps killing workers is split into single rows, and a row that still
+does becomes ``failed``.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import math
 import os
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,27 +92,48 @@ def plan_batches(
     done: np.ndarray,
     batch_size: int,
     counters: dict[str, int],
+    key: Callable[[dict[str, Any]], Hashable] | None = None,
 ) -> Iterator[Batch]:
     """Batches of not-yet-ok rows; within each chunk, rows that share an image are adjacent and
-    travel in one batch (a group larger than ``batch_size`` is cut into full batches)."""
+    travel in one batch (a group larger than ``batch_size`` is cut into full batches).
+
+    With ``key`` (the driver's: a row's generation values but seed), a batch holds rows of one
+    key only: rows that can render in one pipeline call travel together, image groups
+    adjacent within them, and rows of another key start a new batch."""
     current: list[dict[str, Any]] = []
+    current_key: Hashable = None
     for chunk in chunks:
         skip = rs.is_done(mf.hash_ids([r["id"] for r in chunk]), done)
         counters["skipped"] += int(skip.sum())
-        groups: dict[str, list[dict[str, Any]]] = {}
+        groups: dict[Hashable, dict[str, list[dict[str, Any]]]] = {}
         for row, skipped in zip(chunk, skip, strict=True):
             if not skipped:
-                groups.setdefault(row["_image"], []).append(row)
-        for group in groups.values():
-            if current and len(current) + len(group) > batch_size:
-                yield Batch(current)
-                current = []
-            while len(group) > batch_size:
-                yield Batch(group[:batch_size])
-                group = group[batch_size:]
-            current.extend(group)
+                k = key(row) if key is not None else None
+                groups.setdefault(k, {}).setdefault(row["_image"], []).append(row)
+        for k, images in groups.items():
+            for group in images.values():
+                if current and (k != current_key or len(current) + len(group) > batch_size):
+                    yield Batch(current)
+                    current = []
+                while len(group) > batch_size:
+                    yield Batch(group[:batch_size])
+                    group = group[batch_size:]
+                current.extend(group)
+                current_key = k
     if current:
         yield Batch(current)
+
+
+def render_key(row: dict[str, Any], generation: dict[str, Any]) -> tuple:
+    """What rows must share to render in one pipeline call: every generation value but seed."""
+    params = resolve_params(row, generation)
+    return tuple((k, params[k]) for k in mf.GENERATION_COLUMNS if k != "seed")
+
+
+def rows_per_task(cfg: DictConfig) -> int:
+    """Rows per task (and commit): ``workers.batch_size``, raised to ``workers.render_batch``
+    when that is larger, so that a task can fill one pipeline call."""
+    return max(int(cfg.workers.batch_size), int(cfg.workers.render_batch))
 
 
 def size_workers(cfg: DictConfig, resources: dict[str, float]) -> tuple[int, float, float]:
@@ -327,7 +350,12 @@ class Runner:
         count, self.num_cpus, self.num_gpus = size_workers(self.cfg, ray.cluster_resources())
         self.restarts_left = int(self.cfg.workers.max_restarts)
         chunks = mf.iter_manifest(self.manifest_path, int(self.cfg.workers.window_rows))
-        batches = plan_batches(chunks, done, int(self.cfg.workers.batch_size), self.counters)
+        batch_size = rows_per_task(self.cfg)
+        if batch_size > int(self.cfg.workers.batch_size):
+            log.info("workers.batch_size raised to workers.render_batch=%d (rows per task)", batch_size)
+        defaults = self.cfg_dict["defaults"]
+        key = (lambda row: render_key(row, defaults)) if int(self.cfg.workers.render_batch) > 1 else None
+        batches = plan_batches(chunks, done, batch_size, self.counters, key)
         log.info(
             "job: %d manifest rows, %d already ok, %d worker(s) x %.2f CPU / %.2f GPU",
             info.num_rows,

@@ -5,6 +5,12 @@ previous video, so encoding overlaps rendering; with the actor's two concurrency
 next batch starts rendering while this batch's last video is still encoding. Any error in a
 row becomes a ``failed`` result and the worker stays alive; only the death of the process
 loses a batch, which the driver then retries on another worker.
+
+With ``workers.render_batch`` = N > 1, rows of a batch that share every generation value but
+the seed render N at a time in one pipeline call (``Renderer.generate_batch``). Their images
+are loaded one by one first, so a bad image fails only its row; a call that fails is retried
+row by row, so an error fails only the rows that fail alone. Results, MACs and encoding stay
+per row.
 """
 
 from __future__ import annotations
@@ -32,6 +38,8 @@ GENERATE_KEYS = (
     "min_guidance_scale",
     "max_guidance_scale",
 )
+#: What rows must share to render in one pipeline call.
+RENDER_KEYS = tuple(k for k in GENERATE_KEYS if k != "seed")
 
 #: MAC fields of a result row (see ``count_macs``).
 MAC_FIELDS = ("macs", "macs_saved", "macs_saved_vcut", "macs_saved_step_cache")
@@ -42,6 +50,7 @@ def load_renderer(model: dict[str, Any], cache: dict[str, Any]) -> Any:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
+    from jobs.config import model_compile_mode
     from pipeline import Renderer
 
     # A worker process is ours: per-component loading bars would only clutter the job's log.
@@ -54,7 +63,7 @@ def load_renderer(model: dict[str, Any], cache: dict[str, Any]) -> Any:
         device=model.get("device"),
         dtype=model.get("dtype"),
         allow_pickle=bool(model.get("allow_pickle")),
-        compile=bool(model.get("compile")),
+        compile=model_compile_mode(model.get("compile")),
         variant=model.get("variant"),
         cache_entries=int(cache["entries"]),
         cache_bytes=int(cache["bytes"]),
@@ -104,6 +113,7 @@ class RenderWorker:
         )
         self.encode = encoder or default_encoder()
         self.decode_chunk_size = cfg["defaults"].get("decode_chunk_size")
+        self.rows_per_call = max(1, int(cfg["workers"].get("render_batch") or 1))
         self._render_lock = threading.Lock()
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
         self._macs: dict[tuple, dict[str, int | None]] = {}
@@ -150,48 +160,118 @@ class RenderWorker:
                 self._macs[key] = dict.fromkeys(MAC_FIELDS)
         return self._macs[key]
 
-    def _render(self, task: dict[str, Any]) -> tuple[dict[str, Any], Any]:
-        params = task["params"]
-        result: dict[str, Any] = {
+    def _new_result(self) -> dict[str, Any]:
+        return {
             "worker": self.label,
             "node": self.node,
             "worker_pid": os.getpid(),
             "vcut_mode": self.vcut_mode,
             "status": "failed",
         }
+
+    def _reset_peak_memory(self) -> None:
+        if self._on_cuda():
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
+
+    def _fill(
+        self, result: dict[str, Any], gen: Any, params: dict[str, Any], added: float, wall: float
+    ) -> Any:
+        """Record a generation in ``result``: ``seconds`` is its ``total`` + ``added`` (the row's own
+        image load, when loaded apart), or ``wall`` for a generation without timings."""
+        frames = gen.frames
+        timings = dict(getattr(gen, "timings", {}) or {})
+        steps = int(getattr(gen, "num_inference_steps", params["num_inference_steps"]))
+        result.update(
+            seconds=float(timings["total"]) + added if "total" in timings else wall,
+            denoise_seconds=timings.get("denoise"),
+            frames=int(frames.shape[0]),
+            num_inference_steps=steps,
+            cache_hit=bool(getattr(gen, "cache_hit", False)),
+            fps=int(getattr(gen, "fps", params["fps"]) or params["fps"]),
+        )
+        if self._on_cuda():
+            import torch
+
+            # The peak of the pipeline call that rendered this row (a batch's, when batched).
+            result["gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated())
+        guidance = float(params["max_guidance_scale"]) > 1.0
+        result.update(
+            self.count_macs(int(frames.shape[1]), int(frames.shape[2]), int(frames.shape[0]), steps, guidance)
+        )
+        return frames
+
+    def _render(self, task: dict[str, Any], result: dict[str, Any], loaded: float = 0.0) -> Any:
+        """Render one row with ``generate``; its frames, or None when it failed (``result`` says why).
+        ``loaded``: seconds already spent loading ``task["image"]`` (then a prepared image)."""
+        params = task["params"]
         start = time.perf_counter()
         try:
-            if self._on_cuda():
-                import torch
-
-                torch.cuda.reset_peak_memory_stats()
+            self._reset_peak_memory()
             kwargs = {k: params[k] for k in GENERATE_KEYS}
             gen = self.renderer.generate(task["image"], decode_chunk_size=self.decode_chunk_size, **kwargs)
-            frames = gen.frames
-            timings = dict(getattr(gen, "timings", {}) or {})
-            steps = int(getattr(gen, "num_inference_steps", params["num_inference_steps"]))
-            result.update(
-                seconds=float(timings.get("total", time.perf_counter() - start)),
-                denoise_seconds=timings.get("denoise"),
-                frames=int(frames.shape[0]),
-                num_inference_steps=steps,
-                cache_hit=bool(getattr(gen, "cache_hit", False)),
-                fps=int(getattr(gen, "fps", params["fps"]) or params["fps"]),
-            )
-            if self._on_cuda():
-                import torch
-
-                result["gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated())
-            guidance = float(params["max_guidance_scale"]) > 1.0
-            result.update(
-                self.count_macs(
-                    int(frames.shape[1]), int(frames.shape[2]), int(frames.shape[0]), steps, guidance
-                )
-            )
-            return result, frames
+            return self._fill(result, gen, params, loaded, loaded + time.perf_counter() - start)
         except Exception as exc:
-            result.update(error=_error(exc), seconds=time.perf_counter() - start)
-            return result, None
+            result.update(error=_error(exc), seconds=loaded + time.perf_counter() - start)
+            return None
+
+    def _render_together(self, tasks: list[dict[str, Any]], results: list[dict[str, Any]]) -> list[Any]:
+        """Rows sharing every generation value but seed: images loaded row by row (a bad one fails
+        its row only), the rest rendered in one ``generate_batch`` call. Frames (or None) per row."""
+        frames: list[Any] = [None] * len(tasks)
+        params = tasks[0]["params"]
+        good: list[int] = []
+        images: list[Any] = []
+        load_seconds: list[float] = []
+        for i, (task, result) in enumerate(zip(tasks, results, strict=True)):
+            start = time.perf_counter()
+            try:
+                images.append(
+                    self.renderer.prepare_image(task["image"], width=params["width"], height=params["height"])
+                )
+            except Exception as exc:
+                result.update(error=_error(exc), seconds=time.perf_counter() - start)
+                continue
+            good.append(i)
+            load_seconds.append(time.perf_counter() - start)
+        if len(good) <= 1:
+            for i, image, loaded in zip(good, images, load_seconds, strict=True):
+                frames[i] = self._render(dict(tasks[i], image=image), results[i], loaded)
+            return frames
+        start = time.perf_counter()
+        try:
+            self._reset_peak_memory()
+            gens = self.renderer.generate_batch(
+                images,
+                seeds=[tasks[i]["params"]["seed"] for i in good],
+                decode_chunk_size=self.decode_chunk_size,
+                **{k: params[k] for k in RENDER_KEYS},
+            )
+            share = (time.perf_counter() - start) / len(good)
+            for i, gen, loaded in zip(good, gens, load_seconds, strict=True):
+                frames[i] = self._fill(results[i], gen, tasks[i]["params"], loaded, loaded + share)
+            return frames
+        except Exception as exc:
+            log.warning("a batch of %d rows failed (%s); rendering them one by one", len(good), _error(exc))
+        for i, image, loaded in zip(good, images, load_seconds, strict=True):
+            results[i].clear()  # a row may have been filled before the failure
+            results[i].update(self._new_result())
+            frames[i] = self._render(dict(tasks[i], image=image), results[i], loaded)
+        return frames
+
+    def _groups(self, tasks: list[dict[str, Any]]) -> list[list[int]]:
+        """Task indices to render together: rows sharing ``RENDER_KEYS``, N (render_batch) at a time."""
+        if self.rows_per_call == 1:
+            return [[i] for i in range(len(tasks))]
+        by_key: dict[tuple, list[int]] = {}
+        for i, task in enumerate(tasks):
+            by_key.setdefault(tuple(task["params"][k] for k in RENDER_KEYS), []).append(i)
+        return [
+            rows[start : start + self.rows_per_call]
+            for rows in by_key.values()
+            for start in range(0, len(rows), self.rows_per_call)
+        ]
 
     def _encode(self, frames: Any, out: str, fps: int) -> float:
         start = time.perf_counter()
@@ -209,23 +289,27 @@ class RenderWorker:
         """Render and encode every task; one result dict per task, in order.
 
         A task is ``{"id", "image", "output", "params"}``; a result holds the worker-side
-        fields (status, error, timings, frames, MACs, cache hit, worker, node).
+        fields (status, error, timings, frames, MACs, cache hit, worker, node). Rows render
+        ``workers.render_batch`` at a time where their generation values allow it.
         """
-        pending: list[tuple[dict[str, Any], Future | None]] = []
+        results = [self._new_result() for _ in tasks]
+        futures: list[Future | None] = [None] * len(tasks)
         with self._render_lock:
-            for task in tasks:
-                result, frames = self._render(task)
-                future = None
-                if frames is not None:
-                    future = self._encoder.submit(self._encode, frames, task["output"], result["fps"])
-                pending.append((result, future))
-        out = []
-        for (result, future), task in zip(pending, tasks, strict=True):
+            for group in self._groups(tasks):
+                if len(group) == 1:
+                    rendered = [self._render(tasks[group[0]], results[group[0]])]
+                else:
+                    rendered = self._render_together([tasks[i] for i in group], [results[i] for i in group])
+                for i, frames in zip(group, rendered, strict=True):
+                    if frames is not None:
+                        futures[i] = self._encoder.submit(
+                            self._encode, frames, tasks[i]["output"], results[i]["fps"]
+                        )
+        for result, future, task in zip(results, futures, tasks, strict=True):
             if future is not None:
                 try:
                     result["encode_seconds"] = future.result()
                     result.update(status="ok", output=task["output"])
                 except Exception as exc:
                     result.update(status="failed", error=f"encode: {_error(exc)}")
-            out.append(result)
-        return out
+        return results

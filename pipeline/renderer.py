@@ -7,6 +7,12 @@ it (the noise is drawn on the CPU and then moved). The embedding cache and VCUT'
 cache only ever return values equal to what they replace. Step caching (``step_cache=N``, off
 by default) does change the frames, but deterministically: it is reset at the start of every
 generation, so a video never depends on the one rendered before.
+
+Batches: :meth:`Renderer.generate_batch` renders rows that share every parameter but the
+image and the seed in one pipeline call, with one such generator per row, so each row's
+noise is exactly the noise it gets alone; its frames then differ from a lone render only
+by float rounding of the batched UNet/VAE-encoder arithmetic (<= 1 uint8 level, tested on
+CPU fp32). :meth:`Renderer.generate` is the batch of one.
 """
 
 from __future__ import annotations
@@ -14,16 +20,19 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 
 from vcut import MODES as VCUT_MODES
 from vcut.step_cache import check_step_cache_args
 
 from .cache import EmbeddingCache
+from .compile import CompileWatch, compile_mode, compile_pipeline
 from .encode import FORMATS, encode_video
 from .images import DEFAULT_MAX_PIXELS, FIT_MODES, ImageSource, fit_image, load_image
 from .loading import load_svd_pipeline
@@ -38,7 +47,16 @@ class Generation:
 
     ``timings`` keys: ``image_load`` (read + decode + convert + fit), ``conditioning``
     (CLIP embedding, VAE encode of the image, time ids, initial noise), ``denoise`` (the
-    UNet loop), ``decode`` (VAE decode), ``postprocess`` (to uint8), ``total``.
+    UNet loop), ``decode`` (VAE decode), ``postprocess`` (to uint8), ``total`` (their sum);
+    with ``compile`` on also ``compile``: the part of ``denoise`` + ``decode`` that
+    ``torch.compile`` spent compiling (0.0 once a shape is warm; not an extra stage).
+
+    A row rendered in a batch (:meth:`Renderer.generate_batch`): ``image_load`` is the
+    row's own; ``conditioning``, ``denoise``, ``decode``, ``postprocess`` and ``compile`` are
+    the batch's times *divided* by ``batch_size`` (the row's share, so that the ``total`` of
+    the rows of a call add up to the call's wall time). ``batch_size`` is the number of
+    rows of the pipeline call that rendered this row (1 alone, smaller than asked after an
+    out-of-memory split); ``cache_hit`` is this row's own embedding-cache hit.
     """
 
     frames: np.ndarray
@@ -49,6 +67,7 @@ class Generation:
     seed: int
     decode_chunk_size: int | None = None
     decode_retries: int = 0
+    batch_size: int = 1
 
 
 @dataclass
@@ -112,6 +131,7 @@ class Renderer:
         step_cache: int | None = None,
         step_cache_depth: int = 1,
         step_cache_report: Any = None,
+        compile_report: Any = None,
     ) -> None:
         self.pipe = pipe
         self.model_id = model_id
@@ -125,6 +145,11 @@ class Renderer:
         self.step_cache = step_cache
         self.step_cache_depth = step_cache_depth
         self.step_cache_report = step_cache_report
+        self.compile_report = compile_report
+        self.compile_mode = compile_report.mode if compile_report is not None else "off"
+        #: seconds spent in torch.compile by this renderer's renders so far
+        self.compile_seconds = 0.0
+        self._warm_shapes: set[tuple] = set()
 
     @classmethod
     def from_pretrained(
@@ -135,7 +160,9 @@ class Renderer:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         allow_pickle: bool = False,
-        compile: bool = False,
+        compile: bool | str = False,
+        compile_vae: bool | None = None,
+        compile_backend: str = "inductor",
         variant: str | None = None,
         cache_entries: int = 64,
         cache_bytes: int = 256 * 2**20,
@@ -146,18 +173,14 @@ class Renderer:
     ) -> Renderer:
         """Load ``model`` (hub id or local diffusers folder) and patch it with VCUT mode ``vcut``.
 
-        See :mod:`pipeline.loading` for the safetensors, dtype, variant and offline rules.
-        ``compile=True`` wraps the UNet in ``torch.compile`` (after VCUT; the first render
-        then pays the compile time). ``step_cache=N`` (off by default; None or 1: off) runs
-        the whole UNet at every N-th denoising step only and the shallow path in between,
-        reusing the deep features (:func:`vcut.apply_step_cache`, with ``step_cache_depth``
-        outer levels always run): it saves MACs and CHANGES the frames. Raises
-        ``ValueError`` for a bad argument and :class:`~pipeline.errors.ModelLoadError` for a
-        model that cannot be loaded.
+        See :mod:`pipeline.loading` for the safetensors, dtype, variant and offline rules and
+        :meth:`from_pipe` for ``compile`` and ``step_cache``. Raises ``ValueError`` for a bad
+        argument and :class:`~pipeline.errors.ModelLoadError` for a model that cannot be loaded.
         """
         if vcut not in VCUT_MODES:
             raise ValueError(f"vcut must be one of {VCUT_MODES}, got {vcut!r}")
         check_step_cache_args(step_cache, step_cache_depth)
+        compile_mode(compile)  # a bad value fails before the model is loaded
         stock, _, _ = load_svd_pipeline(
             model,
             device=device,
@@ -170,6 +193,8 @@ class Renderer:
             stock,
             vcut=vcut,
             compile=compile,
+            compile_vae=compile_vae,
+            compile_backend=compile_backend,
             cache_entries=cache_entries,
             cache_bytes=cache_bytes,
             max_pixels=max_pixels,
@@ -184,7 +209,9 @@ class Renderer:
         pipe: Any,
         *,
         vcut: str = "full",
-        compile: bool = False,
+        compile: bool | str = False,
+        compile_vae: bool | None = None,
+        compile_backend: str = "inductor",
         cache_entries: int = 64,
         cache_bytes: int = 256 * 2**20,
         max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -197,11 +224,26 @@ class Renderer:
         The pipeline's components are shared, not copied, and its UNet is patched with VCUT
         in place: patch a pipeline once (see :func:`vcut.apply_vcut`). Device and dtype are
         the UNet's. ``model_id`` names the model in the embedding-cache key (default: the
-        pipeline's ``name_or_path``). ``step_cache`` / ``step_cache_depth``: see
-        :meth:`from_pretrained` (applied after VCUT and before compile).
+        pipeline's ``name_or_path``).
+
+        ``step_cache=N`` (off by default; None or 1: off) runs the whole UNet at every N-th
+        denoising step only and the shallow path in between, reusing the deep features
+        (:func:`vcut.apply_step_cache`, with ``step_cache_depth`` outer levels always run): it
+        saves MACs and CHANGES the frames.
+
+        ``compile``: ``False``/``"off"`` (eager), ``True``/``"default"``, ``"max-autotune"``
+        or ``"reduce-overhead"`` (CUDA graphs): the ``torch.compile`` mode of the UNet's
+        forward, compiled in place after VCUT and the step cache, with its own recompile
+        budget (see :mod:`pipeline.compile`). ``compile_vae`` also compiles the VAE decoder
+        (``None``: on CUDA only); ``compile_backend`` is torch.compile's ``backend``
+        (``"eager"`` or ``"aot_eager"`` to debug). Compiling is lazy: the first render of each
+        shape pays it, reported as ``timings["compile"]`` and summed in
+        ``renderer.compile_seconds``; a later compile of a shape already rendered is logged
+        as a warning.
         """
         if vcut not in VCUT_MODES:
             raise ValueError(f"vcut must be one of {VCUT_MODES}, got {vcut!r}")
+        mode = compile_mode(compile)
         # Validated before anything is patched (the depth bound is the UNet's number of levels).
         unet_levels = len(getattr(getattr(pipe, "unet", None), "up_blocks", ())) or None
         interval, _ = check_step_cache_args(step_cache, step_cache_depth, unet_levels)
@@ -216,9 +258,11 @@ class Renderer:
         render_pipe.cache_namespace = f"{model_id}|{torch_dtype}"
         unet_config = dict(render_pipe.unet.config)
         report = apply_vcut(render_pipe, vcut)
+        # Order: VCUT, then the step cache, then compile.
         cache_report = apply_step_cache(render_pipe, interval, step_cache_depth)
-        if compile:
-            render_pipe.unet = torch.compile(render_pipe.unet)
+        compile_report = None
+        if mode != "off":
+            compile_report = compile_pipeline(render_pipe, mode, vae=compile_vae, backend=compile_backend)
         return cls(
             render_pipe,
             model_id=model_id,
@@ -231,6 +275,7 @@ class Renderer:
             step_cache=interval if interval > 1 else None,
             step_cache_depth=step_cache_depth,
             step_cache_report=cache_report,
+            compile_report=compile_report,
         )
 
     def _begin_video(self) -> None:
@@ -276,8 +321,60 @@ class Renderer:
         ``seed``. ``num_frames=None`` uses the UNet's configured frame count,
         ``decode_chunk_size=None`` decodes all frames at once (halved on CUDA OOM).
         Raises ``ValueError`` naming the bad parameter, or ``ImageError`` for a bad image.
+        This is :meth:`generate_batch` with one row.
         """
-        seed = _check_int("seed", seed, 0, 2**64 - 1)
+        return self.generate_batch(
+            [image],
+            seeds=[seed],
+            num_frames=num_frames,
+            num_inference_steps=num_inference_steps,
+            height=height,
+            width=width,
+            fps=fps,
+            motion_bucket_id=motion_bucket_id,
+            noise_aug_strength=noise_aug_strength,
+            min_guidance_scale=min_guidance_scale,
+            max_guidance_scale=max_guidance_scale,
+            decode_chunk_size=decode_chunk_size,
+            fit=fit,
+            filesystem=filesystem,
+        )[0]
+
+    def generate_batch(
+        self,
+        images: Sequence[ImageSource],
+        *,
+        seeds: Sequence[int],
+        num_frames: int | None = None,
+        num_inference_steps: int = 25,
+        height: int = 576,
+        width: int = 1024,
+        fps: int = 7,
+        motion_bucket_id: int = 127,
+        noise_aug_strength: float = 0.02,
+        min_guidance_scale: float = 1.0,
+        max_guidance_scale: float = 3.0,
+        decode_chunk_size: int | None = None,
+        fit: str = "crop",
+        filesystem: Any = None,
+    ) -> list[Generation]:
+        """Render several images that share every parameter but the seed, in one pipeline call.
+
+        ``images[i]`` is rendered with ``seeds[i]`` (one CPU generator per row), so each
+        returned :class:`Generation` (in order) has the frames :meth:`generate` gives for
+        that image and seed, up to float rounding of the batched arithmetic (<= 1 uint8
+        level on CPU fp32). The keyword arguments are :meth:`generate`'s. Every image is
+        loaded and fitted before anything renders: a bad one raises ``ImageError`` for the
+        whole call (load rows one by one with :meth:`prepare_image` to isolate them). A batch
+        that runs out of CUDA memory goes on with half as many rows per call (down to single
+        rows, which then raise), each row with its own seed, so the frames do not change.
+        """
+        seeds = list(seeds)
+        if isinstance(images, str | bytes | os.PathLike) or not isinstance(images, Sequence):
+            raise ValueError(f"images must be a sequence of images, got {type(images).__name__}")
+        if len(images) != len(seeds):
+            raise ValueError(f"seeds must have one seed per image: {len(images)} images, {len(seeds)} seeds")
+        seeds = [_check_int("seed", seed, 0, 2**64 - 1) for seed in seeds]
         if num_frames is None:
             num_frames = int(self.unet_config.get("num_frames", 25))
         num_frames = _check_int("num_frames", num_frames, 2)  # diffusers' SVD fails on 1 frame
@@ -296,20 +393,17 @@ class Renderer:
             decode_chunk_size = _check_int("decode_chunk_size", decode_chunk_size, 1)
         if fit not in FIT_MODES:
             raise ValueError(f"fit must be one of {FIT_MODES}, got {fit!r}")
+        if not images:
+            return []
 
-        t0 = time.perf_counter()
-        img = fit_image(
-            load_image(image, max_pixels=self.max_pixels, filesystem=filesystem), width, height, fit
-        )
-        t_loaded = time.perf_counter()
-
-        pipe = self.pipe
-        pipe.marks = {}
-        pipe.last_decode_chunk_size = None
-        pipe.last_decode_retries = 0
-        self._begin_video()
-        out = pipe(
-            image=img,
+        fitted, load_seconds = [], []
+        for image in images:
+            t0 = time.perf_counter()
+            fitted.append(
+                self.prepare_image(image, width=width, height=height, fit=fit, filesystem=filesystem)
+            )
+            load_seconds.append(time.perf_counter() - t0)
+        call = dict(
             height=height,
             width=width,
             num_frames=num_frames,
@@ -320,31 +414,136 @@ class Renderer:
             motion_bucket_id=motion_bucket_id,
             noise_aug_strength=noise_aug_strength,
             decode_chunk_size=decode_chunk_size,
-            generator=torch.Generator().manual_seed(seed),
-            output_type="np",
         )
-        frames = frames_to_uint8(np.asarray(out.frames[0]))
+        return self._render(fitted, seeds, load_seconds, call)
+
+    def prepare_image(
+        self,
+        image: ImageSource,
+        *,
+        width: int,
+        height: int,
+        fit: str = "crop",
+        filesystem: Any = None,
+    ) -> Image.Image:
+        """``image`` loaded (:func:`~pipeline.images.load_image`, this renderer's
+        ``max_pixels``) and fitted to ``width`` x ``height``: what :meth:`generate` renders.
+        Raises ``ImageError`` for a bad image."""
+        img = load_image(image, max_pixels=self.max_pixels, filesystem=filesystem)
+        return fit_image(img, width, height, fit)
+
+    def _render(
+        self, images: list[Image.Image], seeds: list[int], load_seconds: list[float], call: dict[str, Any]
+    ) -> list[Generation]:
+        """Pipeline calls of all ``images`` at once; after a CUDA OOM, half as many rows per call
+        (for the rest of this batch: a size that ran out once is not tried again)."""
+        generations: list[Generation] = []
+        size, start = len(images), 0
+        while start < len(images):
+            end = start + size
+            try:
+                generations += self._render_call(
+                    images[start:end], seeds[start:end], load_seconds[start:end], call
+                )
+                start = end
+                continue
+            except torch.OutOfMemoryError:
+                if size == 1:
+                    raise
+            # Outside the except block, so the failed attempt's tensors are already released.
+            smaller = (size + 1) // 2
+            logger.warning("a batch of %d rows ran out of memory; going on %d rows at a time", size, smaller)
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            size = smaller
+        return generations
+
+    def _render_call(
+        self, images: list[Image.Image], seeds: list[int], load_seconds: list[float], call: dict[str, Any]
+    ) -> list[Generation]:
+        pipe = self.pipe
+        pipe.marks = {}
+        pipe.last_decode_chunk_size = None
+        pipe.last_decode_retries = 0
+        t_start = time.perf_counter()
+        self._begin_video()  # one pipeline call: its rows start their step cache together
+        watch = CompileWatch(what="a render") if self.compile_mode != "off" else None
+        if watch is not None:
+            watch.__enter__()
+        try:
+            out = pipe(
+                image=list(images),
+                generator=[torch.Generator().manual_seed(seed) for seed in seeds],
+                output_type="np",
+                **call,
+            )
+        finally:
+            if watch is not None:
+                watch.__exit__(None, None, None)
+        videos = [frames_to_uint8(np.asarray(video)) for video in out.frames]
         t_end = time.perf_counter()
+        n = len(images)
+        if watch is not None:
+            shape = (
+                n,
+                call["height"],
+                call["width"],
+                call["num_frames"],
+                call["decode_chunk_size"],
+                call["max_guidance_scale"] > 1.0,
+            )
+            self._note_compile(shape, watch)
 
         m = pipe.marks
-        timings = {
-            "image_load": t_loaded - t0,
-            "conditioning": m["conditioning_end"] - t_loaded,
-            "denoise": m["decode_start"] - m["conditioning_end"],
-            "decode": m["decode_end"] - m["decode_start"],
-            "postprocess": t_end - m["decode_end"],
-            "total": t_end - t0,
+        shared = {
+            "conditioning": (m["conditioning_end"] - t_start) / n,
+            "denoise": (m["decode_start"] - m["conditioning_end"]) / n,
+            "decode": (m["decode_end"] - m["decode_start"]) / n,
+            "postprocess": (t_end - m["decode_end"]) / n,
         }
-        return Generation(
-            frames=frames,
-            timings=timings,
-            cache_hit=pipe.last_cache_hit,
-            num_inference_steps=num_inference_steps,
-            fps=fps,
-            seed=seed,
-            decode_chunk_size=pipe.last_decode_chunk_size,
-            decode_retries=pipe.last_decode_retries,
-        )
+        hits = pipe.last_cache_hits
+        generations = []
+        for i, (frames, seed) in enumerate(zip(videos, seeds, strict=True)):
+            timings = {"image_load": load_seconds[i], **shared}
+            timings["total"] = sum(timings.values())
+            if watch is not None:
+                timings["compile"] = watch.seconds / n
+            generations.append(
+                Generation(
+                    frames=frames,
+                    timings=timings,
+                    cache_hit=bool(hits[i]),
+                    num_inference_steps=call["num_inference_steps"],
+                    fps=call["fps"],
+                    seed=seed,
+                    decode_chunk_size=pipe.last_decode_chunk_size,
+                    decode_retries=pipe.last_decode_retries,
+                    batch_size=n,
+                )
+            )
+        return generations
+
+    def _note_compile(self, shape: tuple, watch: CompileWatch) -> None:
+        """Log compile time apart; warn when a shape that was already rendered compiled again."""
+        self.compile_seconds += watch.seconds
+        warm = shape in self._warm_shapes
+        self._warm_shapes.add(shape)
+        if watch.compiles and warm:
+            logger.warning(
+                "torch.compile recompiled %d frame(s) (%.1fs) while rendering shape %s a second time: "
+                'a render-to-render recompile; run with TORCH_LOGS="recompiles" to see why',
+                watch.compiles,
+                watch.seconds,
+                shape,
+            )
+        elif watch.compiles:
+            logger.info(
+                "torch.compile (%s): compiled %d frame(s) in %.1fs for shape %s",
+                self.compile_mode,
+                watch.compiles,
+                watch.seconds,
+                shape,
+            )
 
     def render_to_file(
         self,

@@ -1,21 +1,31 @@
-"""``RenderPipeline``: diffusers' SVD pipeline with three small hooks, nothing else changed.
+"""``RenderPipeline``: diffusers' SVD pipeline with small hooks, nothing else changed.
 
 ``StableVideoDiffusionPipeline.__call__`` is used as is, so ``vcut="off"`` stays
-bit-faithful to stock diffusers. Only three methods that ``__call__`` calls are wrapped:
+bit-faithful to stock diffusers. Only methods that ``__call__`` calls are wrapped:
 
 - ``_encode_image`` consults the renderer's :class:`~pipeline.cache.EmbeddingCache`
   (key: model namespace + content hash of the PIL image) and runs the CLIP image encoder
   only on a miss. It uses no randomness, so the generator stream, and therefore the
   video, is the same on a hit and on a miss. The tail that diffusers applies to the raw
   embedding (repeat per video, zeros for the unconditional half of CFG) is reproduced
-  exactly; the raw embedding itself comes from diffusers' own code on a miss.
+  exactly; the raw embedding itself comes from diffusers' own code on a miss. A list of
+  images (a batch of rows) is looked up image by image, hits and misses mixed; each miss
+  is encoded on its own, so a cached embedding never depends on which batch computed it.
+  ``last_cache_hits`` holds one flag per image.
 - ``prepare_latents`` (the last step before the denoising loop) and ``decode_latents``
   record timestamps, from which the renderer derives the conditioning / denoise / decode
   timings.
-- ``decode_latents`` retries with half the ``decode_chunk_size`` (down to 1) when the VAE
-  decode raises ``torch.OutOfMemoryError``, instead of failing the video. Note that SVD's
-  temporal VAE decoder sees ``decode_chunk_size`` frames at a time, so a retried video is
-  valid but not bit-identical to one decoded with the larger chunk.
+- ``decode_latents`` decodes each row (video) of a batch on its own, so that a chunk of
+  ``decode_chunk_size`` frames never mixes two videos (SVD's temporal VAE decoder sees the
+  frames of a chunk together), and retries with half the ``decode_chunk_size`` (down to 1)
+  when the VAE decode raises ``torch.OutOfMemoryError``, instead of failing the video. A
+  retried video is valid but not bit-identical to one decoded with the larger chunk.
+
+Batches: with one CPU generator per row (a list), diffusers draws every random tensor of
+``__call__`` (the noise augmentation of the conditioning image, then the initial latents)
+with ``randn_tensor``, which draws row ``i`` from generator ``i`` only, in the same order
+as for a single video; the scheduler's Euler step draws nothing that is used
+(``s_churn=0``). So a row of a batch gets exactly the noise it gets alone.
 """
 
 from __future__ import annotations
@@ -50,7 +60,8 @@ class RenderPipeline(StableVideoDiffusionPipeline):
         self.embedding_cache: EmbeddingCache | None = None
         self.cache_namespace: str = ""
         self.marks: dict[str, float] = {}
-        self.last_cache_hit: bool = False
+        self.last_cache_hit: bool = False  # every image of the last call was a hit
+        self.last_cache_hits: list[bool] = []  # one per image of the last call
         self.last_decode_chunk_size: int | None = None
         self.last_decode_retries: int = 0
 
@@ -63,21 +74,29 @@ class RenderPipeline(StableVideoDiffusionPipeline):
 
     # -- hooks ------------------------------------------------------------------------------
     def _encode_image(self, image, device, num_videos_per_prompt, do_classifier_free_guidance):
-        key = None
-        embeddings = None
+        images = image if isinstance(image, list) else [image]
+        if not all(isinstance(img, PIL.Image.Image) for img in images):  # tensors: diffusers' own path
+            rows = image.shape[0] if isinstance(image, torch.Tensor) and image.ndim == 4 else len(images)
+            self.last_cache_hits = [False] * rows
+            self.last_cache_hit = False
+            return super()._encode_image(image, device, num_videos_per_prompt, do_classifier_free_guidance)
         cache = self.embedding_cache
-        if cache is not None and isinstance(image, PIL.Image.Image):
-            key = (self.cache_namespace, image_key(image))
-            embeddings = cache.get(key)
-        self.last_cache_hit = embeddings is not None
-        if embeddings is None:
-            # diffusers' own preprocessing + CLIP encoder; with 1 video and no CFG the tail is identity.
-            embeddings = super()._encode_image(image, device, 1, False)
-            if key is not None:
-                cache.put(key, embeddings)
-        embeddings = embeddings.to(device)
+        rows, hits = [], []
+        for img in images:  # one at a time: a repeated image in the batch is a hit
+            key = (self.cache_namespace, image_key(img))
+            embedding = cache.get(key) if cache is not None else None
+            hits.append(embedding is not None)
+            if embedding is None:
+                # diffusers' own preprocessing + CLIP encoder; with 1 video and no CFG the tail is identity.
+                embedding = super()._encode_image(img, device, 1, False)
+                if cache is not None:
+                    cache.put(key, embedding)
+            rows.append(embedding.to(device))
+        self.last_cache_hits = hits
+        self.last_cache_hit = all(hits)
+        embeddings = torch.cat(rows) if len(rows) > 1 else rows[0]
 
-        # Same tail as diffusers' _encode_image.
+        # Same tail as diffusers' _encode_image: (batch, 1, dim), zeros in front for CFG.
         bs_embed, seq_len, _ = embeddings.shape
         embeddings = embeddings.repeat(1, num_videos_per_prompt, 1)
         embeddings = embeddings.view(bs_embed * num_videos_per_prompt, seq_len, -1)
@@ -92,8 +111,17 @@ class RenderPipeline(StableVideoDiffusionPipeline):
 
     def decode_latents(self, latents: torch.Tensor, num_frames: int, decode_chunk_size: int = 14):
         self.mark("decode_start")
-        chunk = max(1, min(decode_chunk_size, latents.shape[0] * latents.shape[1]))
+        chunk = max(1, min(decode_chunk_size, num_frames))
         self.last_decode_retries = 0
+        videos = []
+        for row in range(latents.shape[0]):  # one video at a time: a chunk never spans two videos
+            frames, chunk = self._decode_one(latents[row : row + 1], num_frames, chunk)
+            videos.append(frames)
+        self.last_decode_chunk_size = chunk
+        self.mark("decode_end")
+        return torch.cat(videos) if len(videos) > 1 else videos[0]
+
+    def _decode_one(self, latents: torch.Tensor, num_frames: int, chunk: int) -> tuple[torch.Tensor, int]:
         while True:
             oom = False
             try:
@@ -103,7 +131,7 @@ class RenderPipeline(StableVideoDiffusionPipeline):
                     raise
                 oom = True
             if not oom:
-                break
+                return frames, chunk
             # Outside the except block, so the failed attempt's tensors are already released.
             new_chunk = max(1, chunk // 2)
             logger.warning(
@@ -113,6 +141,3 @@ class RenderPipeline(StableVideoDiffusionPipeline):
                 torch.cuda.empty_cache()
             chunk = new_chunk
             self.last_decode_retries += 1
-        self.last_decode_chunk_size = chunk
-        self.mark("decode_end")
-        return frames
