@@ -290,21 +290,35 @@ def forbid_recompiles(record: dict[str, Any]) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def compile_backend(backend: str) -> Iterator[None]:
-    """Make ``torch.compile`` use ``backend`` (the quick CPU path uses "eager": dynamo, no inductor).
+def compile_shim(
+    backend: str | None, record: dict[str, Any], supported: set[str] | None = None
+) -> Iterator[None]:
+    """``torch.compile`` as the Renderer calls it, made to run on this torch.
 
-    The Renderer calls ``torch.compile`` itself; with "inductor" (the default) nothing changes.
-    With another backend, ``mode`` and ``options`` (inductor's) are dropped.
+    * keywords this torch's ``torch.compile`` lacks are dropped and listed in
+      ``record["compile_kwargs_dropped"]`` (``recompile_limit`` and ``isolate_recompiles``
+      came with torch 2.13; the GPU machine has 2.11: without them each compiled module
+      shares dynamo's per-code-object cache, which the few graphs here fit);
+    * ``backend`` (where the Renderer takes none itself) replaces the backend; a backend other
+      than inductor gets no ``mode`` or ``options`` (the quick CPU path uses "eager").
     """
-    if backend == "inductor":
-        yield
-        return
     real = torch.compile
+    if supported is None:
+        supported = set(inspect.signature(real).parameters)
 
     def patched(model=None, **kwargs):
-        kwargs.pop("mode", None)
-        kwargs.pop("options", None)
-        kwargs["backend"] = backend
+        dropped = sorted(k for k in kwargs if k not in supported)
+        for k in dropped:
+            kwargs.pop(k)
+        if dropped:
+            record["compile_kwargs_dropped"] = sorted(
+                set(record.get("compile_kwargs_dropped", [])) | set(dropped)
+            )
+        if backend is not None:
+            kwargs["backend"] = backend
+        if kwargs.get("backend", "inductor") != "inductor":
+            kwargs.pop("mode", None)
+            kwargs.pop("options", None)
         return real(model, **kwargs)
 
     torch.compile = patched
@@ -916,15 +930,15 @@ class Bench:
         ckw: dict[str, Any] = {"compile": self.args.compile_mode}
         if feats["compile_backend_kw"]:  # the Renderer takes the backend itself
             ckw["compile_backend"] = self.args.compile_backend
-            backend_patch = contextlib.nullcontext()
+            shim = compile_shim(None, rec)
         else:
-            backend_patch = compile_backend(self.args.compile_backend)
+            shim = compile_shim(self.args.compile_backend, rec)
         if self.args.compile_vae != "default":
             if not feats["compile_vae_kw"]:
                 raise RuntimeError("--compile-vae: Renderer.from_pipe takes no compile_vae keyword")
             ckw["compile_vae"] = self.args.compile_vae == "on"
         rec["renderer_compile_kwargs"] = ckw
-        with hard_limit(limit), backend_patch:
+        with hard_limit(limit), shim:
             before = dynamo_counts()
             renderer, build_s = self.make_renderer("full", **ckw, **kw)
             rec["renderer_build_s"] = build_s

@@ -225,16 +225,22 @@ def test_forbid_recompiles_makes_a_recompile_an_error():
     torch._dynamo.reset()
 
 
-def test_compile_backend_override_drops_inductor_options():
+def test_compile_shim_forces_the_backend_and_drops_keywords_an_older_torch_lacks():
     from benchmarks import gpu_bench
 
     real = torch.compile
-    with gpu_bench.compile_backend("eager"):
-        f = torch.compile(lambda x: x + 1, mode="max-autotune")
+    rec: dict = {}
+    with gpu_bench.compile_shim("eager", rec):
+        f = torch.compile(lambda x: x + 1, mode="max-autotune")  # no inductor: mode dropped
         assert f(torch.zeros(2)).tolist() == [1.0, 1.0]
+    assert torch.compile is real and "compile_kwargs_dropped" not in rec
+    # torch 2.11 (the GPU machine) has no recompile_limit / isolate_recompiles keywords
+    old = {"model", "fullgraph", "dynamic", "backend", "mode", "options", "disable"}
+    with gpu_bench.compile_shim(None, rec, supported=old):
+        g = torch.compile(lambda x: x * 3, backend="eager", recompile_limit=4, isolate_recompiles=True)
+        assert g(torch.ones(2)).tolist() == [3.0, 3.0]
+    assert rec["compile_kwargs_dropped"] == ["isolate_recompiles", "recompile_limit"]
     assert torch.compile is real
-    with gpu_bench.compile_backend("inductor"):
-        assert torch.compile is real
 
 
 def test_hard_limit_stops_a_stage():
