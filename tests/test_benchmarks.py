@@ -79,7 +79,7 @@ def test_gpu_script_cpu_tiny_path_runs_every_stage(tmp_path):
     """The CPU path of the GPU script: the same stages, tiny model, dynamo without inductor."""
     out = tmp_path / "gpu_bench.json"
     env = dict(_env(), OUT=str(tmp_path / "out"))
-    args = ("--steps", "1,2", "--steps-per-video", "2", "--batch-size", "2")
+    args = ("--steps", "1,2", "--steps-per-video", "2", "--batch-size", "2", "--step-cache", "2")
     proc = subprocess.run(
         _gpu_bench_cmd(*args, "--out", str(out)),
         cwd=ROOT,
@@ -134,6 +134,8 @@ def test_gpu_script_cpu_tiny_path_runs_every_stage(tmp_path):
     assert configs["batch1:" + stages["batched"]["renderer_config"]]["shape"]["height"] == 32
     if data["features"]["generate_batch"]:
         assert configs["batch2:" + stages["batched"]["renderer_config"]]["batch"] == 2
+    if data["features"]["step_cache"]:  # timed at whole cycles of its schedule: N and 3N steps
+        assert [r["steps"] for r in configs["full+cache2"]["raw"]] == [2, 6]
     assert data["whole_video"]["steps"] == 2 and data["whole_video"]["seconds"] > 0
     counted = data["macs"]["counted"]
     assert counted["full|cache0|64x64x4"]["per_step_macs"] < counted["off|cache0|64x64x4"]["per_step_macs"]
