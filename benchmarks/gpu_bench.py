@@ -1138,6 +1138,15 @@ class Bench:
             ("batched", self.stage_batched),
             ("macs", self.stage_macs),
         ]
+        if self.args.stages:
+            wanted = {"build", *self.args.stages.split(",")}
+            unknown = wanted - {name for name, _ in stages}
+            if unknown:
+                raise SystemExit(f"gpu_bench: unknown --stages {sorted(unknown)}")
+            for name, _ in stages:
+                if name not in wanted:
+                    self.result["stages_skipped"][name] = "not in --stages"
+            stages = [s for s in stages if s[0] in wanted]
         if self.args.no_compile:
             stages = [s for s in stages if not s[0].startswith("compile")]
             self.result["stages_skipped"]["compile"] = "--no-compile"
@@ -1243,6 +1252,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--reps", type=int, default=1, help="timed videos per step count (default 1)")
     p.add_argument("--step-cache", type=int, default=3, help="step-cache interval N (0: none; default 3)")
     p.add_argument("--batch-size", type=int, default=4, help="rows of the batched call (default 4)")
+    p.add_argument(
+        "--stages",
+        default=None,
+        help="comma-separated stages to run (build always runs; default: all): stock, eager, compile, "
+        "compile_step_cache, whole_video, batched, macs",
+    )
     p.add_argument("--no-compile", action="store_true", help="skip both compile stages")
     p.add_argument("--compile-mode", default="default", help="Renderer compile= value (default: default)")
     p.add_argument(

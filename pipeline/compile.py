@@ -28,6 +28,7 @@ though: prefer :func:`compile_module` (or ``Renderer(compile=...)``).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -69,6 +70,22 @@ def compiled_mode(module: nn.Module) -> str | None:
     return info[0] if info else None
 
 
+#: ``torch.compile(..., isolate_recompiles=True, recompile_limit=...)`` exists (torch >= 2.13).
+_ISOLATES_RECOMPILES = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+
+#: The shared per-code-object limit used where recompile regions cannot be isolated: room for
+#: a handful of compiled UNets (a few graph variants each) in one process.
+SHARED_RECOMPILE_LIMIT = 64
+
+
+def _raise_shared_recompile_limit(wanted: int | None) -> None:
+    import torch._dynamo.config as dynamo_config
+
+    name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+    limit = max(getattr(dynamo_config, name), wanted or SHARED_RECOMPILE_LIMIT)
+    setattr(dynamo_config, name, limit)
+
+
 def compile_module(
     module: nn.Module,
     mode: str = "default",
@@ -96,14 +113,14 @@ def compile_module(
         raise ValueError(f"{type(module).__name__} is already compiled with mode {previous!r}, not {mode!r}")
     if "forward" in vars(module):
         raise ValueError(f"{type(module).__name__} already has an instance-level forward; not compiling it")
-    module.forward = torch.compile(
-        module.forward,
-        mode=mode,
-        backend=backend,
-        dynamic=dynamic,
-        recompile_limit=recompile_limit,
-        isolate_recompiles=True,
-    )
+    kwargs: dict[str, Any] = {}
+    if _ISOLATES_RECOMPILES:
+        kwargs.update(recompile_limit=recompile_limit, isolate_recompiles=True)
+    else:
+        # torch < 2.13 (e.g. 2.11 on GPU images): one recompile limit per code object, shared by
+        # every module of a class. Raise it so that several compiled UNets fit side by side.
+        _raise_shared_recompile_limit(recompile_limit)
+    module.forward = torch.compile(module.forward, mode=mode, backend=backend, dynamic=dynamic, **kwargs)
     object.__setattr__(module, _COMPILED_ATTR, (mode, backend))
     return module
 
