@@ -128,6 +128,12 @@ def test_gpu_script_cpu_tiny_path_runs_every_stage(tmp_path):
             configs["full+compile"]["error"]
             and "| full+compile (error: " in out.with_suffix(".md").read_text()
         )
+    if stages["compile_step_cache"]["status"] == "done":  # one compiled UNet serves both configurations
+        cached = configs["full+compile+cache2"]
+        assert cached["reuses_compiled_unet_of"] == "full+compile" and cached["step_cache_interval"] == 2
+        assert configs["full+compile"]["step_cache_interval"] == 1
+        assert cached["graphs_compiled_during_timing"] == 0 and cached["dynamo"]["graphs_compiled"] >= 1
+        assert [r["steps"] for r in cached["raw"]] == [2, 6]
     for feature, stage in (("step_cache", "compile_step_cache"), ("generate_batch", "batched:batch2")):
         if not data["features"][feature]:
             assert data["stages_skipped"][stage] == data["features"]["missing"][feature]
