@@ -334,6 +334,16 @@ def reset_dynamo() -> None:
     torch._dynamo.reset()
 
 
+def stop_compile_workers() -> None:
+    """End inductor's compile worker processes (after a stopped compile they would run on)."""
+    try:
+        from torch._inductor.async_compile import shutdown_compile_workers
+
+        shutdown_compile_workers()
+    except Exception:  # not in this torch, or nothing to stop
+        pass
+
+
 def derive(points: list[tuple[int, float]], target_steps: int) -> dict[str, Any]:
     """Per-step and fixed seconds from whole videos timed at two (or more) step counts.
 
@@ -836,6 +846,7 @@ class Bench:
             stage.update(status="stopped", error=str(exc))
             self.result["stages_skipped"][name] = f"stopped: {exc}"
             self.log(f"{name} stopped: {exc}")
+            stop_compile_workers()
             reset_dynamo()
         except torch.OutOfMemoryError as exc:
             stage.update(status="error", error=f"out of memory: {_error(exc)}")
