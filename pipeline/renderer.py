@@ -198,9 +198,9 @@ class Renderer:
         forward, compiled in place after VCUT with its own recompile budget (see
         :mod:`pipeline.compile`). ``compile_vae`` also compiles the VAE decoder (``None``:
         on CUDA only); ``compile_backend`` is torch.compile's ``backend`` (``"eager"`` or
-        ``"aot_eager"`` to debug). Compiling is lazy: the first render of each shape pays it, reported
-        as ``timings["compile"]`` and summed in ``renderer.compile_seconds``; a later
-        compile of a shape already rendered is logged as a warning.
+        ``"aot_eager"`` to debug). Compiling is lazy: the first render of each shape pays
+        it, reported as ``timings["compile"]`` and summed in ``renderer.compile_seconds``;
+        a later compile of a shape already rendered is logged as a warning.
         """
         if vcut not in VCUT_MODES:
             raise ValueError(f"vcut must be one of {VCUT_MODES}, got {vcut!r}")
