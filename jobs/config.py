@@ -141,7 +141,9 @@ def model_compile_mode(value: Any) -> str:
     text = str(value).strip()
     mode = _COMPILE_ALIASES.get(text.lower(), text)
     if mode not in COMPILE_MODES:
-        raise ValueError(f"model.compile must be one of {', '.join(COMPILE_MODES)} (or true/false), got {value!r}")
+        raise ValueError(
+            f"model.compile must be one of {', '.join(COMPILE_MODES)} (or true/false), got {value!r}"
+        )
     return mode
 
 
