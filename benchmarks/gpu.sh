@@ -1,25 +1,30 @@
 #!/usr/bin/env bash
-# Full-size SVD-XT on one NVIDIA H100 (random weights, bf16, 576x1024, 25 frames): seconds per
-# UNet step for VCUT off/exact/full, eager and torch.compile; VAE decode; peak GPU memory; MFU.
-# Finishes within 8 minutes: the Python part stops starting new work after --budget-s (default
-# 400 s) and is killed at GPU_BENCH_TIMEOUT_S (default 450 s); results are saved after each stage.
+# Whole SVD-XT videos on one GPU (random weights, fp16, 576x1024, 25 frames): seconds per video for
+# stock diffusers and the Renderer with VCUT off/exact/full, full + torch.compile, full + compile +
+# step cache; one whole 25-step video; batched rows at 320x512, 14 frames; peak memory; MFU.
+# Ends within 8 minutes: the Python part stops starting work it cannot finish by --budget-s
+# (default 430 s) and is interrupted at GPU_BENCH_TIMEOUT_S (default 470 s); the JSON and a
+# Markdown table are written, and copied to $OUT, after every stage.
 #
 #   bash benchmarks/gpu.sh                       # on the GPU machine, from a checkout
-#   bash benchmarks/gpu.sh --device cpu --tiny   # the same code path on a CPU, tiny model (seconds)
+#   bash benchmarks/gpu.sh --device cpu --tiny   # the same code path on a CPU, tiny model
 #   bash benchmarks/gpu.sh --fetch-wheels        # where PyPI is reachable: fetch the wheels it carries
 #
-# The GPU machine has torch but no diffusers and no network. When `python3` there cannot import
-# diffusers 0.42, this script installs the wheels in benchmarks/wheels/ (fetched beforehand with
-# --fetch-wheels; they are git-ignored, so carry that folder) into a temporary folder. Extra
-# arguments go to `python -m benchmarks.gpu_bench` (see --help). The JSON lands in
-# benchmarks/results/ and, when $OUT is set, is copied there too.
+# The GPU machine has torch, transformers, accelerate, safetensors and huggingface-hub but no
+# diffusers and no network. When `python3` there cannot import diffusers 0.42, this script installs
+# the wheels in benchmarks/wheels/ (fetched beforehand with --fetch-wheels; git-ignored, so carry
+# that folder) into a temporary folder. Extra arguments go to `python -m benchmarks.gpu_bench`
+# (see --help). The files land in benchmarks/results/ and, when $OUT is set, in $OUT too.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PY=${PYTHON:-python3}
 WHEELS=benchmarks/wheels
-# Pure-Python wheels that the GPU image lacks (it has torch, transformers, huggingface-hub,
-# safetensors, numpy, pillow, regex, requests, filelock).
+MAX_WHEELS_MIB=60
+# Pure-Python wheels that the GPU image lacks. diffusers 0.42.1 needs importlib_metadata only
+# before Python 3.8, and filelock, huggingface-hub>=1.32 (1.33 there), numpy, regex, requests,
+# safetensors>=0.8 (0.8.0 there) and Pillow are in the image. The Renderer's import path needs
+# nothing else (ffmpeg-python is imported only when a video is encoded).
 CARRIED=("diffusers==0.42.1")
 
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
@@ -28,6 +33,12 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
         --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
         -d "$WHEELS" "${CARRIED[@]}"
     ls -l "$WHEELS"
+    size_kib=$(du -sk "$WHEELS" | cut -f1)
+    echo "gpu.sh: $WHEELS holds $((size_kib / 1024)) MiB (limit $MAX_WHEELS_MIB MiB)"
+    if (( size_kib > MAX_WHEELS_MIB * 1024 )); then
+        echo "gpu.sh: $WHEELS is over $MAX_WHEELS_MIB MiB: remove stale wheels" >&2
+        exit 1
+    fi
     exit 0
 fi
 
@@ -45,6 +56,9 @@ if ! "$PY" -c 'import sys, diffusers; sys.exit(0 if diffusers.__version__.starts
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1
+# inductor compiles its kernels in this many worker processes (its default is the core count too)
+export TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$(nproc)}
 command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
-exec timeout --signal=INT --kill-after=10 "${GPU_BENCH_TIMEOUT_S:-450}" \
-    "$PY" -m benchmarks.gpu_bench --copy-to "${OUT:-}" "$@"
+# SIGINT first: the script saves what it has and exits; KILL 10 s later if it does not.
+exec timeout --signal=INT --kill-after=10 "${GPU_BENCH_TIMEOUT_S:-470}" \
+    "$PY" -m benchmarks.gpu_bench --budget-s "${GPU_BENCH_BUDGET_S:-430}" --copy-to "${OUT:-}" "$@"

@@ -5,7 +5,7 @@ Usage (from the repository root)::
     python -m benchmarks.plot                 # reads benchmarks/results/*.json, writes PNGs there
     python -m benchmarks.plot --table         # also prints the README table
 
-* ``ab_ratios.png``: per UNet A/B result (``unet_ab`` and ``gpu_bench`` files), the time of one
+* ``ab_ratios.png``: per UNet A/B result (``unet_ab`` files), the time of one
   UNet call with ``exact`` and ``full`` relative to ``off``: every round's paired ratio as a
   dot, the median as a bar with its p25-p75 range, the ratio the MAC count predicts as a
   black tick, and the paper's "about 20 % lower latency" (0.80) as a dashed line.
@@ -59,14 +59,9 @@ def ab_entries(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One entry per (result, eager/compiled) with paired ratios per mode."""
     entries = []
     for r in results:
-        if r["benchmark"] == "unet_ab":
-            variants = [("compiled" if r.get("compile") else "eager", r.get("timing"), r.get("summary"))]
-        elif r["benchmark"] == "gpu_bench":
-            variants = [
-                (v, r.get(v, {}).get("timing"), r.get(v, {}).get("summary")) for v in ("eager", "compiled")
-            ]
-        else:
+        if r["benchmark"] != "unet_ab":  # gpu_bench files carry their own Markdown table (.md beside them)
             continue
+        variants = [("compiled" if r.get("compile") else "eager", r.get("timing"), r.get("summary"))]
         for variant, timing, summary in variants:
             if not timing or not summary or not timing.get("rounds"):
                 continue

@@ -24,7 +24,9 @@ class ModelConfig:
     device: str | None = None  # None: cuda when the worker has a GPU, else cpu
     dtype: str | None = None  # None: fp16 on GPU, fp32 on CPU (the Renderer's choice)
     variant: str | None = None
-    compile: bool = False
+    # torch.compile mode: off, default, max-autotune or reduce-overhead (a YAML true/false
+    # is read as default/off); see model_compile_mode.
+    compile: str = "off"
     allow_pickle: bool = False
     local_files_only: bool | None = None
     # Step caching (changes the output): the whole UNet every N-th step, the shallow path between.
@@ -133,6 +135,24 @@ def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg)
 
 
+COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead")
+_COMPILE_ALIASES = {"true": "default", "yes": "default", "on": "default", "false": "off", "no": "off"}
+
+
+def model_compile_mode(value: Any) -> str:
+    """``model.compile`` as a renderer compile mode; YAML booleans (read as "True"/"False") map to
+    ``default``/``off``. Raises ValueError naming the key for anything else."""
+    if value is None or isinstance(value, bool):
+        return "default" if value else "off"
+    text = str(value).strip()
+    mode = _COMPILE_ALIASES.get(text.lower(), text)
+    if mode not in COMPILE_MODES:
+        raise ValueError(
+            f"model.compile must be one of {', '.join(COMPILE_MODES)} (or true/false), got {value!r}"
+        )
+    return mode
+
+
 def check_config(cfg: DictConfig) -> None:
     """Value checks that types alone cannot express; raises ValueError naming the key."""
     w, g, m = cfg.workers, cfg.defaults, cfg.model
@@ -161,3 +181,4 @@ def check_config(cfg: DictConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    model_compile_mode(cfg.model.compile)

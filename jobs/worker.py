@@ -50,6 +50,7 @@ def load_renderer(model: dict[str, Any], cache: dict[str, Any]) -> Any:
     from diffusers.utils import logging as diffusers_logging
     from transformers.utils import logging as transformers_logging
 
+    from jobs.config import model_compile_mode
     from pipeline import Renderer
 
     # A worker process is ours: per-component loading bars would only clutter the job's log.
@@ -62,7 +63,7 @@ def load_renderer(model: dict[str, Any], cache: dict[str, Any]) -> Any:
         device=model.get("device"),
         dtype=model.get("dtype"),
         allow_pickle=bool(model.get("allow_pickle")),
-        compile=bool(model.get("compile")),
+        compile=model_compile_mode(model.get("compile")),
         variant=model.get("variant"),
         cache_entries=int(cache["entries"]),
         cache_bytes=int(cache["bytes"]),

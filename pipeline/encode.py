@@ -33,7 +33,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import ffmpeg
 import numpy as np
 
 from .errors import EncodeError
@@ -45,6 +44,16 @@ X264_PRESETS = (
 )  # fmt: skip
 # VP9 speed for each x264 preset name (higher cpu-used is faster).
 _VP9_CPU_USED = {p: max(0, 8 - i) for i, p in enumerate(X264_PRESETS)}
+
+
+def __getattr__(name: str) -> Any:
+    # ffmpeg-python is imported on first use, so that importing the renderer (which imports this
+    # module for FORMATS) works where nothing is encoded, e.g. the GPU benchmark's machine.
+    if name == "ffmpeg":
+        import ffmpeg
+
+        return ffmpeg
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _is_remote(out: str) -> bool:
@@ -80,6 +89,8 @@ def _validate(frames: Any, fps: float, format: str, crf: int, preset: str) -> np
 
 
 def _build_command(path: str, width: int, height: int, fps: float, format: str, crf: int, preset: str):
+    import ffmpeg
+
     stream = ffmpeg.input("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{width}x{height}", framerate=fps)
     if format == "mp4":
         out = stream.output(

@@ -32,6 +32,7 @@ from vcut import MODES as VCUT_MODES
 from vcut.step_cache import check_step_cache_args
 
 from .cache import EmbeddingCache
+from .compile import CompileWatch, compile_mode, compile_pipeline
 from .encode import FORMATS, encode_video
 from .images import DEFAULT_MAX_PIXELS, FIT_MODES, ImageSource, fit_image, load_image
 from .loading import load_svd_pipeline
@@ -46,11 +47,13 @@ class Generation:
 
     ``timings`` keys: ``image_load`` (read + decode + convert + fit), ``conditioning``
     (CLIP embedding, VAE encode of the image, time ids, initial noise), ``denoise`` (the
-    UNet loop), ``decode`` (VAE decode), ``postprocess`` (to uint8), ``total`` (their sum).
+    UNet loop), ``decode`` (VAE decode), ``postprocess`` (to uint8), ``total`` (their sum);
+    with ``compile`` on also ``compile``: the part of ``denoise`` + ``decode`` that
+    ``torch.compile`` spent compiling (0.0 once a shape is warm; not an extra stage).
 
     A row rendered in a batch (:meth:`Renderer.generate_batch`): ``image_load`` is the
-    row's own; ``conditioning``, ``denoise``, ``decode`` and ``postprocess`` are the
-    batch's times *divided* by ``batch_size`` (the row's share, so that the ``total`` of
+    row's own; ``conditioning``, ``denoise``, ``decode``, ``postprocess`` and ``compile`` are
+    the batch's times *divided* by ``batch_size`` (the row's share, so that the ``total`` of
     the rows of a call add up to the call's wall time). ``batch_size`` is the number of
     rows of the pipeline call that rendered this row (1 alone, smaller than asked after an
     out-of-memory split); ``cache_hit`` is this row's own embedding-cache hit.
@@ -128,6 +131,7 @@ class Renderer:
         step_cache: int | None = None,
         step_cache_depth: int = 1,
         step_cache_report: Any = None,
+        compile_report: Any = None,
     ) -> None:
         self.pipe = pipe
         self.model_id = model_id
@@ -141,6 +145,11 @@ class Renderer:
         self.step_cache = step_cache
         self.step_cache_depth = step_cache_depth
         self.step_cache_report = step_cache_report
+        self.compile_report = compile_report
+        self.compile_mode = compile_report.mode if compile_report is not None else "off"
+        #: seconds spent in torch.compile by this renderer's renders so far
+        self.compile_seconds = 0.0
+        self._warm_shapes: set[tuple] = set()
 
     @classmethod
     def from_pretrained(
@@ -151,7 +160,9 @@ class Renderer:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         allow_pickle: bool = False,
-        compile: bool = False,
+        compile: bool | str = False,
+        compile_vae: bool | None = None,
+        compile_backend: str = "inductor",
         variant: str | None = None,
         cache_entries: int = 64,
         cache_bytes: int = 256 * 2**20,
@@ -162,18 +173,14 @@ class Renderer:
     ) -> Renderer:
         """Load ``model`` (hub id or local diffusers folder) and patch it with VCUT mode ``vcut``.
 
-        See :mod:`pipeline.loading` for the safetensors, dtype, variant and offline rules.
-        ``compile=True`` wraps the UNet in ``torch.compile`` (after VCUT; the first render
-        then pays the compile time). ``step_cache=N`` (off by default; None or 1: off) runs
-        the whole UNet at every N-th denoising step only and the shallow path in between,
-        reusing the deep features (:func:`vcut.apply_step_cache`, with ``step_cache_depth``
-        outer levels always run): it saves MACs and CHANGES the frames. Raises
-        ``ValueError`` for a bad argument and :class:`~pipeline.errors.ModelLoadError` for a
-        model that cannot be loaded.
+        See :mod:`pipeline.loading` for the safetensors, dtype, variant and offline rules and
+        :meth:`from_pipe` for ``compile`` and ``step_cache``. Raises ``ValueError`` for a bad
+        argument and :class:`~pipeline.errors.ModelLoadError` for a model that cannot be loaded.
         """
         if vcut not in VCUT_MODES:
             raise ValueError(f"vcut must be one of {VCUT_MODES}, got {vcut!r}")
         check_step_cache_args(step_cache, step_cache_depth)
+        compile_mode(compile)  # a bad value fails before the model is loaded
         stock, _, _ = load_svd_pipeline(
             model,
             device=device,
@@ -186,6 +193,8 @@ class Renderer:
             stock,
             vcut=vcut,
             compile=compile,
+            compile_vae=compile_vae,
+            compile_backend=compile_backend,
             cache_entries=cache_entries,
             cache_bytes=cache_bytes,
             max_pixels=max_pixels,
@@ -200,7 +209,9 @@ class Renderer:
         pipe: Any,
         *,
         vcut: str = "full",
-        compile: bool = False,
+        compile: bool | str = False,
+        compile_vae: bool | None = None,
+        compile_backend: str = "inductor",
         cache_entries: int = 64,
         cache_bytes: int = 256 * 2**20,
         max_pixels: int = DEFAULT_MAX_PIXELS,
@@ -213,11 +224,26 @@ class Renderer:
         The pipeline's components are shared, not copied, and its UNet is patched with VCUT
         in place: patch a pipeline once (see :func:`vcut.apply_vcut`). Device and dtype are
         the UNet's. ``model_id`` names the model in the embedding-cache key (default: the
-        pipeline's ``name_or_path``). ``step_cache`` / ``step_cache_depth``: see
-        :meth:`from_pretrained` (applied after VCUT and before compile).
+        pipeline's ``name_or_path``).
+
+        ``step_cache=N`` (off by default; None or 1: off) runs the whole UNet at every N-th
+        denoising step only and the shallow path in between, reusing the deep features
+        (:func:`vcut.apply_step_cache`, with ``step_cache_depth`` outer levels always run): it
+        saves MACs and CHANGES the frames.
+
+        ``compile``: ``False``/``"off"`` (eager), ``True``/``"default"``, ``"max-autotune"``
+        or ``"reduce-overhead"`` (CUDA graphs): the ``torch.compile`` mode of the UNet's
+        forward, compiled in place after VCUT and the step cache, with its own recompile
+        budget (see :mod:`pipeline.compile`). ``compile_vae`` also compiles the VAE decoder
+        (``None``: on CUDA only); ``compile_backend`` is torch.compile's ``backend``
+        (``"eager"`` or ``"aot_eager"`` to debug). Compiling is lazy: the first render of each
+        shape pays it, reported as ``timings["compile"]`` and summed in
+        ``renderer.compile_seconds``; a later compile of a shape already rendered is logged
+        as a warning.
         """
         if vcut not in VCUT_MODES:
             raise ValueError(f"vcut must be one of {VCUT_MODES}, got {vcut!r}")
+        mode = compile_mode(compile)
         # Validated before anything is patched (the depth bound is the UNet's number of levels).
         unet_levels = len(getattr(getattr(pipe, "unet", None), "up_blocks", ())) or None
         interval, _ = check_step_cache_args(step_cache, step_cache_depth, unet_levels)
@@ -232,9 +258,11 @@ class Renderer:
         render_pipe.cache_namespace = f"{model_id}|{torch_dtype}"
         unet_config = dict(render_pipe.unet.config)
         report = apply_vcut(render_pipe, vcut)
+        # Order: VCUT, then the step cache, then compile.
         cache_report = apply_step_cache(render_pipe, interval, step_cache_depth)
-        if compile:
-            render_pipe.unet = torch.compile(render_pipe.unet)
+        compile_report = None
+        if mode != "off":
+            compile_report = compile_pipeline(render_pipe, mode, vae=compile_vae, backend=compile_backend)
         return cls(
             render_pipe,
             model_id=model_id,
@@ -247,6 +275,7 @@ class Renderer:
             step_cache=interval if interval > 1 else None,
             step_cache_depth=step_cache_depth,
             step_cache_report=cache_report,
+            compile_report=compile_report,
         )
 
     def _begin_video(self) -> None:
@@ -438,16 +467,34 @@ class Renderer:
         pipe.last_decode_retries = 0
         t_start = time.perf_counter()
         self._begin_video()  # one pipeline call: its rows start their step cache together
-        out = pipe(
-            image=list(images),
-            generator=[torch.Generator().manual_seed(seed) for seed in seeds],
-            output_type="np",
-            **call,
-        )
+        watch = CompileWatch(what="a render") if self.compile_mode != "off" else None
+        if watch is not None:
+            watch.__enter__()
+        try:
+            out = pipe(
+                image=list(images),
+                generator=[torch.Generator().manual_seed(seed) for seed in seeds],
+                output_type="np",
+                **call,
+            )
+        finally:
+            if watch is not None:
+                watch.__exit__(None, None, None)
         videos = [frames_to_uint8(np.asarray(video)) for video in out.frames]
         t_end = time.perf_counter()
+        n = len(images)
+        if watch is not None:
+            shape = (
+                n,
+                call["height"],
+                call["width"],
+                call["num_frames"],
+                call["decode_chunk_size"],
+                call["max_guidance_scale"] > 1.0,
+            )
+            self._note_compile(shape, watch)
 
-        m, n = pipe.marks, len(images)
+        m = pipe.marks
         shared = {
             "conditioning": (m["conditioning_end"] - t_start) / n,
             "denoise": (m["decode_start"] - m["conditioning_end"]) / n,
@@ -459,6 +506,8 @@ class Renderer:
         for i, (frames, seed) in enumerate(zip(videos, seeds, strict=True)):
             timings = {"image_load": load_seconds[i], **shared}
             timings["total"] = sum(timings.values())
+            if watch is not None:
+                timings["compile"] = watch.seconds / n
             generations.append(
                 Generation(
                     frames=frames,
@@ -473,6 +522,28 @@ class Renderer:
                 )
             )
         return generations
+
+    def _note_compile(self, shape: tuple, watch: CompileWatch) -> None:
+        """Log compile time apart; warn when a shape that was already rendered compiled again."""
+        self.compile_seconds += watch.seconds
+        warm = shape in self._warm_shapes
+        self._warm_shapes.add(shape)
+        if watch.compiles and warm:
+            logger.warning(
+                "torch.compile recompiled %d frame(s) (%.1fs) while rendering shape %s a second time: "
+                'a render-to-render recompile; run with TORCH_LOGS="recompiles" to see why',
+                watch.compiles,
+                watch.seconds,
+                shape,
+            )
+        elif watch.compiles:
+            logger.info(
+                "torch.compile (%s): compiled %d frame(s) in %.1fs for shape %s",
+                self.compile_mode,
+                watch.compiles,
+                watch.seconds,
+                shape,
+            )
 
     def render_to_file(
         self,

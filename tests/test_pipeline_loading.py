@@ -83,9 +83,13 @@ def test_fp16_variant_is_picked_when_the_folder_offers_it(tmp_path: Path) -> Non
     assert r.pipe.unet.dtype == torch.float16
 
 
-def test_compile_flag_wraps_the_unet(tiny_model_dir: Path) -> None:
-    from diffusers.utils.torch_utils import is_compiled_module
+def test_compile_flag_compiles_the_unet_forward(tiny_model_dir: Path) -> None:
+    from diffusers import UNetSpatioTemporalConditionModel
+
+    from pipeline.compile import compiled_mode
 
     r = Renderer.from_pretrained(tiny_model_dir, vcut="exact", compile=True)
-    assert is_compiled_module(r.pipe.unet)  # compiled lazily: nothing is run here
+    # compiled lazily (nothing is run here), in place: the UNet keeps its class and config
+    assert compiled_mode(r.pipe.unet) == "default" and r.compile_mode == "default"
+    assert isinstance(r.pipe.unet, UNetSpatioTemporalConditionModel)
     assert r.vcut_mode == "exact" and r.vcut_report.spatial_cross_attentions_replaced > 0

@@ -50,7 +50,7 @@ class VCUTReport:
 
 
 class ConditioningKeys:
-    """Names the conditioning embedding of the current UNet call with a small integer token.
+    """Names the conditioning embedding of the current UNet call and prepares the constants.
 
     A forward pre-hook on the UNet sees its ``encoder_hidden_states`` ``(batch, 1, dim)``
     once per call, before the UNet repeats it per frame. The token is chosen so that the
@@ -67,6 +67,12 @@ class ConditioningKeys:
 
     ``max_entries`` embeddings are remembered (LRU); processors drop constants of forgotten
     tokens.
+
+    All Python-state decisions (tokens, which constants exist, hit/miss counters) are taken
+    here, in the hooks, and the hooks are excluded from ``torch.compile`` tracing: inside a
+    compiled UNet forward each processor only reads the tensor it was handed (dynamo guards
+    a tensor on its shape, dtype and device, not on its identity), so a new image or seed
+    never causes a recompile.
     """
 
     def __init__(self, max_entries: int = 4) -> None:
@@ -75,6 +81,8 @@ class ConditioningKeys:
         self._entries: OrderedDict[int, tuple[torch.Tensor, int, torch.Tensor]] = OrderedDict()
         self._next = 0
         self.current: int | None = None
+        # (attention module, its processor) for every patched spatial cross-attention
+        self._attentions: list[tuple[nn.Module, SpatialCrossAttnLinearProcessor]] = []
 
     def live(self, token: int) -> bool:
         return token in self._entries
@@ -82,6 +90,9 @@ class ConditioningKeys:
     def clear(self) -> None:
         self._entries.clear()
         self.current = None
+
+    def register(self, attn: nn.Module, processor: SpatialCrossAttnLinearProcessor) -> None:
+        self._attentions.append((attn, processor))
 
     def _token_for(self, e: torch.Tensor) -> int:
         for token, (seen, version, _) in self._entries.items():
@@ -101,12 +112,28 @@ class ConditioningKeys:
             self._entries.popitem(last=False)
         return token
 
+    @torch.compiler.disable
     def before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self.current = None
+        for _, processor in self._attentions:
+            processor.value = None
         e = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
-        self.current = self._token_for(e) if isinstance(e, torch.Tensor) else None
+        sample = kwargs.get("sample", args[0] if args else None)
+        if not isinstance(e, torch.Tensor):
+            return
+        self.current = self._token_for(e)
+        if not isinstance(sample, torch.Tensor) or sample.ndim != 5 or e.ndim != 3 or e.shape[1] != 1:
+            return  # not SVD's call signature: the processors compute (or raise) themselves
+        # The UNet repeats the embedding per frame before its blocks see it: so do we.
+        e_frames = e.repeat_interleave(sample.shape[1], dim=0)
+        for attn, processor in self._attentions:
+            processor.prepare(attn, self.current, e_frames, self.live)
 
+    @torch.compiler.disable
     def after_forward(self, module: nn.Module, args: tuple, kwargs: dict, output: object) -> None:
         self.current = None
+        for _, processor in self._attentions:
+            processor.value = None
 
 
 class SpatialCrossAttnLinearProcessor:
@@ -114,7 +141,9 @@ class SpatialCrossAttnLinearProcessor:
 
     The result depends on the conditioning embedding only, so it is computed once per
     embedding (per :class:`ConditioningKeys` token) and reused at every denoising step.
-    Called outside a patched UNet's forward (no token), it computes without caching.
+    The UNet's forward pre-hook hands it the value for the current call (``self.value``,
+    see :meth:`prepare`); called without one (outside a patched UNet's forward), it
+    computes without caching.
 
     The returned tensor has shape ``(batch, 1, dim)``; the block adds it to its hidden
     states (``attn_output + hidden_states``), which broadcasts over the sequence.
@@ -123,11 +152,41 @@ class SpatialCrossAttnLinearProcessor:
     def __init__(self, keys: ConditioningKeys | None = None) -> None:
         self.keys = keys
         self._values: dict[int, torch.Tensor] = {}
+        #: the constant for the current UNet call, set by the pre-hook (None outside a call)
+        self.value: torch.Tensor | None = None
         self.hits = 0
         self.misses = 0
 
     def clear(self) -> None:
         self._values.clear()
+        self.value = None
+
+    @staticmethod
+    def _compute(attn: nn.Module, e: torch.Tensor) -> torch.Tensor:
+        ctx = attn.norm_encoder_hidden_states(e) if attn.norm_cross else e
+        return attn.to_out[1](attn.to_out[0](attn.to_v(ctx))) / attn.rescale_output_factor
+
+    def prepare(self, attn: nn.Module, token: int, e: torch.Tensor, live=None) -> None:
+        """Set ``self.value`` to ``to_out(to_v(e))`` for ``token``: cached, else computed now.
+
+        ``e`` is the per-frame conditioning ``(batch * frames, 1, dim)`` that the
+        cross-attention will see. Runs eagerly (in the UNet's forward pre-hook).
+        """
+        value = self._values.get(token)
+        # The same token with another frame count, device or dtype needs new constants.
+        if value is not None and (value.shape[0], value.device, value.dtype) == (
+            e.shape[0],
+            e.device,
+            e.dtype,
+        ):
+            self.hits += 1
+        else:
+            self.misses += 1
+            value = self._compute(attn, e)
+            if live is not None:
+                self._values = {t: v for t, v in self._values.items() if live(t)}
+            self._values[token] = value
+        self.value = value
 
     def __call__(
         self,
@@ -137,6 +196,7 @@ class SpatialCrossAttnLinearProcessor:
         attention_mask: torch.Tensor | None = None,
         temb: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        # Traced by torch.compile: read tensors and static attributes only, no bookkeeping.
         e = encoder_hidden_states
         if e is None:
             raise VCUTError("VCUT spatial cross-attention called without encoder_hidden_states")
@@ -156,25 +216,15 @@ class SpatialCrossAttnLinearProcessor:
             )
         if attn.residual_connection:  # not SVD's case
             raise VCUTError("VCUT does not support cross-attention with residual_connection=True")
-
-        token = self.keys.current if self.keys is not None else None
-        value = self._values.get(token) if token is not None else None
-        # The UNet repeats the embedding per frame: the same token with another frame count,
-        # device or dtype needs new constants.
-        if value is not None and (value.shape[0], value.device, value.dtype) == (
-            e.shape[0],
-            hidden_states.device,
-            hidden_states.dtype,
+        value = self.value
+        if (
+            value is not None
+            and value.shape[0] == e.shape[0]
+            and value.dtype == hidden_states.dtype
+            and value.device == hidden_states.device
         ):
-            self.hits += 1
             return value
-        self.misses += 1
-        ctx = attn.norm_encoder_hidden_states(e) if attn.norm_cross else e
-        value = attn.to_out[1](attn.to_out[0](attn.to_v(ctx))) / attn.rescale_output_factor
-        if token is not None:
-            self._values = {t: v for t, v in self._values.items() if self.keys.live(t)}
-            self._values[token] = value
-        return value
+        return self._compute(attn, e)
 
 
 def _resolve_unet(obj: object) -> nn.Module:
@@ -244,7 +294,9 @@ def apply_vcut(obj: object, mode: str = "full", *, cache_entries: int = 4) -> VC
     for block, temporal_block in _spatio_temporal_blocks(unet):
         attn = block.attn2
         if attn is not None and attn.is_cross_attention:
-            attn.set_processor(SpatialCrossAttnLinearProcessor(keys))
+            processor = SpatialCrossAttnLinearProcessor(keys)
+            attn.set_processor(processor)
+            keys.register(attn, processor)
             attn.to_q = None
             attn.to_k = None
             block.norm2 = nn.Identity()

@@ -1,0 +1,227 @@
+"""``torch.compile`` for the renderer's UNet (and VAE decoder) that stays compiled.
+
+What keeps a compiled VCUT UNet compiled:
+
+* :func:`compile_module` compiles the module's ``forward`` in place, not its ``__call__``:
+  forward hooks (VCUT's :class:`~vcut.patch.ConditioningKeys`, which names the embedding
+  and prepares the constants ``to_out(to_v(e))``) run eagerly in ``nn.Module._call_impl``,
+  so the compiled graph only reads tensors, and dynamo guards a tensor on its shape,
+  dtype and device, never on its identity. A new image or seed is a cache hit.
+* Every UNet ``forward`` shares one code object, and dynamo's recompile limit
+  (``torch._dynamo.config.recompile_limit``, 8) counts compiled entries per code object.
+  Each :func:`compile_module` call uses ``torch.compile(..., isolate_recompiles=True)``
+  (torch >= 2.13): every module gets its own set of entries and its own limit, so an
+  ``off``, an ``exact`` and a ``full`` UNet in one process do not crowd each other out.
+* A small fixed number of variants per shape is fine (e.g. a step cache's full and
+  shallow steps): after the first video of a shape, later videos of that shape compile
+  nothing. :class:`CompileWatch` / :func:`compile_count` make a compile during rendering
+  detectable, and the renderer logs a warning when a shape it has already rendered
+  compiles again.
+
+The hooks are also wrapped in ``torch.compiler.disable``, so ``torch.compile(pipe.unet)``
+and ``pipe.unet.compile()`` (which trace ``__call__`` and its hooks) work too: the hooks
+run eagerly behind a graph break at the start and end of the call and the forward is one
+graph. Those share the per-code-object limit with every other module compiled that way,
+though: prefer :func:`compile_module` (or ``Renderer(compile=...)``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+#: Values of the renderer's ``compile`` setting: ``off`` or a ``torch.compile`` mode.
+COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead")
+
+_COMPILED_ATTR = "_vcut_compiled"
+
+
+class RecompileError(RuntimeError):
+    """``torch.compile`` compiled inside a block that must not compile (see :class:`CompileWatch`)."""
+
+
+def compile_mode(value: bool | str | None) -> str:
+    """Normalise a ``compile`` setting: ``False``/``None``/``"off"`` -> ``"off"``, ``True`` -> ``"default"``.
+
+    Raises ``ValueError`` naming the value for anything but a bool, ``None`` or one of
+    :data:`COMPILE_MODES`.
+    """
+    if value is None or value is False:
+        return "off"
+    if value is True:
+        return "default"
+    if isinstance(value, str) and value in COMPILE_MODES:
+        return value
+    raise ValueError(f"compile must be True, False or one of {', '.join(COMPILE_MODES)}; got {value!r}")
+
+
+def compiled_mode(module: nn.Module) -> str | None:
+    """The mode :func:`compile_module` compiled ``module`` with (``None``: not compiled by it)."""
+    info = getattr(module, _COMPILED_ATTR, None)
+    return info[0] if info else None
+
+
+def compile_module(
+    module: nn.Module,
+    mode: str = "default",
+    *,
+    backend: str | Callable = "inductor",
+    recompile_limit: int | None = None,
+    dynamic: bool | None = None,
+) -> nn.Module:
+    """Compile ``module.forward`` in place with ``torch.compile`` (lazily: on the first call).
+
+    The module stays what it was (same class, ``config``, parameters, hooks); only its
+    instance gets a compiled ``forward``. Hooks run eagerly around it. Each call makes an
+    isolated recompile region (``isolate_recompiles=True``) with ``recompile_limit``
+    entries (``None``: ``torch._dynamo.config.recompile_limit``). Compiling an already
+    compiled module again is a no-op with the same mode and a ``ValueError`` with another.
+    Returns ``module``.
+    """
+    mode = compile_mode(mode)
+    if mode == "off":
+        return module
+    previous = compiled_mode(module)
+    if previous is not None:
+        if previous == mode:
+            return module
+        raise ValueError(f"{type(module).__name__} is already compiled with mode {previous!r}, not {mode!r}")
+    if "forward" in vars(module):
+        raise ValueError(f"{type(module).__name__} already has an instance-level forward; not compiling it")
+    module.forward = torch.compile(
+        module.forward,
+        mode=mode,
+        backend=backend,
+        dynamic=dynamic,
+        recompile_limit=recompile_limit,
+        isolate_recompiles=True,
+    )
+    object.__setattr__(module, _COMPILED_ATTR, (mode, backend))
+    return module
+
+
+def compile_vae_by_default(device: torch.device) -> bool:
+    """Whether ``compile_vae=None`` compiles the VAE decoder: on CUDA yes, elsewhere no.
+
+    On a GPU the temporal VAE decoder is a few percent of a video and compiles in about
+    a minute; on a CPU inductor takes minutes for it and gains little.
+    """
+    return torch.device(device).type == "cuda"
+
+
+@dataclass(frozen=True)
+class CompileReport:
+    """What :func:`compile_pipeline` compiled."""
+
+    mode: str
+    backend: str
+    unet: bool
+    vae_decoder: bool
+
+
+def compile_pipeline(
+    pipe: Any,
+    mode: bool | str,
+    *,
+    vae: bool | None = None,
+    backend: str | Callable = "inductor",
+    recompile_limit: int | None = None,
+) -> CompileReport:
+    """Compile an SVD pipeline's UNet (and, if ``vae``, its VAE decoder) in place.
+
+    ``vae=None`` decides by the UNet's device (:func:`compile_vae_by_default`). Apply VCUT
+    (and any other model surgery) first. Raises ``ValueError`` for a bad ``mode``.
+    """
+    mode = compile_mode(mode)
+    backend_name = backend if isinstance(backend, str) else getattr(backend, "__name__", repr(backend))
+    if mode == "off":
+        return CompileReport("off", backend_name, False, False)
+    unet = pipe.unet
+    if isinstance(unet, torch._dynamo.eval_frame.OptimizedModule):
+        raise ValueError("the pipeline's UNet is already wrapped in torch.compile; pass the plain UNet")
+    compile_module(unet, mode, backend=backend, recompile_limit=recompile_limit)
+    if vae is None:
+        vae = compile_vae_by_default(unet.device)
+    decoder = getattr(getattr(pipe, "vae", None), "decoder", None)
+    if vae and decoder is not None:
+        compile_module(decoder, mode, backend=backend, recompile_limit=recompile_limit)
+    return CompileReport(mode, backend_name, True, bool(vae and decoder is not None))
+
+
+# -- observing dynamo ----------------------------------------------------------------------
+def compile_count() -> int:
+    """Frames dynamo has compiled (or tried to) in this process: first compiles and recompiles.
+
+    It does not move while compiled code runs from its cache, so a difference of 0 across
+    a render means nothing was (re)compiled and nothing fell back to eager for a new reason.
+    """
+    from torch._dynamo.utils import counters
+
+    return int(counters["frames"]["total"])
+
+
+def compile_seconds() -> float:
+    """Seconds dynamo and its backend have spent compiling in this process (dynamo's own timer)."""
+    try:
+        from torch._dynamo.utils import calculate_time_spent
+
+        return float(calculate_time_spent().get("entire_frame_compile", 0.0))
+    except Exception:  # an internal API: never fail a render over a statistic
+        return 0.0
+
+
+class CompileWatch:
+    """Counts ``torch.compile`` work inside a ``with`` block: ``compiles`` and ``seconds``.
+
+    ``strict=True`` raises :class:`RecompileError` at the end of a block in which anything
+    was compiled (e.g. timed benchmark rounds after a warm-up), and additionally sets
+    ``torch._dynamo.config.error_on_recompile`` inside the block, so a *re*compile fails
+    right where it happens. Usable as ``with CompileWatch(strict=True) as w: ...``.
+    """
+
+    def __init__(self, *, strict: bool = False, what: str = "this block") -> None:
+        self.strict = strict
+        self.what = what
+        self.compiles = 0
+        self.seconds = 0.0
+        self._start: tuple[int, float] | None = None
+        self._patch: contextlib.AbstractContextManager | None = None
+
+    def __enter__(self) -> CompileWatch:
+        self._start = (compile_count(), compile_seconds())
+        if self.strict:
+            self._patch = torch._dynamo.config.patch(error_on_recompile=True)
+            self._patch.__enter__()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._patch is not None:
+            self._patch.__exit__(exc_type, exc, tb)
+            self._patch = None
+        self.update()
+        if self.strict and exc_type is None and self.compiles:
+            raise RecompileError(
+                f"torch.compile compiled {self.compiles} frame(s) ({self.seconds:.1f}s) during {self.what}; "
+                'run with TORCH_LOGS="recompiles" to see why'
+            )
+
+    def update(self) -> None:
+        """Refresh ``compiles`` and ``seconds`` (also inside the block)."""
+        if self._start is not None:
+            self.compiles = compile_count() - self._start[0]
+            self.seconds = max(0.0, compile_seconds() - self._start[1])
+
+
+@contextlib.contextmanager
+def no_recompiles(what: str = "this block") -> Iterator[CompileWatch]:
+    """``with no_recompiles("timed rounds"): ...``: raise :class:`RecompileError` on any compile inside."""
+    with CompileWatch(strict=True, what=what) as watch:
+        yield watch
