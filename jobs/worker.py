@@ -202,7 +202,12 @@ class RenderWorker:
         )
         return frames
 
-    def _render(self, task: dict[str, Any], result: dict[str, Any], loaded: float = 0.0) -> Any:
+    def _render(self, task: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+        """One row alone: its result and its frames (None when it failed)."""
+        result = self._new_result()
+        return result, self._render_row(task, result)
+
+    def _render_row(self, task: dict[str, Any], result: dict[str, Any], loaded: float = 0.0) -> Any:
         """Render one row with ``generate``; its frames, or None when it failed (``result`` says why).
         ``loaded``: seconds already spent loading ``task["image"]`` (then a prepared image)."""
         params = task["params"]
@@ -237,7 +242,7 @@ class RenderWorker:
             load_seconds.append(time.perf_counter() - start)
         if len(good) <= 1:
             for i, image, loaded in zip(good, images, load_seconds, strict=True):
-                frames[i] = self._render(dict(tasks[i], image=image), results[i], loaded)
+                frames[i] = self._render_row(dict(tasks[i], image=image), results[i], loaded)
             return frames
         start = time.perf_counter()
         try:
@@ -257,7 +262,7 @@ class RenderWorker:
         for i, image, loaded in zip(good, images, load_seconds, strict=True):
             results[i].clear()  # a row may have been filled before the failure
             results[i].update(self._new_result())
-            frames[i] = self._render(dict(tasks[i], image=image), results[i], loaded)
+            frames[i] = self._render_row(dict(tasks[i], image=image), results[i], loaded)
         return frames
 
     def _groups(self, tasks: list[dict[str, Any]]) -> list[list[int]]:
@@ -297,7 +302,7 @@ class RenderWorker:
         with self._render_lock:
             for group in self._groups(tasks):
                 if len(group) == 1:
-                    rendered = [self._render(tasks[group[0]], results[group[0]])]
+                    rendered = [self._render_row(tasks[group[0]], results[group[0]])]
                 else:
                     rendered = self._render_together([tasks[i] for i in group], [results[i] for i in group])
                 for i, frames in zip(group, rendered, strict=True):

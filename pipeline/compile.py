@@ -198,10 +198,11 @@ def compile_seconds() -> float:
 class CompileWatch:
     """Counts ``torch.compile`` work inside a ``with`` block: ``compiles`` and ``seconds``.
 
-    ``strict=True`` raises :class:`RecompileError` at the end of a block in which anything
-    was compiled (e.g. timed benchmark rounds after a warm-up), and additionally sets
-    ``torch._dynamo.config.error_on_recompile`` inside the block, so a *re*compile fails
-    right where it happens. Usable as ``with CompileWatch(strict=True) as w: ...``.
+    ``strict=True`` makes any compile inside the block an error (e.g. timed benchmark
+    rounds after a warm-up): the block runs under ``torch.compiler.set_stance(
+    "fail_on_recompile")``, so dynamo refuses to compile right where it would, and
+    :class:`RecompileError` is raised (with dynamo's guard-failure reasons as its
+    ``__cause__``). Usable as ``with CompileWatch(strict=True) as w: ...``.
     """
 
     def __init__(self, *, strict: bool = False, what: str = "this block") -> None:
@@ -210,24 +211,30 @@ class CompileWatch:
         self.compiles = 0
         self.seconds = 0.0
         self._start: tuple[int, float] | None = None
-        self._patch: contextlib.AbstractContextManager | None = None
+        self._stance: Any = None
 
     def __enter__(self) -> CompileWatch:
         self._start = (compile_count(), compile_seconds())
         if self.strict:
-            self._patch = torch._dynamo.config.patch(error_on_recompile=True)
-            self._patch.__enter__()
+            self._stance = torch.compiler.set_stance("fail_on_recompile")
+            self._stance.__enter__()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if self._patch is not None:
-            self._patch.__exit__(exc_type, exc, tb)
-            self._patch = None
+        if self._stance is not None:
+            self._stance.__exit__(exc_type, exc, tb)
+            self._stance = None
         self.update()
-        if self.strict and exc_type is None and self.compiles:
+        if not self.strict:
+            return
+        if exc is not None and "fail_on_recompile" in str(exc):
             raise RecompileError(
-                f"torch.compile compiled {self.compiles} frame(s) ({self.seconds:.1f}s) during {self.what}; "
-                'run with TORCH_LOGS="recompiles" to see why'
+                f"torch.compile had to compile during {self.what}; the reasons are in the cause"
+            ) from exc
+        if exc_type is None and self.compiles:
+            raise RecompileError(
+                f"torch.compile compiled {self.compiles} frame(s) ({self.seconds:.1f}s) during "
+                f'{self.what}; run with TORCH_LOGS="recompiles" to see why'
             )
 
     def update(self) -> None:

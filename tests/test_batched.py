@@ -42,17 +42,21 @@ def _maxdiff(a: np.ndarray, b: np.ndarray) -> int:
 
 @pytest.fixture(scope="module")
 def renderers(tiny_model_dir: Path) -> dict[str, Renderer]:
-    return {mode: Renderer.from_pretrained(tiny_model_dir, vcut=mode) for mode in ("off", "exact", "full")}
+    out = {mode: Renderer.from_pretrained(tiny_model_dir, vcut=mode) for mode in ("off", "exact", "full")}
+    out["full+cache2"] = Renderer.from_pretrained(tiny_model_dir, vcut="full", step_cache=2)
+    return out
 
 
 # -- the renderer ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["off", "full"])
+@pytest.mark.parametrize("mode", ["off", "full", "full+cache2"])
 def test_batch_rows_equal_rows_rendered_alone(renderers, mode: str) -> None:
     r = renderers[mode]
     images, seeds = [_image(1), _image(2, 64, 96), _image(3)], [10, 11, 2**40]
     kw = dict(SMALL, decode_chunk_size=3)
+    if mode == "full+cache2":  # step caching: steps 1 and 3 full, step 2 reuses the deep features
+        kw["num_inference_steps"] = 3
     batch = r.generate_batch(images, seeds=seeds, **kw)
     alone = [r.generate(img, seed=s, **kw) for img, s in zip(images, seeds, strict=True)]
     diffs = [_maxdiff(b.frames, a.frames) for b, a in zip(batch, alone, strict=True)]
