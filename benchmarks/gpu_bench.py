@@ -555,6 +555,7 @@ class Bench:
         self.runners: dict[str, Runner] = {}  # config -> its call
         self.eager_configs: list[str] = []
         self.compiled: tuple[Any, Any] | None = None  # (compiled renderer, its step-cache state)
+        self.planned: set[str] = set()  # the stages this run will try (--stages, --no-compile)
         self.reference_frames: dict[int, tuple[int, np.ndarray]] = {}  # stock's (steps, frames)
         self.result: dict[str, Any] = header("gpu_bench")
         self.result.update(
@@ -650,7 +651,8 @@ class Bench:
         order = ["compile", "compile_step_cache", "whole_video", "batched", "macs"]
         later = order[order.index(stage) + 1 :] if stage in order else []
         est = {"whole_video": self.est_whole_video, "batched": self.est_batched, "macs": self.est_macs}
-        return sum(est[s]() for s in later if s in est) + (1.0 if self.tiny else 10.0)
+        planned = [s for s in later if s in est and s in self.planned]
+        return sum(est[s]() for s in planned) + (1.0 if self.tiny else 10.0)
 
     def fits(self, stage: str, estimate: float, key: str | None = None) -> bool:
         """Whether ``estimate`` seconds fit before the time kept for later stages; else skip ``key``."""
@@ -1201,6 +1203,7 @@ class Bench:
             stages = [s for s in stages if not s[0].startswith("compile")]
             self.result["stages_skipped"]["compile"] = "--no-compile"
             self.result["stages_skipped"]["compile_step_cache"] = "--no-compile"
+        self.planned = {name for name, _ in stages}
         try:
             for name, fn in stages:
                 if name != "build" and "build" not in self.result["stages_done"]:

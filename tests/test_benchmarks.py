@@ -209,6 +209,19 @@ def test_gpu_bench_budget_skips_stages_and_says_why(tmp_path):
     assert data["stages"]["eager"]["status"] == "skipped" and not data["configs"]
 
 
+def test_time_is_kept_only_for_later_stages_that_will_run():
+    from benchmarks import gpu_bench
+
+    bench = gpu_bench.Bench(gpu_bench.parse_args(["--device", "cpu", "--tiny", "--out", "/dev/null"]))
+    bench.planned = {"build", "compile", "whole_video", "batched", "macs"}
+    everything = bench.reserve_after("compile")
+    bench.planned = {"build", "compile", "whole_video"}  # e.g. --stages compile,whole_video
+    assert bench.reserve_after("compile") == pytest.approx(
+        everything - bench.est_batched() - bench.est_macs()
+    )
+    assert bench.reserve_after("macs") == pytest.approx(1.0)  # only the margin
+
+
 def test_forbid_recompiles_makes_a_recompile_an_error():
     import torch._dynamo
 
