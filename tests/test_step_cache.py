@@ -381,3 +381,16 @@ def test_worker_passes_step_cache_and_rows_carry_macs_per_lever(stock_pipe, monk
         if s.name.endswith("_total")
     }
     assert by_lever == {"vcut": result["macs_saved_vcut"], "step_cache": result["macs_saved_step_cache"]}
+
+
+def test_vcut_and_step_cache_under_inference_mode(stock_pipe):
+    """Inference tensors have no version counter: VCUT and the step cache must still work, the
+    same as under no_grad (the pipeline's own mode), and not leak between two videos."""
+    pipe = _cached(stock_pipe, 3, mode="exact")
+    expected_a, expected_b = _render(pipe, 0, 0), _render(pipe, 1, 5)
+    with torch.inference_mode():
+        a, b, a_again = _render(pipe, 0, 0), _render(pipe, 1, 5), _render(pipe, 0, 0)
+    assert np.abs(a - expected_a).max() <= 1e-6
+    assert np.abs(b - expected_b).max() <= 1e-6
+    assert np.array_equal(a, a_again)
+    assert np.abs(a - b).max() > 0.01

@@ -49,6 +49,13 @@ class VCUTReport:
         return asdict(self)
 
 
+def tensor_version(t: torch.Tensor) -> int | None:
+    """``t``'s in-place version counter, or None for an inference tensor (made under
+    ``torch.inference_mode()``), which has none: such a tensor is never recognised by
+    identity alone, only by content."""
+    return None if t.is_inference() else t._version
+
+
 class ConditioningKeys:
     """Names the conditioning embedding of the current UNet call and prepares the constants.
 
@@ -78,7 +85,7 @@ class ConditioningKeys:
     def __init__(self, max_entries: int = 4) -> None:
         self.max_entries = max_entries
         # token -> (the tensor seen, its version then, a private copy of its content)
-        self._entries: OrderedDict[int, tuple[torch.Tensor, int, torch.Tensor]] = OrderedDict()
+        self._entries: OrderedDict[int, tuple[torch.Tensor, int | None, torch.Tensor]] = OrderedDict()
         self._next = 0
         self.current: int | None = None
         # (attention module, its processor) for every patched spatial cross-attention
@@ -96,18 +103,18 @@ class ConditioningKeys:
 
     def _token_for(self, e: torch.Tensor) -> int:
         for token, (seen, version, _) in self._entries.items():
-            if seen is e and version == e._version:
+            if seen is e and version is not None and version == tensor_version(e):
                 self._entries.move_to_end(token)
                 return token
         if not e.is_meta:  # meta tensors (MAC counting) have no content to compare
             for token, (_, _, copy) in self._entries.items():
                 if copy.shape == e.shape and copy.dtype == e.dtype and copy.device == e.device:
                     if torch.equal(copy, e):
-                        self._entries[token] = (e, e._version, copy)
+                        self._entries[token] = (e, tensor_version(e), copy)
                         self._entries.move_to_end(token)
                         return token
         token, self._next = self._next, self._next + 1
-        self._entries[token] = (e, e._version, e if e.is_meta else e.detach().clone())
+        self._entries[token] = (e, tensor_version(e), e if e.is_meta else e.detach().clone())
         while len(self._entries) > self.max_entries:
             self._entries.popitem(last=False)
         return token

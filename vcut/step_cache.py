@@ -55,7 +55,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from vcut.patch import VCUTError
+from vcut.patch import VCUTError, tensor_version
 
 _STATE_ATTR = "_vcut_step_cache"
 
@@ -100,7 +100,7 @@ class StepCacheState:
     def _timestep_key(t: Any) -> tuple:
         if isinstance(t, torch.Tensor):
             if t._base is not None and t.numel() == 1:
-                return ("view", t._base, t._base._version, t.storage_offset())
+                return ("view", t._base, tensor_version(t._base), t.storage_offset())
             if t.is_meta:  # no value to read (MAC counting): never continues a schedule
                 return ("meta", object())
             return ("value", float(t.reshape(-1)[0]))  # one device->host copy on CUDA
@@ -122,7 +122,7 @@ class StepCacheState:
             self.reset()
             return
         sample_key = (tuple(sample.shape), sample.dtype, sample.device)
-        e_key = (e, e._version) if isinstance(e, torch.Tensor) else (None, None)
+        e_key = (e, tensor_version(e)) if isinstance(e, torch.Tensor) else (None, None)
         t_key = self._timestep_key(t)
         last = self._last
         same_video = (
