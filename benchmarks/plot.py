@@ -11,6 +11,10 @@ Usage (from the repository root)::
   black tick, and the paper's "about 20 % lower latency" (0.80) as a dashed line.
 * ``e2e_breakdown.png``: per end-to-end run (``e2e`` files), where each worker's wall time
   went (model, image loading, video encoding and writing, the rest: scheduling and Ray).
+* ``levers.png``: seconds per whole video of each speed lever relative to the baseline: the CPU
+  whole-video A/B (``levers`` files: median of paired ratios to ``off`` with p25-p75) and the GPU
+  script (``gpu_bench`` files: ratio to stock diffusers), with the ratio the MAC count predicts
+  for the denoising loop as a black tick.
 * ``orchestration.png``: per orchestration run, rows per second and the driver's peak memory
   against the manifest's size.
 
@@ -293,6 +297,69 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def lever_entries(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One entry per result file of ``levers`` or ``gpu_bench``: ``{config: (ratio, lo, hi, predicted)}``."""
+    entries = []
+    for r in results:
+        bars: dict[str, tuple[float, float, float, float | None]] = {}
+        if r.get("benchmark") == "levers" and r.get("summary"):
+            for name, e in r["summary"].items():
+                if "total_ratio_to_off_paired" in e:
+                    t = e["total_ratio_to_off_paired"]
+                    bars[name] = (t["median"], t["p25"], t["p75"], e.get("predicted_denoise_ratio"))
+            label = f"CPU, {r.get('size')}, {r.get('steps')} steps\nvs off, whole video"
+        elif r.get("benchmark") == "gpu_bench" and r.get("configs"):
+            counted = (r.get("macs") or {}).get("counted", {})
+            shape = r.get("shape", {})
+            key = f"{shape.get('width')}x{shape.get('height')}x{shape.get('num_frames')}"
+            base = counted.get(f"off|cache0|{key}", {}).get("per_video_macs_with_attention")
+            for name, e in r["configs"].items():
+                ratio = e.get("ratio_to_stock") if isinstance(e, dict) else None
+                if ratio is None or name == "stock":
+                    continue
+                mode = name.split("+")[0]
+                cache = next((p[5:] for p in name.split("+") if p.startswith("cache")), "0")
+                mine = counted.get(f"{mode}|cache{cache}|{key}", {}).get("per_video_macs_with_attention")
+                bars[name] = (ratio, ratio, ratio, mine / base if mine and base else None)
+            label = f"{machine_label(r)}, {key}\nvs stock diffusers, whole video"
+        if bars:
+            entries.append({"label": label, "bars": bars})
+    return entries
+
+
+def plot_levers(results: list[dict[str, Any]], path: Path) -> Path | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    entries = lever_entries(results)
+    if not entries:
+        return None
+    fig, axes = plt.subplots(1, len(entries), figsize=(4.2 * len(entries), 4.6), squeeze=False)
+    for ax, e in zip(axes[0], entries, strict=True):
+        names = list(e["bars"])
+        for i, name in enumerate(names):
+            ratio, lo, hi, pred = e["bars"][name]
+            ax.bar(i, ratio, 0.7, color="#4c72b0", alpha=0.75)
+            if hi > lo:
+                err = [[ratio - lo], [hi - ratio]]
+                ax.errorbar(i, ratio, yerr=err, fmt="none", ecolor="black", capsize=3)
+            if pred is not None:
+                ax.scatter(i, pred, marker="_", s=400, color="black", zorder=3)
+            ax.text(i, ratio + 0.02, f"{ratio:.2f}", ha="center", fontsize=8)
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+        ax.set_ylim(0, 1.25)
+        ax.set_title(e["label"], fontsize=9)
+        ax.set_ylabel("seconds per video, relative")
+    fig.suptitle("Speed levers: bars measured, black ticks = MAC count of the denoising loop", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m benchmarks.plot", description=__doc__.split("\n\n")[0])
     p.add_argument("--results", type=Path, default=RESULTS_DIR, help="folder of result JSON files")
@@ -306,6 +373,7 @@ def main(argv: list[str] | None = None) -> int:
         (plot_ab, "ab_ratios.png"),
         (plot_e2e, "e2e_breakdown.png"),
         (plot_orchestration, "orchestration.png"),
+        (plot_levers, "levers.png"),
     ):
         written = fn(results, out / name)
         print(f"wrote {written}" if written else f"{name}: no results to plot")
