@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 
 
@@ -158,8 +159,72 @@ FLAG_KEYS = {
 }
 
 
+def _fail(message: str) -> int:
+    """One line on stderr, ``vcut: error: ...``; exit status 2 (bad usage, config or input)."""
+    print(f"vcut: error: {' '.join(str(message).split())}", file=sys.stderr)
+    return 2
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (``vcut: error: ...``), exit 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        _fail(f"{message} (see `{self.prog} --help`)")
+        raise SystemExit(2)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is now (so captured output in tests sees it too)."""
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _setup_logging(verbose: bool) -> None:
+    """The terminal shows the job's own lines (logger ``jobs``) and warnings; ``--verbose``
+    shows every library's INFO lines too. Called once per command (replaces its handler)."""
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_vcut", False)]:
+        root.removeHandler(handler)
+    handler = _StderrHandler()
+    handler._vcut = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if not verbose:
+        handler.addFilter(
+            lambda r: r.levelno >= logging.WARNING or r.name == "jobs" or r.name.startswith("jobs.")
+        )
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def _log_to_out(out) -> str | None:
+    """Everything the driver logs also goes to ``DIR/logs/vcut.log`` (local DIR only)."""
+    if not out.local:
+        return None
+    import os
+
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if getattr(h, "_vcut_file", False)]:
+        root.removeHandler(handler)
+        handler.close()
+    try:
+        os.makedirs(out.path("logs"), exist_ok=True)
+        handler = logging.FileHandler(out.path("logs", "vcut.log"))
+    except OSError:
+        return None
+    handler._vcut_file = True  # type: ignore[attr-defined]
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    return out.path("logs", "vcut.log")
+
+
 def _load_config(args: argparse.Namespace):
-    """The resolved job config, or None after printing omegaconf's message (exit 2)."""
+    """The resolved job config, or None after printing omegaconf's message, one line (exit 2)."""
     from omegaconf.errors import OmegaConfBaseException
 
     from jobs.config import check_config, load_config
@@ -172,41 +237,60 @@ def _load_config(args: argparse.Namespace):
         check_config(cfg)
         return cfg
     except (OmegaConfBaseException, ValueError, OSError) as exc:
-        print(f"vcut: config error: {exc}", file=sys.stderr)
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        key = next((ln.strip() for ln in lines[1:] if ln.strip().startswith("full_key:")), "")
+        _fail(f"config: {lines[0]}" + (f" ({key})" if key else ""))
         return None
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    import logging
-
     from jobs.manifest import ManifestError
     from jobs.metrics import make_metrics_hook
+    from jobs.preflight import PreflightError, run_preflight
     from jobs.progress import format_summary
     from jobs.results import open_output
     from jobs.runner import JobError, run_job
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _setup_logging(args.verbose)
     try:  # a local folder or an fsspec URI (s3://, gs://, file:// ...); creates nothing yet
         out = open_output(args.out)
     except (ValueError, ImportError) as exc:
-        print(f"vcut: --out {args.out!r}: {exc}", file=sys.stderr)
-        return 2
+        return _fail(f"--out {args.out!r}: {exc}")
     cfg = _load_config(args)
     if cfg is None:
         return 2
+    try:  # manifest, output, model, ffmpeg, cluster address: before Ray starts
+        info = run_preflight(cfg, args.manifest, out)
+    except PreflightError as exc:
+        return _fail(str(exc))
+    except ManifestError as exc:  # one line per problem, each naming column and row
+        print(f"vcut: error: {exc}", file=sys.stderr)
+        return 2
+    log_file = _log_to_out(out)
     hook = make_metrics_hook(cfg.metrics)
     try:
-        summary = run_job(cfg, args.manifest, out, hook=hook)
+        summary = run_job(cfg, args.manifest, out, hook=hook, info=info, verbose=args.verbose)
+    except PreflightError as exc:  # the cluster: auth, too few GPUs
+        return _fail(str(exc))
     except ManifestError as exc:
-        print(f"vcut: {exc}", file=sys.stderr)
+        print(f"vcut: error: {exc}", file=sys.stderr)
         return 2
     except JobError as exc:
-        print(f"vcut: job failed: {exc}", file=sys.stderr)
+        logs = f"; details in {out.uri_of('logs')}" if (exc.causes or log_file) else ""
+        for cause in exc.causes or [""]:
+            print(f"vcut: error: {exc}{': ' + cause if cause else ''}{logs}", file=sys.stderr)
         return 1
     finally:
         hook.close()
     print(format_summary(summary))
     return 0 if summary["failed"] == 0 else 3
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    from jobs.doctor import main as doctor_main
+
+    _setup_logging(False)
+    return doctor_main(args)
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
@@ -258,7 +342,7 @@ def _add_job_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="vcut",
         description="Batch image-to-video rendering with Stable Video Diffusion and VCUT.",
     )
@@ -377,8 +461,24 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="output folder or URI (s3://, gs://): videos/, results/, summary.json"
     )
     p.add_argument("--overwrite", action="store_true", help="render rows that are already ok again")
+    p.add_argument(
+        "--verbose", action="store_true", help="also show Ray's and the workers' logs (always in DIR/logs/)"
+    )
     _add_job_flags(p)
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "doctor",
+        help="check this machine (and a cluster) for a job: OK / WARN / FAIL rows (exit 0: a job would run)",
+        description="One table of what a job needs: Python, torch and its CUDA build, GPUs seen by torch "
+        "and by Ray, ffmpeg and its encoders, the Ray cluster (reachable, auth mode), the model (config "
+        "only, no weights loaded), the Hugging Face cache and token, the output folder. Exit status 0 "
+        "when no row is FAIL, else 1.",
+    )
+    p.add_argument("--model", help="hub id or local model folder to check (nothing is downloaded)")
+    p.add_argument("--address", help="Ray cluster to check (default: RAY_ADDRESS, else none)")
+    p.add_argument("--out", help="output folder or URI to check with a probe file (removed again)")
+    p.set_defaults(func=_cmd_doctor)
 
     p = sub.add_parser("config", help="print the resolved job config (same flags as run)")
     _add_job_flags(p)

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator
@@ -34,7 +33,23 @@ log = logging.getLogger("jobs")
 
 
 class JobError(RuntimeError):
-    """The job cannot go on (no worker could start, every worker is gone)."""
+    """The job cannot go on (no worker could start, every worker is gone). ``causes``: one line
+    per distinct reason workers failed to start (tracebacks are in DIR/logs/)."""
+
+    def __init__(self, message: str, causes: list[str] | None = None):
+        super().__init__(message)
+        self.causes = list(causes or [])
+
+
+def _death_line(exc: BaseException | None) -> str:
+    """One line for a worker process that died (Ray's message is many): Ray's exit detail
+    (e.g. killed by the memory monitor) when it gives one, else its first line."""
+    text = str(exc or "").strip()
+    for line in text.splitlines():
+        if "exit detail" in line.lower():
+            return f"{type(exc).__name__}: {line.strip()}"
+    first = text.splitlines()[0] if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
 
 
 @dataclass
@@ -50,6 +65,7 @@ class _Worker:
     label: str
     inflight: set = field(default_factory=set)
     alive: bool = True
+    ready: bool = False  # its info() came back without a start-up error: it may get batches
 
 
 class NoopHook:
@@ -191,6 +207,8 @@ class Runner:
         self.workers: list[_Worker] = []
         self.inflight: dict[Any, tuple[_Worker, Batch]] = {}
         self.retry: deque[Batch] = deque()
+        self.starting: dict[Any, _Worker] = {}  # info() refs of workers not yet ready
+        self.start_failures: dict[str, list[str]] = {}  # one line per cause -> "worker (node)"
         self._next_label = 0
 
     # -- workers -----------------------------------------------------------------------
@@ -208,30 +226,60 @@ class Runner:
             name=None,
         )
         threads = max(1, math.floor(self.num_cpus))
-        actor = remote.remote(self.cfg_dict, label, self.renderer_factory, self.encoder, threads)
+        log_dir = self.out.path("logs") if self.out.local else None
+        actor = remote.remote(self.cfg_dict, label, self.renderer_factory, self.encoder, threads, log_dir)
         worker = _Worker(actor, label)
         self.workers.append(worker)
+        self.starting[actor.info.remote()] = worker
         return worker
+
+    def _started(self, worker: _Worker, info: dict[str, Any] | None, exc: BaseException | None) -> None:
+        """A worker's ``info()`` came back (or failed): ready, or dead with its cause recorded once."""
+        import ray
+
+        if info is not None and "error" not in info:
+            worker.ready = True
+            log.info("%s ready on %s (pid %s, %s)", worker.label, info["node"], info["pid"], info["device"])
+            return
+        worker.alive = False
+        if info is not None:
+            cause, node, detail = info["error"], info["node"], info["traceback"]
+        else:
+            cause, node, detail = _death_line(exc), "?", str(exc)
+        name = f"{worker.label}.startup-error.log"
+        try:
+            self.out.makedirs("logs")
+            self.out.write_bytes(self.out.path("logs", name), f"{worker.label} on {node}\n{detail}".encode())
+            where = self.out.uri_of("logs", name)
+        except Exception as write_exc:  # the cause still reaches the terminal
+            where = f"not written: {type(write_exc).__name__}"
+        new = cause not in self.start_failures
+        self.start_failures.setdefault(cause, []).append(f"{worker.label} on {node} ({where})")
+        if new:
+            log.warning("%s could not start on %s: %s (traceback: %s)", worker.label, node, cause, where)
+        try:
+            ray.kill(worker.actor, no_restart=True)
+        except Exception:
+            pass
+
+    def start_failure_lines(self) -> list[str]:
+        """One line per distinct start-up failure: the cause, then which workers and where."""
+        return [f"{cause} [{'; '.join(where)}]" for cause, where in self.start_failures.items()]
 
     def _start_pool(self, count: int) -> None:
         import ray
 
-        started = [self._start_worker() for _ in range(count)]
-        refs = {w.actor.info.remote(): w for w in started}
-        errors = []
-        for ref, worker in refs.items():
+        for _ in range(count):
+            self._start_worker()
+        for ref, worker in list(self.starting.items()):
             try:
                 info = ray.get(ref, timeout=float(self.cfg.workers.start_timeout_s))
-                log.info(
-                    "%s ready on %s (pid %s, %s)", worker.label, info["node"], info["pid"], info["device"]
-                )
+                self._started(worker, info, None)
             except Exception as exc:
-                worker.alive = False
-                errors.append(f"{worker.label}: {exc}")
-        if not any(w.alive for w in self.workers):
-            raise JobError("no worker could start:\n" + "\n".join(errors))
-        for error in errors:
-            log.warning("worker failed to start: %s", error)
+                self._started(worker, None, exc)
+            del self.starting[ref]
+        if not any(w.ready for w in self.workers):
+            raise JobError("no worker could start", self.start_failure_lines())
 
     def _worker_died(self, worker: _Worker, exc: BaseException) -> None:
         import ray
@@ -254,7 +302,7 @@ class Runner:
             pass
         if self.restarts_left > 0:
             self.restarts_left -= 1
-            new = self._start_worker()
+            new = self._start_worker()  # gets batches once its info() says it is ready
             log.info("started %s to replace %s", new.label, worker.label)
 
     def _requeue(self, batch: Batch) -> None:
@@ -301,7 +349,7 @@ class Runner:
         per_worker = int(self.cfg.workers.inflight_per_worker)
         exhausted = False
         for worker in self.workers:
-            while worker.alive and len(worker.inflight) < per_worker:
+            while worker.alive and worker.ready and len(worker.inflight) < per_worker:
                 batch = self.retry.popleft() if self.retry else next(batches, None)
                 if batch is None:
                     exhausted = True
@@ -315,8 +363,18 @@ class Runner:
         import ray
         from ray.exceptions import RayTaskError
 
-        ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=timeout)
+        refs = list(self.inflight) + list(self.starting)
+        if not refs:
+            return
+        ready, _ = ray.wait(refs, num_returns=1, timeout=timeout)
         for ref in ready:
+            if ref in self.starting:  # a replacement worker finished starting (or failed to)
+                starting = self.starting.pop(ref)
+                try:
+                    self._started(starting, ray.get(ref), None)
+                except Exception as exc:
+                    self._started(starting, None, exc)
+                continue
             if ref not in self.inflight:  # already requeued with its dead worker
                 continue
             worker, batch = self.inflight[ref]
@@ -374,7 +432,9 @@ class Runner:
                 self._start_pool(count)
             while first is not None and self._submit(batches):
                 if not any(w.alive for w in self.workers):
-                    raise JobError("every worker died and the restart budget is spent")
+                    raise JobError(
+                        "every worker died and the restart budget is spent", self.start_failure_lines()
+                    )
                 self._collect(timeout=1.0)
                 self.progress.skipped = self.counters["skipped"]
                 self.progress.update()  # a log line every interval, even between commits
@@ -416,23 +476,28 @@ def run_job(
     cfg: DictConfig,
     manifest_path: str,
     out_dir: str | rs.OutputDir,
+    *,
+    verbose: bool = False,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Run a job on the connected Ray cluster, or on a local Ray instance started (and shut
-    down) here: ``cfg.ray_address``, else ``RAY_ADDRESS``, else local. Returns the summary."""
+    down) here: ``cfg.ray_address``, else ``RAY_ADDRESS``, else local. Returns the summary.
+
+    A cluster that cannot be joined or lacks the GPUs the config asks for raises
+    ``PreflightError`` before any worker starts; ``verbose`` streams the workers' output to
+    this terminal (they always log to ``DIR/logs/`` when DIR is local)."""
     import ray
 
-    info = mf.validate_manifest(manifest_path, reserved=rs.RESERVED_COLUMNS)  # before any worker
+    from jobs.preflight import check_gpus, connect_ray, ray_address
+
+    info = kwargs.pop("info", None) or mf.validate_manifest(manifest_path, reserved=rs.RESERVED_COLUMNS)
     out_dir = rs.open_output(out_dir)  # an unknown protocol or a missing s3fs/gcsfs: before Ray
     own = not ray.is_initialized()
+    address = ray_address(cfg.ray_address)
     if own:
-        ray.init(
-            address=cfg.ray_address or os.environ.get("RAY_ADDRESS") or None,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            configure_logging=False,
-        )
+        connect_ray(address, verbose=verbose)
     try:
+        check_gpus(cfg, ray.cluster_resources(), address)
         return Runner(cfg, manifest_path, out_dir, info=info, **kwargs).run()
     finally:
         if own:

@@ -20,6 +20,7 @@ import os
 import socket
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
@@ -83,6 +84,47 @@ def _error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _error_line(exc: BaseException) -> str:
+    """The exception's own message, one line (its first)."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+
+
+class _DropNotices(logging.Filter):
+    """Library notices that are not the user's to act on (e.g. transformers' torchvision fallback)."""
+
+    NOTICES = ("requires torchvision (not installed)",)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(n in record.getMessage() for n in self.NOTICES)
+
+
+def quiet_library_notices() -> None:
+    """Drop the CLIP image processor's torchvision notice where it is logged (idempotent)."""
+    logger = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _DropNotices) for f in logger.filters):
+        logger.addFilter(_DropNotices())
+
+
+def _log_to_file(log_dir: str, label: str) -> str | None:
+    """Send this process's log records (INFO and up, warnings included) to
+    ``<log_dir>/<label>-<pid>.log``; None when the folder cannot be written."""
+    path = os.path.join(log_dir, f"{label}-{os.getpid()}.log")
+    try:
+        os.makedirs(log_dir, exist_ok=True)
+        handler = logging.FileHandler(path)
+    except OSError:
+        return None
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.INFO)
+    root = logging.getLogger()
+    root.addHandler(handler)
+    if root.level > logging.INFO or root.level == logging.NOTSET:
+        root.setLevel(logging.INFO)
+    logging.captureWarnings(True)
+    return path
+
+
 class RenderWorker:
     """Plain class (Ray wraps it as an actor in ``jobs.runner``).
 
@@ -97,15 +139,27 @@ class RenderWorker:
         renderer_factory: Callable[[dict, dict], Any] | None = None,
         encoder: Callable[..., float] | None = None,
         torch_threads: int | None = None,
+        log_dir: str | None = None,
     ):
-        if torch_threads:
-            import torch
-
-            torch.set_num_threads(torch_threads)
         self.label = label
         self.node = socket.gethostname()
+        self.log_file = _log_to_file(log_dir, label) if log_dir else None
+        quiet_library_notices()
         self.output = cfg["output"]
-        self.renderer = (renderer_factory or load_renderer)(cfg["model"], cfg["cache"])
+        self.renderer: Any = None
+        # A start-up failure (the model does not load, CUDA out of memory ...) is kept, not
+        # raised: ``info()`` hands it to the driver, which reports one line per cause and keeps
+        # the traceback in DIR/logs/ (a raised error would reach the terminal as Ray's banner).
+        self.startup_error: dict[str, str] | None = None
+        try:
+            if torch_threads:
+                import torch
+
+                torch.set_num_threads(torch_threads)
+            self.renderer = (renderer_factory or load_renderer)(cfg["model"], cfg["cache"])
+        except Exception as exc:
+            self.startup_error = {"error": _error_line(exc), "traceback": traceback.format_exc()}
+            log.error("%s could not start: %s", label, self.startup_error["traceback"])
         self.vcut_mode = str(getattr(self.renderer, "vcut_mode", cfg["model"]["vcut"]))
         self.step_cache = getattr(self.renderer, "step_cache", cfg["model"].get("step_cache"))
         self.step_cache_depth = int(
@@ -120,7 +174,13 @@ class RenderWorker:
         self._macs_warned = False
 
     def info(self) -> dict[str, Any]:
-        return {"worker": self.label, "node": self.node, "pid": os.getpid(), "device": str(self._device())}
+        """Where this worker runs; with ``error`` and ``traceback`` when it could not start."""
+        info = {"worker": self.label, "node": self.node, "pid": os.getpid(), "device": str(self._device())}
+        if self.log_file:
+            info["log"] = self.log_file
+        if self.startup_error:
+            info.update(self.startup_error)
+        return info
 
     def _device(self) -> Any:
         return getattr(self.renderer, "device", "cpu")
@@ -297,6 +357,8 @@ class RenderWorker:
         fields (status, error, timings, frames, MACs, cache hit, worker, node). Rows render
         ``workers.render_batch`` at a time where their generation values allow it.
         """
+        if self.startup_error:  # the driver never sends work to a worker that did not start
+            raise RuntimeError(f"{self.label} did not start: {self.startup_error['error']}")
         results = [self._new_result() for _ in tasks]
         futures: list[Future | None] = [None] * len(tasks)
         with self._render_lock:

@@ -28,15 +28,19 @@ from typing import TYPE_CHECKING
 import torch
 
 from .errors import ModelLoadError
+from .model_files import (  # noqa: F401  (re-exported: the torch-free checks live there)
+    PICKLE_SUFFIXES,
+    _check_local_folder,
+    _local_has_variant,
+    is_local_model,
+    offline_from_env,
+    pickle_only_components,
+)
 
 if TYPE_CHECKING:
     from diffusers import StableVideoDiffusionPipeline
 
 logger = logging.getLogger(__name__)
-
-PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
-_WEIGHT_COMPONENTS = ("unet", "vae", "image_encoder")
-_TRUE = {"1", "true", "yes", "on"}
 
 _DTYPES = {
     "float16": torch.float16,
@@ -69,53 +73,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
     return _DTYPES[key]
 
 
-def offline_from_env() -> bool:
-    """Whether ``HF_HUB_OFFLINE`` asks for no network access."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
-
-
-def pickle_only_components(folder: Path) -> dict[str, list[str]]:
-    """Components of a local diffusers folder whose weights exist only as pickle files."""
-    found: dict[str, list[str]] = {}
-    for name in _WEIGHT_COMPONENTS:
-        sub = folder / name
-        if not sub.is_dir():
-            continue
-        files = [p.name for p in sub.iterdir() if p.is_file()]
-        pickles = sorted(f for f in files if f.endswith(PICKLE_SUFFIXES))
-        if pickles and not any(f.endswith(".safetensors") for f in files):
-            found[name] = pickles
-    return found
-
-
-def _local_has_variant(folder: Path, variant: str) -> bool:
-    return any(folder.glob(f"*/*.{variant}.safetensors")) or any(folder.glob(f"*/*.{variant}-*.safetensors"))
-
-
-def _check_local_folder(folder: Path, allow_pickle: bool) -> None:
-    if not folder.exists():
-        raise ModelLoadError(f"model folder {str(folder)!r} does not exist")
-    if not folder.is_dir():
-        kind = "pickle checkpoint" if folder.suffix in PICKLE_SUFFIXES else "file"
-        raise ModelLoadError(
-            f"model {str(folder)!r} is a single {kind}; expected a diffusers folder with model_index.json "
-            "(or a Hugging Face hub id)"
-        )
-    if not (folder / "model_index.json").is_file():
-        raise ModelLoadError(
-            f"model folder {str(folder)!r} has no model_index.json: not a diffusers pipeline folder "
-            "(write one with StableVideoDiffusionPipeline.save_pretrained)"
-        )
-    pickles = pickle_only_components(folder)
-    if pickles and not allow_pickle:
-        listing = "; ".join(f"{k}: {', '.join(v)}" for k, v in pickles.items())
-        raise ModelLoadError(
-            f"model folder {str(folder)!r} has pickle weights only ({listing}). Pickle files can run "
-            "arbitrary code when loaded, so they are refused: convert them to safetensors, or pass "
-            "allow_pickle=True if you trust this checkpoint"
-        )
-
-
 def load_svd_pipeline(
     model: str | os.PathLike,
     *,
@@ -141,7 +98,7 @@ def load_svd_pipeline(
         local_files_only = offline_from_env()
 
     local = Path(name).expanduser()
-    is_local = local.exists() or name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
+    is_local = is_local_model(name)
     if is_local:
         _check_local_folder(local, allow_pickle)
         name = str(local)

@@ -1,0 +1,161 @@
+"""``vcut doctor``: on this machine with the tiny model (exit 0), with mistakes (exit 1, FAIL
+rows with the fix), and against a ``ray start --head`` cluster started here.
+
+The cluster gets its own temporary folder and free loopback ports, runs ``--block`` in its own
+process group, and is stopped by killing that group (never ``ray stop``: other Ray instances
+may run on this machine).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "RAY_", "VCUT_"))}
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+        HF_HOME=str(tmp_path / "hf"),
+        HF_ENDPOINT=f"http://127.0.0.1:{free_port()}",
+        HF_HUB_DISABLE_TELEMETRY="1",
+        RAY_TMPDIR=str(tmp_path / "raytmp"),
+        OMP_NUM_THREADS="1",
+        **extra,
+    )
+    return env
+
+
+def doctor(args: list[str], env: dict[str, str]) -> tuple[int, dict[str, tuple[str, str]], str]:
+    """Run ``vcut doctor ARGS``: (exit status, {check: (status, detail)}, stdout)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.main", "doctor", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    rows = {}
+    for line in proc.stdout.splitlines()[2:]:
+        parts = line.split(None, 1)
+        if not parts:
+            break
+        for status in ("OK", "WARN", "FAIL"):
+            check, sep, detail = line.partition(f"  {status}  ")
+            if sep:
+                rows[check.strip()] = (status, detail.strip())
+                break
+    return proc.returncode, rows, proc.stdout + proc.stderr
+
+
+ALL_ROWS = {
+    "python",
+    "torch",
+    "GPUs (torch)",
+    "ffmpeg",
+    "Ray",
+    "GPUs (Ray)",
+    "model",
+    "HF cache, token",
+    "output",
+}
+
+
+def test_doctor_on_this_machine_with_the_tiny_model(tmp_path, tiny_model_dir):
+    rc, rows, text = doctor(["--model", str(tiny_model_dir), "--out", str(tmp_path / "out")], _env(tmp_path))
+    assert rc == 0, text
+    assert set(rows) == ALL_ROWS, text
+    assert not [c for c, (status, _) in rows.items() if status == "FAIL"], text
+    assert rows["model"] == ("OK", f"local folder {tiny_model_dir}")
+    assert "libx264" in rows["ffmpeg"][1] and "torch" in text
+    assert "a job would run" in text
+    assert not (tmp_path / "out").exists() and not (tmp_path / "raytmp").exists()  # probes only
+
+
+def test_doctor_fails_rows_with_their_fix(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    args = ["--model", "/tmp/typo-vcut-nothing-here", "--out", str(blocker / "sub")]
+    args += ["--address", f"127.0.0.1:{free_port()}"]
+    start = time.monotonic()
+    rc, rows, text = doctor(args, _env(tmp_path, VCUT_FFMPEG=str(tmp_path / "no-ffmpeg")))
+    assert time.monotonic() - start < 30
+    assert rc == 1, text
+    failed = {c for c, (status, _) in rows.items() if status == "FAIL"}
+    assert failed == {"model", "output", "ffmpeg", "Ray", "GPUs (Ray)"}, text
+    assert "ray start --head" in rows["Ray"][1] and "VCUT_FFMPEG" in rows["ffmpeg"][1]
+    assert "hub id" in rows["model"][1] and "which is a file" in rows["output"][1]
+    assert "a job would NOT run" in text
+
+
+@pytest.fixture
+def ray_head():
+    """``ray start --head --block`` on loopback with its own temp dir and free ports; yields its
+    address; stopped by killing its process group."""
+    if shutil.which("ray", path=os.path.dirname(sys.executable)) is None:
+        pytest.skip("the ray CLI is not installed beside this Python")
+    temp = tempfile.mkdtemp(prefix="vrd", dir="/tmp")  # short: Ray's socket paths have a length limit
+    port = free_port()
+    ports = {
+        "--node-manager-port": free_port(),
+        "--object-manager-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
+        "--dashboard-agent-listen-port": free_port(),
+        "--metrics-export-port": free_port(),
+    }
+    cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block"]
+    cmd += ["--node-ip-address", "127.0.0.1", "--port", str(port), "--temp-dir", temp]
+    cmd += ["--num-cpus", "1", "--num-gpus", "0", "--include-dashboard", "false", "--disable-usage-stats"]
+    cmd += [f"{k}={v}" for k, v in ports.items()]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env["RAY_AUTH_MODE"] = "disabled"
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, "ray start --head exited"
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.5)
+        time.sleep(2)  # the raylet registers after the GCS listens
+        yield f"127.0.0.1:{port}"
+    finally:
+        # SIGKILL to the group of the process this test started (and only it): SIGTERM makes
+        # Ray drain for 30 s first. Its GCS, raylet and workers are in that group.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def test_doctor_against_a_ray_start_cluster(tmp_path, tiny_model_dir, ray_head):
+    env = _env(tmp_path, RAY_AUTH_MODE="disabled")
+    rc, rows, text = doctor(["--model", str(tiny_model_dir), "--address", ray_head], env)
+    assert rc == 0, text
+    status, detail = rows["Ray"]
+    assert status == "OK" and f"{ray_head} reached: 1 node(s), 1 CPU(s)" in detail, text
+    assert "auth: disabled" in detail
+    assert rows["GPUs (Ray)"] == ("WARN", "none in the cluster: workers render on CPUs; add GPU nodes")
