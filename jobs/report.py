@@ -429,7 +429,14 @@ def write_report(
     """Build ``DIR/report.html`` from the results (and summary.json), written atomically.
     Returns where it went (a local path or a URI)."""
     out = rs.open_output(out_dir)
-    table = rs.read_results(out)
+    for attempt in range(3):  # a running job's compaction may remove a part between list and read
+        try:
+            table = rs.read_results(out)
+            break
+        except FileNotFoundError:
+            if attempt == 2:
+                raise
+            time.sleep(0.5)
     table = table.select([c for c in COLUMNS if c in table.column_names])
     summary = None
     try:

@@ -29,8 +29,10 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
 
 
 def _fmt(v: float) -> str:
-    if abs(v) >= 1e4 or (v and abs(v) < 1e-2):
+    if abs(v) >= 1e6 or (v and abs(v) < 1e-2):
         return f"{v:.2g}"
+    if abs(v) >= 1e4:
+        return f"{v:,.0f}"
     return f"{v:g}" if float(v).is_integer() else f"{v:.3g}"
 
 

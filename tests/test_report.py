@@ -56,7 +56,9 @@ def _synthetic() -> pa.Table:
     return pa.Table.from_pylist(rows)
 
 
-def test_report_data_from_a_synthetic_table():
+def test_report_data_from_a_synthetic_table(tmp_path, capsys):
+    assert main(["report", str(tmp_path / "no-job")]) == 2
+    assert "has no results yet" in capsys.readouterr().err
     data = report.report_data(_synthetic())
     assert (data["results"], data["ok"], data["failed"], data["pending"]) == (14, 10, 4, None)
     assert data["state"] == "running or interrupted"
