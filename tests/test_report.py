@@ -209,3 +209,20 @@ def _colour_blocks(img: np.ndarray, block: int = 8, threshold: float = 6.0) -> n
     chroma = np.stack([img[:h, :w, 0] - img[:h, :w, 1], img[:h, :w, 1] - img[:h, :w, 2]], axis=-1)
     blocks = chroma.reshape(h // block, block, w // block, block, 2)
     return blocks.std(axis=(1, 3)).max(axis=-1) > threshold
+
+
+def test_a_report_failure_is_a_warning_never_the_jobs(tmp_path, monkeypatch, caplog):
+    from jobs import results as rs
+    from jobs import runner
+    from jobs.config import load_config
+
+    assert load_config().output.report is True
+    assert load_config(dotlist=["output.report=false"]).output.report is False
+
+    def broken(out, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(report, "write_report", broken)
+    with caplog.at_level(logging.WARNING, logger="jobs"):
+        runner._write_report(rs.open_output(tmp_path))
+    assert "job report not written: OSError: disk full" in caplog.text
