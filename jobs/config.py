@@ -57,6 +57,7 @@ class OutputConfig:
     crf: int = 18
     preset: str = "medium"
     overwrite: bool = False  # render rows that are already ``ok`` again
+    report: bool = True  # write DIR/report.html at the end of every job (`vcut report DIR` any time)
 
 
 @dataclass

@@ -76,6 +76,7 @@ RESULT_SCHEMA = pa.schema(
         ("height", pa.int64()),
         ("attempts", pa.int64()),
         ("committed_at", pa.timestamp("us", tz="UTC")),
+        ("finished_at", pa.timestamp("us", tz="UTC")),  # the row's own end (set by its worker)
     ]
 )
 RESERVED_COLUMNS = set(RESULT_SCHEMA.names) - {"image", "id", *GENERATION_COLUMNS}
