@@ -213,37 +213,55 @@ t._run(sys.argv[1], sys.argv[2])
 """
 
 
-@pytest.mark.parametrize("where", ["spool", "commit"])
-def test_driver_crash_leaves_no_partial_shard(ray_env, tmp_path, where):
-    address, _ = ray_env
+@pytest.mark.parametrize("where,store", [("spool", "local"), ("commit", "local"), ("commit", "s3")])
+def test_driver_crash_leaves_no_partial_shard(ray_env, tmp_path, where, store):
+    address, fs = ray_env
     manifest = _manifest(tmp_path / "in")
-    out = tmp_path / "out"
+    if store == "local":
+        out = str(tmp_path / "out")
+        listdir = lambda: sorted(os.listdir(Path(out) / "shards"))  # noqa: E731
+        results = lambda: pq.read_table(Path(out) / "results").to_pylist()  # noqa: E731
+        local_tar = lambda name: str(Path(out) / "shards" / name)  # noqa: E731
+    else:
+        out = f"s3://{BUCKET}/crash-{where}/out"
+
+        def listdir() -> list[str]:
+            fs.invalidate_cache()
+            return sorted(k.rsplit("/", 1)[1] for k in fs.find(f"{out[5:]}/shards"))
+
+        def results() -> list[dict]:
+            fs.invalidate_cache()
+            return pq.read_table(f"{out[5:]}/results", filesystem=fs).to_pylist()
+
+        def local_tar(name: str) -> str:
+            fs.get_file(f"{out[5:]}/shards/{name}", str(tmp_path / name))
+            return str(tmp_path / name)
+
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests")]), OMP_NUM_THREADS="1")
     proc = subprocess.run(
-        [sys.executable, "-c", _CRASH, str(manifest), str(out), address, where],
+        [sys.executable, "-c", _CRASH, str(manifest), out, address, where],
         env=env,
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert proc.returncode == 9, proc.stderr[-3000:]
-    names = sorted(os.listdir(out / "shards"))
-    committed = pq.read_table(out / "results").to_pylist()
+    names = listdir()
+    committed = results()
     assert {r["shard"] for r in committed} == {0} and len(committed) == SHARD_SIZE
     if where == "spool":  # shard 1 only exists as the hidden spool file
         assert names == [".00001.tar.tmp", "00000.parquet", "00000.tar", "00000_stats.json"]
     else:  # shard 1 is complete under its final names, but no committed row names it
         assert names == [f"{n:05d}{s}" for n in range(2) for s in (".parquet", ".tar", "_stats.json")]
-        with tarfile.open(out / "shards" / "00001.tar") as tar:
+        with tarfile.open(local_tar("00001.tar")) as tar:
             assert len(tar.getnames()) == 3 * SHARD_SIZE
 
-    summary = _run(str(manifest), str(out))
+    summary = _run(str(manifest), out)
     assert (summary["rendered_this_run"], summary["skipped_already_ok"], summary["ok"]) == (3, 2, 5)
     first = 1 if where == "spool" else 2  # an orphan's number is never reused
     expect = [f"{n:05d}{s}" for n in (0, first, first + 1) for s in (".parquet", ".tar", "_stats.json")]
-    assert sorted(os.listdir(out / "shards")) == expect
-    tars = [str(out / "shards" / n) for n in expect if n.endswith(".tar")]
-    _check_samples(_read_webdataset(tars), tmp_path)
+    assert listdir() == expect
+    _check_samples(_read_webdataset([local_tar(n) for n in expect if n.endswith(".tar")]), tmp_path)
 
 
 def test_s3_shards_read_back_and_lost_shard(ray_env, tmp_path):
