@@ -114,3 +114,8 @@ def test_dry_run_rejects_an_invalid_manifest(tiny_model_dir, tmp_path, capsys):
     )
     assert main([*_args(manifest, tmp_path / "out", tiny_model_dir), "--dry-run"]) == 2
     assert "duplicate" in capsys.readouterr().err.lower()
+    good = _manifest(tmp_path / "in")  # a caption column the manifest lacks: exit 2, named
+    assert (
+        main([*_args(good, tmp_path / "out", tiny_model_dir), "--dry-run", "output.caption_column=text"]) == 2
+    )
+    assert "output.caption_column 'text' is not a column" in capsys.readouterr().err
