@@ -1,8 +1,8 @@
 # Two entry points that work on a fresh machine with only Python 3.10+:
 #   make demo   installs the project, writes the tiny random-weight model, renders the
 #               example manifest through `vcut run`, and counts SVD-XT MACs.
-#   make test   installs the project (and a Prometheus server for the metrics test) and
-#               runs the whole test suite.
+#   make test   installs the project (and a Prometheus server for the metrics test, headless
+#               Chromium for the job-report test) and runs the whole test suite.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -10,7 +10,7 @@ VCUT := $(VENV)/bin/vcut
 # The CPU build of torch; a range in pyproject.toml admits it, so pip adds nothing bigger.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: install demo test lint prometheus clean
+.PHONY: install demo test lint prometheus chromium clean
 
 install: $(VENV)/.installed
 
@@ -24,12 +24,15 @@ $(VENV)/.installed: pyproject.toml
 prometheus:
 	@bash scripts/install-prometheus.sh
 
+chromium:
+	@bash scripts/install-chromium.sh
+
 demo: install
 	$(VCUT) tiny-model demo-out/tiny-svd
 	$(VCUT) run examples/manifest.parquet --out demo-out/run --model demo-out/tiny-svd --config examples/tiny-job.yaml
 	$(VCUT) macs --model svd-xt --height 576 --width 1024 --num-frames 25 --steps 25
 
-test: install prometheus
+test: install prometheus chromium
 	$(VENV)/bin/ruff check vcut pipeline jobs tests benchmarks examples
 	$(PY) -m pytest -q
 

@@ -65,6 +65,7 @@ class OutputConfig:
     layout: Layout = Layout.files
     shard_size: int = 1000  # samples per shard (layout webdataset)
     caption_column: str | None = None  # a manifest column written as <key>.txt (layout webdataset)
+    report: bool = True  # write DIR/report.html at the end of every job (`vcut report DIR` any time)
 
 
 @dataclass

@@ -294,6 +294,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0 if summary["failed"] == 0 else 3
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from jobs.report import write_report
+    from jobs.results import open_output
+
+    try:
+        out = open_output(args.dir)
+    except (ValueError, ImportError) as exc:
+        return _fail(f"{args.dir!r}: {exc}")
+    if not out.listdir("results") and "summary.json" not in out.listdir():
+        return _fail(f"{out.uri} has no results yet (not the --out of a vcut run?)")
+    if args.sample < 0:
+        return _fail("--sample must be >= 0")
+    print(f"wrote {write_report(out, sample=args.sample)}")
+    return 0
+
+
 def _cmd_doctor(args: argparse.Namespace) -> int:
     from jobs.doctor import main as doctor_main
 
@@ -480,6 +496,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_job_flags(p)
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "report",
+        help="write DIR/report.html: summary, throughput, render times, failures, thumbnails",
+        description="Write DIR/report.html, one self-contained page (no network) about a finished or "
+        "running job: counts, wall time, videos per hour, MACs spent and saved, throughput over time "
+        "and per worker, a render-time histogram, the failures grouped by error, and the first frames "
+        "of a sample of videos. `vcut run` writes it at the end of every job (output.report=false: not).",
+    )
+    p.add_argument("dir", metavar="DIR", help="the --out folder (or URI) of a vcut run")
+    p.add_argument("--sample", type=int, default=24, help="videos on the contact sheet (default 24)")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser(
         "doctor",

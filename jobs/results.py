@@ -77,6 +77,7 @@ RESULT_SCHEMA = pa.schema(
         ("attempts", pa.int64()),
         ("shard", pa.int64()),  # layout webdataset: the shard holding the row's video
         ("committed_at", pa.timestamp("us", tz="UTC")),
+        ("finished_at", pa.timestamp("us", tz="UTC")),  # the row's own end (set by its worker)
     ]
 )
 RESERVED_COLUMNS = set(RESULT_SCHEMA.names) - {"image", "id", *GENERATION_COLUMNS}

@@ -504,6 +504,8 @@ class Runner:
             summary["videos"] = self.out.uri_of("videos")
         summary["vcut_mode"] = self.cfg_dict["model"]["vcut"]
         _write_json(self.out, summary)
+        if self.cfg.output.report:
+            _write_report(self.out)
         self.hook.on_pending(0)
         self.hook.on_finish(summary)
         return summary
@@ -513,6 +515,16 @@ def _write_json(out: rs.OutputDir, data: dict) -> None:
     """``DIR/summary.json``, atomically (local: temporary + rename; object store: one upload)."""
     text = json.dumps(data, indent=2, default=str) + "\n"
     out.write_bytes(out.path("summary.json"), text.encode())
+
+
+def _write_report(out: rs.OutputDir) -> None:
+    """``DIR/report.html`` (``jobs.report``); a failure is a warning, never the job's."""
+    try:
+        from jobs.report import write_report
+
+        log.info("wrote %s", write_report(out))
+    except Exception as exc:
+        log.warning("job report not written: %s: %s", type(exc).__name__, exc)
 
 
 def run_job(

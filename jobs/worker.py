@@ -400,4 +400,6 @@ class RenderWorker:
                         result["video"] = video
                 except Exception as exc:
                     result.update(status="failed", error=f"encode: {_error(exc)}")
+            # one encode thread: futures finish in order, so this is the row's own end (µs, UTC)
+            result["finished_at"] = time.time_ns() // 1000
         return results

@@ -176,7 +176,9 @@ def test_gpu_script_saves_after_each_stage_and_on_interrupt(tmp_path):
         assert "stock" in data.get("stages_done", []), (
             proc.stdout.read().decode()[-3000:] if proc.poll() else ""
         )
-        assert data["configs"]["stock"]["video_s"] > 0 and "build" in data["stages"]
+        # the raw measurements (the per-step split can be undefined on a busy CPU: more steps, less time)
+        raw = data["configs"]["stock"]["raw"]
+        assert raw and all(r["seconds"] > 0 for r in raw) and "build" in data["stages"]
         proc.send_signal(signal.SIGINT)
         rc = proc.wait(timeout=120)
     finally:
@@ -189,7 +191,7 @@ def test_gpu_script_saves_after_each_stage_and_on_interrupt(tmp_path):
     else:  # it had finished already (a fast machine)
         assert rc == 0 and final["stages_done"][-1] == "done"
     assert final["stages_done"][:2] == ["build", "stock"]
-    assert final["configs"]["stock"]["video_s"] == data["configs"]["stock"]["video_s"]
+    assert final["configs"]["stock"]["raw"] == data["configs"]["stock"]["raw"]
     assert json.loads((copy / out.name).read_text()) == final
 
 

@@ -111,7 +111,8 @@ def test_mixed_manifest_statuses_cache_hits_escapes_and_resume(ray_address, tiny
     for i in escapes:
         assert by_id[i]["status"] == "ok"
     assert sorted(os.listdir(tmp_path / "job")) == ["out"]
-    assert sorted(os.listdir(out)) == ["logs", "results", "summary.json", "videos"]  # logs: vcut.log, workers
+    listing = ["logs", "report.html", "results", "summary.json", "videos"]  # logs: vcut.log, workers
+    assert sorted(os.listdir(out)) == listing
     assert len(os.listdir(out / "videos")) == len(rows) - 3
     summary = json.loads((out / "summary.json").read_text())
     assert (summary["ok"], summary["failed"], summary["rendered_this_run"]) == (8, 3, 11)

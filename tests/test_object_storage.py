@@ -129,8 +129,10 @@ def test_run_manifest_and_out_in_s3_then_resume(ray_with_s3_env, tiny_model_dir,
     videos = sorted(fs.ls(f"{BUCKET}/out/videos", detail=False))
     assert len(videos) == 3 and all(v.endswith(".mp4") for v in videos)
     assert sorted(fs.ls(f"{BUCKET}/out", detail=False)) == [
-        f"{BUCKET}/out/{n}" for n in ("results", "summary.json", "videos")
+        f"{BUCKET}/out/{n}" for n in ("report.html", "results", "summary.json", "videos")
     ]
+    report = fs.cat_file(f"{BUCKET}/out/report.html").decode()  # thumbnails read back from the bucket
+    assert report.count('src="data:image/jpeg;base64,') == 3 and 'href="videos/' in report
     assert not [p for p in fs.find(f"{BUCKET}/out") if ".tmp" in p]  # no temporaries left
     table = pq.read_table(f"{BUCKET}/out/results", filesystem=fs)
     by_id = {r["id"]: r for r in table.to_pylist()}
