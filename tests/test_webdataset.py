@@ -144,7 +144,8 @@ def test_local_shards_read_back_resume_and_lost_shard(ray_env, tmp_path):
     assert (summary["ok"], summary["failed"], summary["shards_published_this_run"]) == (5, 0, 3)
     names = sorted(os.listdir(out / "shards"))
     assert names == [f"{n:05d}{s}" for n in range(3) for s in (".parquet", ".tar", "_stats.json")]
-    assert sorted(os.listdir(out)) == ["logs", "results", "shards", "summary.json"]  # no videos/
+    # no videos/ folder: the videos are in the shards
+    assert sorted(os.listdir(out)) == ["logs", "report.html", "results", "shards", "summary.json"]
     tars = [str(out / "shards" / f"{n:05d}.tar") for n in range(3)]
 
     # read back: webdataset, Ray Data, the per-shard Parquet and stats, the results table
