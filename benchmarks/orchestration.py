@@ -4,6 +4,10 @@ Usage (from the repository root)::
 
     python -m benchmarks.orchestration                        # 10k and 50k rows
     python -m benchmarks.orchestration --rows 1000 --paths stub,resume,tiny
+    # output.layout files vs webdataset, the no-op encoder writing 64 KiB per video:
+    HF_HUB_OFFLINE=1 python -m benchmarks.orchestration --rows 1000 --paths stub,resume --tiny-rows 0 \
+        --layouts files,webdataset,files,webdataset --video-bytes 65536 \
+        --out benchmarks/results/orchestration_layouts.json
 
 Each measurement runs in its own fresh Python process (so that its peak memory is its own),
 on a local Ray instance, through ``jobs.runner.run_job``, the function behind ``vcut run``:
@@ -30,6 +34,7 @@ processes it started. Memory must not grow with the manifest: compare 10k with 5
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -78,6 +83,13 @@ def stub_renderer(model: dict, cache: dict) -> StubRenderer:
 
 
 def stub_encode(frames: Any, out: str, **kwargs: Any) -> float:
+    return 0.0
+
+
+def stub_encode_bytes(frames: Any, out: str, *, size: int, **kwargs: Any) -> float:
+    """The no-op encoder that writes ``size`` bytes (``--video-bytes``): a video's I/O, no work."""
+    with open(out, "wb") as f:
+        f.write(b"\0" * size)
     return 0.0
 
 
@@ -139,7 +151,15 @@ class _CommitClock:
         self.rows += 1
 
 
-def run_one(path: str, manifest: str, out_dir: str, model: str | None) -> dict[str, Any]:
+def run_one(
+    path: str,
+    manifest: str,
+    out_dir: str,
+    model: str | None,
+    layout: str = "files",
+    video_bytes: int = 0,
+    shard_size: int = 100,
+) -> dict[str, Any]:
     """One measurement, in this process (called in a fresh subprocess by ``main``)."""
     import logging
 
@@ -152,7 +172,13 @@ def run_one(path: str, manifest: str, out_dir: str, model: str | None) -> dict[s
     if model:
         flags["model.id"] = model
     smallest = {f"{generation_key()}.{k}": v for k, v in SMALLEST.items()}
-    settings = {**smallest, "output.preset": "ultrafast", "progress_interval_s": 3600}
+    settings = {
+        **smallest,
+        "output.preset": "ultrafast",
+        "progress_interval_s": 3600,
+        "output.layout": layout,
+        "output.shard_size": shard_size,
+    }
     dotlist = [f"{k}={v}" for k, v in settings.items()]
     cfg = load_config(None, flags, dotlist)
     check_config(cfg)
@@ -160,7 +186,10 @@ def run_one(path: str, manifest: str, out_dir: str, model: str | None) -> dict[s
     if path == "stub":
         from benchmarks import orchestration as seams  # by reference, not by value from __main__
 
-        kwargs = {"renderer_factory": seams.stub_renderer, "encoder": seams.stub_encode}
+        encoder = (
+            functools.partial(seams.stub_encode_bytes, size=video_bytes) if video_bytes else seams.stub_encode
+        )
+        kwargs = {"renderer_factory": seams.stub_renderer, "encoder": encoder}
     clock = _CommitClock()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with MemorySampler() as mem:
@@ -178,6 +207,9 @@ def run_one(path: str, manifest: str, out_dir: str, model: str | None) -> dict[s
     )
     return {
         "path": path,
+        "layout": layout,
+        "video_bytes": video_bytes if path == "stub" else None,
+        "shard_size": shard_size if layout == "webdataset" else None,
         "rows": rows,
         "committed_rows": clock.rows,
         "ok": summary.get("ok"),
@@ -195,7 +227,15 @@ def run_one(path: str, manifest: str, out_dir: str, model: str | None) -> dict[s
 
 
 def _subprocess(
-    path: str, manifest: Path, out_dir: Path, model: Path | None, tmp: Path, log
+    path: str,
+    manifest: Path,
+    out_dir: Path,
+    model: Path | None,
+    tmp: Path,
+    log,
+    layout: str = "files",
+    video_bytes: int = 0,
+    shard_size: int = 100,
 ) -> dict[str, Any]:
     result_file = tmp / f"one-{path}-{out_dir.name}.json"
     cmd = [
@@ -210,6 +250,12 @@ def _subprocess(
         str(out_dir),
         "--result",
         str(result_file),
+        "--layout",
+        layout,
+        "--video-bytes",
+        str(video_bytes),
+        "--shard-size",
+        str(shard_size),
     ]
     if model:
         cmd += ["--model", str(model)]
@@ -225,7 +271,7 @@ def _subprocess(
     run = json.loads(result_file.read_text())
     run["process_wall_s"] = time.monotonic() - t0
     log(
-        f"{path:6} {run['rows']:>6} rows: {run['wall_s']:.1f}s, {run['rows_per_s']:.1f} rows/s "
+        f"{path:6} {layout:10} {run['rows']:>6} rows: {run['wall_s']:.1f}s, {run['rows_per_s']:.1f} rows/s "
         f"(steady {run['steady_rows_per_s'] or 0:.1f}), "
         f"driver peak RSS {run['driver_peak_rss_bytes'] / 2**20:.0f} MiB, "
         f"Ray processes {run['ray_processes_peak_rss_bytes'] / 2**20:.0f} MiB"
@@ -245,6 +291,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--tiny-rows", type=int, default=200, help="rows for the real tiny-model path (default 200)"
     )
     p.add_argument("--images", type=int, default=6)
+    p.add_argument(
+        "--layouts", default="files", help="output.layout values for stub/resume (e.g. files,webdataset)"
+    )
+    p.add_argument(
+        "--video-bytes",
+        type=int,
+        default=0,
+        help="bytes the no-op encoder writes per video (default 0: none)",
+    )
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     p.add_argument(
         "--out", type=Path, default=None, help="JSON file (default: benchmarks/results/orchestration.json)"
@@ -255,13 +310,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out-dir", help=argparse.SUPPRESS)
     p.add_argument("--model", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("--layout", default="files", help=argparse.SUPPRESS)
+    p.add_argument(
+        "--shard-size", type=int, default=100, help="output.shard_size for webdataset (default 100)"
+    )
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.one:
-        run = run_one(args.one, args.manifest, args.out_dir, args.model)
+        run = run_one(
+            args.one, args.manifest, args.out_dir, args.model, args.layout, args.video_bytes, args.shard_size
+        )
         Path(args.result).write_text(json.dumps(run, default=str))
         return 0
 
@@ -270,22 +331,28 @@ def main(argv: list[str] | None = None) -> int:
 
     sizes = [int(x) for x in args.rows.split(",") if x.strip()]
     paths = [x.strip() for x in args.paths.split(",") if x.strip()]
+    layouts = [x.strip() for x in args.layouts.split(",") if x.strip()]
     out = args.out or RESULTS_DIR / "orchestration.json"
     work = args.work or Path(tempfile.mkdtemp(prefix="vcut-orch-"))
     result = header("orchestration")
     result.update(sizes=sizes, paths=paths, settings=SMALLEST, workers=1, tiny_rows=args.tiny_rows)
+    result.update(layouts=layouts, video_bytes=args.video_bytes, shard_size=args.shard_size)
     runs: list[dict[str, Any]] = []
     try:
         images = make_images(work / "images", args.images)
         for n in sizes:
             manifest = make_manifest(work / f"manifest-{n}.parquet", images, n)
             log(f"manifest of {n} rows: {manifest.stat().st_size / 2**10:.0f} KiB")
-            out_dir = work / f"out-stub-{n}"
-            if "stub" in paths:
-                runs.append({**_subprocess("stub", manifest, out_dir, None, work, log), "manifest_rows": n})
-            if "resume" in paths and out_dir.exists():
-                runs.append({**_subprocess("resume", manifest, out_dir, None, work, log), "manifest_rows": n})
-            shutil.rmtree(out_dir, ignore_errors=True)
+            for layout in layouts:
+                out_dir = work / f"out-stub-{n}-{layout}"
+                extra = {"layout": layout, "video_bytes": args.video_bytes, "shard_size": args.shard_size}
+                if "stub" in paths:
+                    run = _subprocess("stub", manifest, out_dir, None, work, log, **extra)
+                    runs.append({**run, "manifest_rows": n})
+                if "resume" in paths and out_dir.exists():
+                    run = _subprocess("resume", manifest, out_dir, None, work, log, **extra)
+                    runs.append({**run, "manifest_rows": n})
+                shutil.rmtree(out_dir, ignore_errors=True)
             result["runs"] = runs
             write_json(out, result)
         if "tiny" in paths and args.tiny_rows:

@@ -11,6 +11,11 @@ from omegaconf import DictConfig, OmegaConf
 DEFAULT_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt"
 
 
+class Layout(str, Enum):
+    files = "files"  # DIR/videos/<id>.<format>
+    webdataset = "webdataset"  # DIR/shards/NNNNN.tar (+ .parquet, _stats.json): jobs/shards.py
+
+
 class VcutMode(str, Enum):
     off = "off"
     exact = "exact"
@@ -57,6 +62,9 @@ class OutputConfig:
     crf: int = 18
     preset: str = "medium"
     overwrite: bool = False  # render rows that are already ``ok`` again
+    layout: Layout = Layout.files
+    shard_size: int = 1000  # samples per shard (layout webdataset)
+    caption_column: str | None = None  # a manifest column written as <key>.txt (layout webdataset)
     report: bool = True  # write DIR/report.html at the end of every job (`vcut report DIR` any time)
 
 
@@ -178,6 +186,7 @@ def check_config(cfg: DictConfig) -> None:
         (g.fps >= 1, "defaults.fps must be >= 1"),
         (g.min_guidance_scale <= g.max_guidance_scale, "defaults.min_guidance_scale > max_guidance_scale"),
         (cfg.output.format.isalnum(), "output.format must be a plain extension such as mp4"),
+        (cfg.output.shard_size >= 1, "output.shard_size must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:

@@ -259,6 +259,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     if cfg is None:
         return 2
+    if args.dry_run:  # what would run: no Ray, no model, nothing written
+        from jobs.dryrun import dry_run
+
+        try:
+            return dry_run(cfg, args.manifest, out, sys.stdout)
+        except ManifestError as exc:
+            print(f"vcut: error: {exc}", file=sys.stderr)
+            return 2
     try:  # manifest, output, model, ffmpeg, cluster address: before Ray starts
         info = run_preflight(cfg, args.manifest, out)
     except PreflightError as exc:
@@ -477,6 +485,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="output folder or URI (s3://, gs://): videos/, results/, summary.json"
     )
     p.add_argument("--overwrite", action="store_true", help="render rows that are already ok again")
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="validate the manifest and print what would run (rows, images, shapes, MACs, GPU-hours); "
+        "no Ray, nothing written",
+    )
     p.add_argument(
         "--verbose", action="store_true", help="also show Ray's and the workers' logs (always in DIR/logs/)"
     )

@@ -387,7 +387,10 @@ def check_gpus(cfg: Any, resources: dict[str, float], address: str | None = None
 def run_preflight(cfg: Any, manifest: str, out: Any) -> Any:
     """Every check ``vcut run`` can do before Ray starts, cheapest first. Returns the
     ManifestInfo; raises PreflightError (or ManifestError with its own lines)."""
+    from jobs.shards import check_layout
+
     info = check_manifest(manifest)
+    check_layout(cfg, info)
     check_output(out)
     check_model(cfg.model)
     check_ffmpeg(str(cfg.output.format))

@@ -75,6 +75,7 @@ RESULT_SCHEMA = pa.schema(
         ("width", pa.int64()),
         ("height", pa.int64()),
         ("attempts", pa.int64()),
+        ("shard", pa.int64()),  # layout webdataset: the shard holding the row's video
         ("committed_at", pa.timestamp("us", tz="UTC")),
         ("finished_at", pa.timestamp("us", tz="UTC")),  # the row's own end (set by its worker)
     ]
@@ -291,7 +292,7 @@ def clean_temporaries(out_dir: str | OutputDir) -> int:
     ``.<format>``, so it never matches)."""
     out = open_output(out_dir)
     removed = 0
-    for sub in ("results", "videos"):
+    for sub in ("results", "videos", "shards"):
         for name in out.listdir(sub):
             hidden = name.startswith(".") and ".tmp" in name
             if hidden or (not out.local and _UPLOAD_TMP.search(name)):

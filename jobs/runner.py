@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from jobs import manifest as mf
 from jobs import results as rs
 from jobs.progress import Progress
+from jobs.shards import ShardWriter, check_layout, scan
 from jobs.worker import RenderWorker
 
 log = logging.getLogger("jobs")
@@ -204,6 +205,7 @@ class Runner:
         self.encoder = encoder
         self.progress_stream = progress_stream
         self.counters = {"skipped": 0, "rendered": 0}
+        self.shards: ShardWriter | None = None  # layout webdataset
         self.workers: list[_Worker] = []
         self.inflight: dict[Any, tuple[_Worker, Batch]] = {}
         self.retry: deque[Batch] = deque()
@@ -321,7 +323,7 @@ class Runner:
         return {
             "id": row["id"],
             "image": row["_image"],
-            "output": rs.video_path(self.out, row["id"], self.cfg.output.format),
+            "output": None if self.shards else rs.video_path(self.out, row["id"], self.cfg.output.format),
             "params": resolve_params(row, self.cfg_dict["defaults"]),
         }
 
@@ -331,9 +333,18 @@ class Runner:
             out = {k: v for k, v in row.items() if not k.startswith("_")}
             out.update(resolve_params(row, self.cfg_dict["defaults"]))
             out.setdefault("vcut_mode", self.cfg_dict["model"]["vcut"])
+            video = result.pop("video", None)
             out.update(result)
             out["attempts"] = batch.attempts + 1
-            rows.append(out)
+            if self.shards is not None and out["status"] == "ok":
+                # committed with its shard, once the shard is published (jobs/shards.py)
+                self.shards.add(out, video if video is not None else b"")
+            else:
+                rows.append(out)
+        if rows:
+            self._commit_rows(rows)
+
+    def _commit_rows(self, rows: list[dict[str, Any]]) -> None:
         self.writer.commit(rows)
         ok = sum(r["status"] == "ok" for r in rows)
         self.counters["rendered"] += len(rows)
@@ -401,10 +412,26 @@ class Runner:
 
         started = time.monotonic()
         info = self.info or mf.validate_manifest(self.manifest_path, reserved=rs.RESERVED_COLUMNS)
-        self.out.makedirs("videos")
+        webdataset = self.cfg_dict["output"]["layout"] == "webdataset"
+        self.out.makedirs("shards" if webdataset else "videos")
         rs.clean_temporaries(self.out)
-        done = np.zeros(0, dtype=np.uint64) if self.cfg.output.overwrite else rs.done_ids(self.out)
         self.writer = rs.ResultWriter(self.out, info.carried_schema)
+        if webdataset:  # resume at shard granularity: rows in a published shard are done
+            state = scan(self.out, clean=True)
+            done = state.done
+            self.shards = ShardWriter(
+                self.out,
+                first_number=state.next_number,
+                shard_size=int(self.cfg.output.shard_size),
+                fmt=str(self.cfg.output.format),
+                schema=self.writer.schema,
+                commit=self._commit_rows,
+                caption_column=self.cfg.output.caption_column,
+            )
+        else:
+            done = np.zeros(0, dtype=np.uint64) if self.cfg.output.overwrite else rs.done_ids(self.out)
+        if self.cfg.output.overwrite:
+            done = np.zeros(0, dtype=np.uint64)
         count, self.num_cpus, self.num_gpus = size_workers(self.cfg, ray.cluster_resources())
         self.restarts_left = int(self.cfg.workers.max_restarts)
         chunks = mf.iter_manifest(self.manifest_path, int(self.cfg.workers.window_rows))
@@ -442,6 +469,13 @@ class Runner:
                 self.hook.on_workers(
                     sum(w.alive for w in self.workers), sum(bool(w.inflight) for w in self.workers)
                 )
+        except Exception:
+            if self.shards is not None:  # e.g. every worker died: keep what was rendered
+                try:
+                    self.shards.publish()
+                except Exception as exc:
+                    log.warning("the open shard could not be published: %s: %s", type(exc).__name__, exc)
+            raise
         finally:
             for worker in self.workers:
                 try:
@@ -449,7 +483,11 @@ class Runner:
                 except Exception:
                     pass
             self.progress.close()
+        if self.shards is not None:
+            self.shards.publish()  # the last, partial shard
         rs.compact(self.out)
+        if self.shards is not None:  # shards whose rows were all rendered again (--overwrite)
+            scan(self.out, clean=True)
         summary = rs.summarize(
             self.out,
             manifest_rows=info.num_rows,
@@ -458,7 +496,12 @@ class Runner:
             wall_seconds=time.monotonic() - started,
         )
         summary["results"] = self.out.uri_of("results")
-        summary["videos"] = self.out.uri_of("videos")
+        summary["layout"] = self.cfg_dict["output"]["layout"]
+        if self.shards is not None:
+            summary["shards"] = self.out.uri_of("shards")
+            summary["shards_published_this_run"] = self.shards.published
+        else:
+            summary["videos"] = self.out.uri_of("videos")
         summary["vcut_mode"] = self.cfg_dict["model"]["vcut"]
         _write_json(self.out, summary)
         if self.cfg.output.report:
@@ -503,6 +546,7 @@ def run_job(
     from jobs.preflight import check_gpus, connect_ray, ray_address
 
     info = kwargs.pop("info", None) or mf.validate_manifest(manifest_path, reserved=rs.RESERVED_COLUMNS)
+    check_layout(cfg, info)
     out_dir = rs.open_output(out_dir)  # an unknown protocol or a missing s3fs/gcsfs: before Ray
     own = not ray.is_initialized()
     address = ray_address(cfg.ray_address)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import tempfile
 import threading
 import time
 import traceback
@@ -338,7 +339,24 @@ class RenderWorker:
             for start in range(0, len(rows), self.rows_per_call)
         ]
 
-    def _encode(self, frames: Any, out: str, fps: int) -> float:
+    def _encode(self, frames: Any, out: str | None, fps: int) -> tuple[float, bytes | None]:
+        """Encode to ``out``; with no ``out`` (layout webdataset), to a local temporary file
+        whose bytes are returned, for the driver to put into a shard."""
+        if out is not None:
+            return self._encode_to(frames, out, fps), None
+        fd, tmp = tempfile.mkstemp(prefix="vcut-video-", suffix=f".{self.output['format']}")
+        os.close(fd)
+        try:
+            seconds = self._encode_to(frames, tmp, fps)
+            with open(tmp, "rb") as f:
+                return seconds, f.read()
+        finally:
+            try:
+                os.remove(tmp)
+            except FileNotFoundError:
+                pass
+
+    def _encode_to(self, frames: Any, out: str, fps: int) -> float:
         start = time.perf_counter()
         seconds = self.encode(
             frames,
@@ -354,7 +372,8 @@ class RenderWorker:
         """Render and encode every task; one result dict per task, in order.
 
         A task is ``{"id", "image", "output", "params"}``; a result holds the worker-side
-        fields (status, error, timings, frames, MACs, cache hit, worker, node). Rows render
+        fields (status, error, timings, frames, MACs, cache hit, worker, node) and, for a task
+        whose ``output`` is None (layout webdataset), ``video``: the encoded bytes. Rows render
         ``workers.render_batch`` at a time where their generation values allow it.
         """
         if self.startup_error:  # the driver never sends work to a worker that did not start
@@ -375,8 +394,10 @@ class RenderWorker:
         for result, future, task in zip(results, futures, tasks, strict=True):
             if future is not None:
                 try:
-                    result["encode_seconds"] = future.result()
+                    result["encode_seconds"], video = future.result()
                     result.update(status="ok", output=task["output"])
+                    if video is not None:
+                        result["video"] = video
                 except Exception as exc:
                     result.update(status="failed", error=f"encode: {_error(exc)}")
             # one encode thread: futures finish in order, so this is the row's own end (µs, UTC)
