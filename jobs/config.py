@@ -8,6 +8,8 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.params import PARAM_RANGES, as_float, as_int
+
 DEFAULT_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt"
 
 
@@ -191,4 +193,9 @@ def check_config(cfg: DictConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
+    # The one range of each generation parameter (as in the manifest, renderer and results).
+    for name, (kind, _, _) in PARAM_RANGES.items():
+        value = g.get(name)
+        if value is not None:
+            (as_int if kind == "int" else as_float)(f"defaults.{name}", value, *PARAM_RANGES[name][1:])
     model_compile_mode(cfg.model.compile)

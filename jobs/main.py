@@ -244,6 +244,7 @@ def _load_config(args: argparse.Namespace):
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    from jobs.lock import EXIT_LOCKED, OutputLockedError
     from jobs.manifest import ManifestError
     from jobs.metrics import make_metrics_hook
     from jobs.preflight import PreflightError, run_preflight
@@ -278,6 +279,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     hook = make_metrics_hook(cfg.metrics)
     try:
         summary = run_job(cfg, args.manifest, out, hook=hook, info=info, verbose=args.verbose)
+    except OutputLockedError as exc:  # another driver runs on this --out
+        _fail(str(exc))
+        return EXIT_LOCKED
     except PreflightError as exc:  # the cluster: auth, too few GPUs
         return _fail(str(exc))
     except ManifestError as exc:
@@ -474,7 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "run",
-        help="render every row of a manifest to a video (resumes; exit 0 all ok, 3 some failed, 2 bad input)",
+        help="render every row of a manifest to a video (resumes; exit 0 all ok, 3 some failed, 2 bad input, "
+        "75 --out in use by another driver)",
         epilog="Trailing key=value arguments override config keys, e.g. defaults.num_frames=14.",
     )
     p.add_argument(

@@ -23,21 +23,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-#: Optional generation columns: (kind, lowest, highest). Model-dependent limits (a width the
-#: VAE cannot take, ...) are the renderer's to reject; they become ``failed`` rows.
-GENERATION_COLUMNS: dict[str, tuple[str, float, float]] = {
-    "seed": ("int", 0, 2**63 - 1),
-    "num_frames": ("int", 2, 1024),  # SVD needs 2 or more (diffusers fails on 1)
-    "fps": ("int", 1, 240),
-    "motion_bucket_id": ("int", 0, 1023),
-    "noise_aug_strength": ("float", 0.0, 10.0),
-    "num_inference_steps": ("int", 1, 1000),
-    "min_guidance_scale": ("float", 0.0, 100.0),
-    "max_guidance_scale": ("float", 0.0, 100.0),
-    "width": ("int", 8, 8192),
-    "height": ("int", 8, 8192),
-}
+from pipeline.params import PARAM_RANGES
+
+#: Optional generation columns: (kind, lowest, highest), the one range of each parameter
+#: (``pipeline.params``: the config, the renderer and the results schema use the same).
+#: Model-dependent limits (a width the VAE cannot take, ...) are the renderer's to reject;
+#: they become ``failed`` rows.
+GENERATION_COLUMNS: dict[str, tuple[str, float, float]] = PARAM_RANGES
 KNOWN_COLUMNS = {"image", "id", *GENERATION_COLUMNS}
+#: Keys the driver adds to each row dict (never results columns): a manifest column may not
+#: have these names; every other column, ``_``-prefixed ones included, is carried.
+PRIVATE_KEYS = frozenset({"_image", "_row"})
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 MAX_PROBLEMS = 20
 
@@ -75,7 +71,13 @@ def open_manifest(path: str) -> ds.Dataset:
     through its fsspec filesystem (s3fs, gcsfs ...), as the images and outputs are."""
     lower = path.lower()
     if lower.endswith(".csv"):
-        fmt: Any = "csv"
+        # Ids and images are strings whatever they look like ("007" stays "007"; JSON and
+        # Parquet keep their own types, and a numeric id is written with str()).
+        import pyarrow.csv as pacsv
+
+        fmt: Any = ds.CsvFileFormat(
+            convert_options=pacsv.ConvertOptions(column_types={"id": pa.string(), "image": pa.string()})
+        )
     elif lower.endswith((".jsonl", ".ndjson", ".json")):
         fmt = ds.JsonFileFormat()
     else:
@@ -140,7 +142,7 @@ def _check_schema(schema: pa.Schema, reserved: set[str]) -> list[str]:
     if "image" not in schema.names:
         problems.append(f"missing required column 'image' (columns: {', '.join(schema.names) or 'none'})")
     for name in schema.names:
-        if name in reserved and name not in KNOWN_COLUMNS:
+        if (name in reserved and name not in KNOWN_COLUMNS) or name in PRIVATE_KEYS:
             problems.append(f"column {name!r} is reserved for the results; rename it")
     return problems
 
@@ -192,10 +194,33 @@ def _check_column(name: str, col: pa.ChunkedArray | pa.Array, offset: int) -> st
                 return f"column {name!r} expects an integer, got {col[bad].as_py()} at row {offset + bad}"
     elif kind == "float":
         col = pc.cast(col, pa.float64())
-    bad = _first_bad(pc.or_(pc.less(col, low), pc.greater(col, high)))
+    if pa.types.is_floating(col.type):  # compare as floats: 2**63 - 1 is no float64, 2**63 is
+        above = pc.greater_equal(col, float(high) + 1) if kind == "int" else pc.greater(col, float(high))
+        bad = _first_bad(pc.or_(pc.less(col, float(low)), above))
+    else:
+        bad = _first_bad(_outside_ints(col, int(low), int(high)))
     if bad is not None:
-        return f"column {name!r} is out of range [{low}, {high}]: {col[bad].as_py()} at row {offset + bad}"
+        value = col[bad].as_py()
+        if kind == "int":
+            value = int(value)
+        return f"column {name!r} is out of range [{low}, {high}]: {value} at row {offset + bad}"
     return None
+
+
+def _outside_ints(col: pa.Array | pa.ChunkedArray, low: int, high: int) -> pa.Array:
+    """Where an integer column is outside [low, high], comparing in the column's own type (a
+    uint64 column holds values int64 cannot, so arrow's implicit int64 cast would raise)."""
+    info = np.iinfo(col.type.to_pandas_dtype())
+    masks = []
+    if low > info.max or high < info.min:
+        return pc.is_valid(col)
+    if low > info.min:
+        masks.append(pc.less(col, pa.scalar(low, col.type)))
+    if high < info.max:
+        masks.append(pc.greater(col, pa.scalar(high, col.type)))
+    if not masks:
+        return pa.array(np.zeros(len(col), dtype=bool))
+    return masks[0] if len(masks) == 1 else pc.or_(masks[0], masks[1])
 
 
 def _check_guidance(batch: pa.RecordBatch, offset: int) -> str | None:

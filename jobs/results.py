@@ -236,8 +236,53 @@ def results_dir(out_dir: str | OutputDir) -> str:
     return os.path.join(out_dir, "results")
 
 
+def unify_schemas(schemas: list[pa.Schema]) -> pa.Schema:
+    """One schema for parts written by different runs: arrow's permissive promotion (int32 and
+    int64 to int64, int and float to float, null to anything ...), and ``string`` for a column
+    whose types have no common type (text in one run, integers in another)."""
+    try:
+        return pa.unify_schemas(schemas, promote_options="permissive")
+    except (pa.ArrowTypeError, pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass
+    by_name: dict[str, list[pa.Field]] = {}
+    for schema in schemas:
+        for f in schema:
+            by_name.setdefault(f.name, []).append(f)
+    fields = []
+    for name, found in by_name.items():
+        try:
+            fields.append(pa.unify_schemas([pa.schema([f]) for f in found], promote_options="permissive")[0])
+        except (pa.ArrowTypeError, pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            fields.append(pa.field(name, pa.string()))
+    return pa.schema(fields)
+
+
+def cast_column(col: pa.Array | pa.ChunkedArray, to: pa.DataType) -> pa.Array | pa.ChunkedArray:
+    """``col`` as ``to``; to ``string`` also what arrow cannot cast (a value's ``str()``)."""
+    try:
+        return col.cast(to)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        if not (pa.types.is_string(to) or pa.types.is_large_string(to)):
+            raise
+        return pa.array([None if v is None else str(v) for v in col.to_pylist()], to)
+
+
+def committed_schema(out_dir: str | OutputDir) -> pa.Schema | None:
+    """The unified schema of the committed parts (None when there are none)."""
+    out = open_output(out_dir)
+    parts = _parts(out)
+    return unify_schemas([out.read_schema(p) for p in parts]) if parts else None
+
+
 class ResultWriter:
-    """Commits result rows, one small Parquet part per call, atomically."""
+    """Commits result rows, one small Parquet part per call, atomically.
+
+    Carried columns (the manifest's own) keep the type they were first committed with when a
+    later manifest's values cast to it (integers into a text column, int32 into int64 ...). When
+    they do not (text into an integer column), that part stores the column as text, and readers
+    (``read_results``) read a column with conflicting types as text: a type change between runs
+    never breaks the output folder and never drops a value.
+    """
 
     def __init__(
         self, out_dir: str | OutputDir, carried_schema: pa.Schema | None = None, merge_every: int = 256
@@ -248,18 +293,47 @@ class ResultWriter:
         self._recent: list[str] = []
         self.dir = self.out.path("results")
         self.out.makedirs("results")
-        fields = list(RESULT_SCHEMA) + [
-            f for f in (carried_schema or []) if f.name not in RESULT_SCHEMA.names
-        ]
-        self.schema = pa.schema(fields)
+        carried = [f for f in (carried_schema or []) if f.name not in RESULT_SCHEMA.names]
+        #: The rows' own types (the manifest's): what ``commit`` receives.
+        self.input_schema = pa.schema(list(RESULT_SCHEMA) + carried)
+        committed = committed_schema(self.out)
+        targets = []
+        for f in carried:
+            if (
+                committed is not None
+                and f.name in committed.names
+                and not pa.types.is_null(committed.field(f.name).type)
+            ):
+                f = f.with_type(committed.field(f.name).type)
+            targets.append(f)
+        #: The types parts are written with (carried columns: the committed type, see above).
+        self.schema = pa.schema(list(RESULT_SCHEMA) + targets)
         self._tag = uuid.uuid4().hex[:8]
         self._seq = 0
+
+    def table(self, rows: list[dict[str, Any]]) -> pa.Table:
+        """The rows as a table of ``schema`` (a carried column that does not cast: as text)."""
+        table = pa.Table.from_pylist(rows, schema=self.input_schema)
+        if self.schema.equals(self.input_schema):
+            return table
+        columns, fields = [], []
+        for have, want in zip(self.input_schema, self.schema, strict=True):
+            col = table.column(have.name)
+            if not have.type.equals(want.type):
+                try:
+                    col = col.cast(want.type)
+                except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+                    want = want.with_type(pa.string())
+                    col = cast_column(col, pa.string())
+            columns.append(col)
+            fields.append(want)
+        return pa.Table.from_arrays(columns, schema=pa.schema(fields))
 
     def commit(self, rows: list[dict[str, Any]]) -> str:
         now = time.time_ns()
         for row in rows:
             row["committed_at"] = now // 1000
-        table = pa.Table.from_pylist(rows, schema=self.schema)
+        table = self.table(rows)
         self._seq += 1
         name = f"part-{now:020d}-{self._seq:06d}-{self._tag}.parquet"
         path = self.out.path("results", name)
@@ -389,14 +463,16 @@ def read_results(out_dir: str | OutputDir, columns: list[str] | None = None) -> 
     if not parts:
         return RESULT_SCHEMA.empty_table()
     masks, _ = _latest_mask(out, parts)
-    schema = pa.unify_schemas([out.read_schema(p) for p in parts], promote_options="permissive")
+    schema = unify_schemas([out.read_schema(p) for p in parts])
     if columns is not None:
         schema = pa.schema([schema.field(c) for c in columns])
     tables = []
     for path, mask in zip(parts, masks, strict=True):
         t = out.read_table(path).filter(pa.array(mask))
         cols = [
-            t.column(f.name).cast(f.type) if f.name in t.column_names else pa.nulls(t.num_rows, f.type)
+            cast_column(t.column(f.name), f.type)
+            if f.name in t.column_names
+            else pa.nulls(t.num_rows, f.type)
             for f in schema
         ]
         tables.append(pa.table(cols, schema=schema))

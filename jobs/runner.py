@@ -330,7 +330,7 @@ class Runner:
     def _commit(self, batch: Batch, results: list[dict[str, Any]]) -> None:
         rows = []
         for row, result in zip(batch.rows, results, strict=True):
-            out = {k: v for k, v in row.items() if not k.startswith("_")}
+            out = {k: v for k, v in row.items() if k not in mf.PRIVATE_KEYS}  # `_x` columns too
             out.update(resolve_params(row, self.cfg_dict["defaults"]))
             out.setdefault("vcut_mode", self.cfg_dict["model"]["vcut"])
             video = result.pop("video", None)
@@ -424,7 +424,7 @@ class Runner:
                 first_number=state.next_number,
                 shard_size=int(self.cfg.output.shard_size),
                 fmt=str(self.cfg.output.format),
-                schema=self.writer.schema,
+                schema=self.writer.input_schema,  # the rows' own types; commit casts them
                 commit=self._commit_rows,
                 caption_column=self.cfg.output.caption_column,
             )
@@ -539,22 +539,27 @@ def run_job(
     down) here: ``cfg.ray_address``, else ``RAY_ADDRESS``, else local. Returns the summary.
 
     A cluster that cannot be joined or lacks the GPUs the config asks for raises
-    ``PreflightError`` before any worker starts; ``verbose`` streams the workers' output to
+    ``PreflightError`` before any worker starts, and an output folder another driver holds
+    raises ``jobs.lock.OutputLockedError`` (see ``jobs.lock``); ``verbose`` streams the workers' output to
     this terminal (they always log to ``DIR/logs/`` when DIR is local)."""
     import ray
 
+    from jobs.lock import OutputLock
     from jobs.preflight import check_gpus, connect_ray, ray_address
 
     info = kwargs.pop("info", None) or mf.validate_manifest(manifest_path, reserved=rs.RESERVED_COLUMNS)
     check_layout(cfg, info)
     out_dir = rs.open_output(out_dir)  # an unknown protocol or a missing s3fs/gcsfs: before Ray
-    own = not ray.is_initialized()
-    address = ray_address(cfg.ray_address)
-    if own:
-        connect_ray(address, verbose=verbose)
-    try:
-        check_gpus(cfg, ray.cluster_resources(), address)
-        return Runner(cfg, manifest_path, out_dir, info=info, **kwargs).run()
-    finally:
+    # One driver per output folder (raises OutputLockedError), held until the job ends: only
+    # its holder cleans temporaries, so a second driver never deletes the first one's files.
+    with OutputLock(out_dir):
+        own = not ray.is_initialized()
+        address = ray_address(cfg.ray_address)
         if own:
-            ray.shutdown()
+            connect_ray(address, verbose=verbose)
+        try:
+            check_gpus(cfg, ray.cluster_resources(), address)
+            return Runner(cfg, manifest_path, out_dir, info=info, **kwargs).run()
+        finally:
+            if own:
+                ray.shutdown()

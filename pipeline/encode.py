@@ -167,6 +167,16 @@ def _encode_local(frames: np.ndarray, final: Path, fps: float, format: str, crf:
         raise
 
 
+#: Object-store protocols (fsspec) and pyarrow filesystem type names: no folders to create.
+_OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"})
+
+
+def _is_object_store(fs: Any) -> bool:
+    names = getattr(fs, "protocol", None) or getattr(fs, "type_name", None) or ()
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return bool(_OBJECT_STORES.intersection(names))
+
+
 def _upload(local: str, out: str, filesystem: Any) -> None:
     """Copy ``local`` to ``out`` on a pyarrow or fsspec filesystem: temporary name, then move."""
     if filesystem is None:
@@ -178,19 +188,22 @@ def _upload(local: str, out: str, filesystem: Any) -> None:
     parent = path.rsplit("/", 1)[0] if "/" in path else ""
     tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
     is_arrow = hasattr(fs, "open_output_stream")
+    # Object stores have no folders, and creating one can create the bucket (s3fs's makedirs
+    # does): never create anything there but the object itself (a missing bucket is an error).
+    store = _is_object_store(fs)
     try:
         if is_arrow:
-            if parent:
+            if parent and not store:
                 fs.create_dir(parent, recursive=True)
             with open(local, "rb") as src, fs.open_output_stream(tmp) as dst:
                 shutil.copyfileobj(src, dst, 4 * 2**20)
             fs.move(tmp, path)
         else:
-            if parent:
+            if parent and not store:
                 try:
                     fs.makedirs(parent, exist_ok=True)
                 except (OSError, NotImplementedError):
-                    pass  # object stores have no directories
+                    pass
             fs.put_file(local, tmp)
             fs.mv(tmp, path)
     except BaseException:

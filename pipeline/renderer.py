@@ -36,6 +36,7 @@ from .compile import CompileWatch, compile_mode, compile_pipeline
 from .encode import FORMATS, encode_video
 from .images import DEFAULT_MAX_PIXELS, FIT_MODES, ImageSource, fit_image, load_image
 from .loading import load_svd_pipeline
+from .params import as_float, as_int
 from .svd import RenderPipeline
 
 logger = logging.getLogger(__name__)
@@ -97,21 +98,14 @@ def frames_to_uint8(frames: np.ndarray) -> np.ndarray:
     return np.clip(np.round(frames * 255.0), 0, 255).astype(np.uint8)
 
 
-def _check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | np.integer):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < minimum or (maximum is not None and value > maximum):
-        bound = f">= {minimum}" if maximum is None else f"in [{minimum}, {maximum}]"
-        raise ValueError(f"{name} must be {bound}, got {value}")
-    return int(value)
+def _check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
+    """An integer parameter (integral floats accepted), in ``pipeline.params.PARAM_RANGES``'s
+    range for the parameters listed there, else in [minimum, maximum]."""
+    return as_int(name, value, minimum, maximum)
 
 
-def _check_float(name: str, value: Any, minimum: float) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | np.floating | np.integer):
-        raise ValueError(f"{name} must be a number, got {value!r}")
-    if not np.isfinite(value) or value < minimum:
-        raise ValueError(f"{name} must be a finite number >= {minimum}, got {value}")
-    return float(value)
+def _check_float(name: str, value: Any) -> float:
+    return as_float(name, value)
 
 
 class Renderer:
@@ -374,21 +368,21 @@ class Renderer:
             raise ValueError(f"images must be a sequence of images, got {type(images).__name__}")
         if len(images) != len(seeds):
             raise ValueError(f"seeds must have one seed per image: {len(images)} images, {len(seeds)} seeds")
-        seeds = [_check_int("seed", seed, 0, 2**64 - 1) for seed in seeds]
+        seeds = [_check_int("seed", seed) for seed in seeds]  # [0, 2**63 - 1]: int64 in the results
         if num_frames is None:
             num_frames = int(self.unet_config.get("num_frames", 25))
-        num_frames = _check_int("num_frames", num_frames, 2)  # diffusers' SVD fails on 1 frame
-        num_inference_steps = _check_int("num_inference_steps", num_inference_steps, 1)
-        height = _check_int("height", height, 8)
-        width = _check_int("width", width, 8)
+        num_frames = _check_int("num_frames", num_frames)  # diffusers' SVD fails on 1 frame
+        num_inference_steps = _check_int("num_inference_steps", num_inference_steps)
+        height = _check_int("height", height)
+        width = _check_int("width", width)
         for name, value in (("height", height), ("width", width)):
             if value % 8:
                 raise ValueError(f"{name} must be a multiple of 8, got {value}")
-        fps = _check_int("fps", fps, 1)
-        motion_bucket_id = _check_int("motion_bucket_id", motion_bucket_id, 0)
-        noise_aug_strength = _check_float("noise_aug_strength", noise_aug_strength, 0.0)
-        min_guidance_scale = _check_float("min_guidance_scale", min_guidance_scale, 0.0)
-        max_guidance_scale = _check_float("max_guidance_scale", max_guidance_scale, 0.0)
+        fps = _check_int("fps", fps)
+        motion_bucket_id = _check_int("motion_bucket_id", motion_bucket_id)
+        noise_aug_strength = _check_float("noise_aug_strength", noise_aug_strength)
+        min_guidance_scale = _check_float("min_guidance_scale", min_guidance_scale)
+        max_guidance_scale = _check_float("max_guidance_scale", max_guidance_scale)
         if decode_chunk_size is not None:
             decode_chunk_size = _check_int("decode_chunk_size", decode_chunk_size, 1)
         if fit not in FIT_MODES:
