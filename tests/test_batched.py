@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,6 @@ from jobs.main import main
 from jobs.runner import plan_batches, render_key, resolve_params, rows_per_task
 from jobs.worker import GENERATE_KEYS, RenderWorker
 from pipeline import Renderer, fit_image, frames_to_uint8, load_image, read_video
-
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_JOB = str(ROOT / "examples" / "tiny-job.yaml")
@@ -57,7 +56,9 @@ def test_batch_rows_equal_rows_rendered_alone(renderers, mode: str) -> None:
     kw = dict(SMALL, decode_chunk_size=3)
     if mode == "full+cache2":  # step caching: steps 1 and 3 full, step 2 reuses the deep features
         kw["num_inference_steps"] = 3
+    start = time.perf_counter()
     batch = r.generate_batch(images, seeds=seeds, **kw)
+    wall = time.perf_counter() - start
     alone = [r.generate(img, seed=s, **kw) for img, s in zip(images, seeds, strict=True)]
     diffs = [_maxdiff(b.frames, a.frames) for b, a in zip(batch, alone, strict=True)]
     print(f"vcut={mode}: max |batch - alone| per row (uint8 levels): {diffs}")
@@ -67,10 +68,10 @@ def test_batch_rows_equal_rows_rendered_alone(renderers, mode: str) -> None:
     assert [g.seed for g in batch] == seeds and all(g.batch_size == 3 for g in batch)
     assert all(a.batch_size == 1 for a in alone)
     assert all(g.frames.shape == (4, 64, 64, 3) and g.decode_chunk_size == 3 for g in batch)
-    # the batch's phases are divided among its rows; a row's parts add up to its total
-    t = batch[0].timings
-    assert t["denoise"] == batch[1].timings["denoise"] > 0
-    assert sum(v for k, v in t.items() if k != "total") == pytest.approx(t["total"], rel=1e-6)
+    # the batch's phases are divided among its rows: the rows' totals add up to the call's
+    # wall time (not to 3 times it), less the argument checks between the timed stages
+    assert batch[0].timings["denoise"] == batch[1].timings["denoise"] > 0
+    assert 0.5 * wall <= sum(g.timings["total"] for g in batch) <= wall
 
 
 def test_exact_batch_equals_stock_diffusers_rows(renderers, tiny_model_dir: Path) -> None:
@@ -327,6 +328,7 @@ def ray_address():
         ray.shutdown()
 
 
+@pytest.mark.slow
 def test_job_with_render_batch_2_equals_render_batch_1(ray_address, tiny_model_dir: Path, tmp_path: Path):
     imgs = []
     for i in range(3):

@@ -75,6 +75,7 @@ def _gpu_bench_cmd(*args: str) -> list[str]:
     return ["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--device", "cpu", "--tiny", "--threads", "1", *args]
 
 
+@pytest.mark.slow
 def test_gpu_script_cpu_tiny_path_runs_every_stage(tmp_path):
     """The CPU path of the GPU script: the same stages, tiny model, dynamo without inductor."""
     out = tmp_path / "gpu_bench.json"
@@ -157,6 +158,7 @@ def md_name(out: Path) -> str:
     return out.with_suffix(".md").name
 
 
+@pytest.mark.slow
 def test_gpu_script_saves_after_each_stage_and_on_interrupt(tmp_path):
     """Interrupted as gpu.sh's timeout does (SIGINT) after the stock stage: what was measured stays."""
     out = tmp_path / "gpu_bench.json"
@@ -335,6 +337,7 @@ def test_feature_detection_names_what_is_missing():
     assert new["step_cache"] and new["generate_batch"] and new["count_macs_step_cache"] and not new["missing"]
 
 
+@pytest.mark.slow
 def test_renderer_imports_without_encoder_or_job_packages():
     """The GPU machine has no ffmpeg-python, omegaconf or ray: the benchmark's import path needs none."""
     code = (
@@ -346,6 +349,7 @@ def test_renderer_imports_without_encoder_or_job_packages():
     assert proc.returncode == 0, proc.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_gpu_script_without_cuda_says_how_to_run_on_cpu(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

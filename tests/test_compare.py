@@ -19,8 +19,6 @@ from jobs.main import main
 from pipeline import probe_video
 from pipeline.quality import LpipsMetric, frame_psnr, frame_ssim, video_distance
 
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
-
 SHAPE = ["--height", "64", "--width", "64", "--num-frames", "4", "--warmup", "0"]
 
 

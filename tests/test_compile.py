@@ -31,8 +31,6 @@ from pipeline.compile import (
 )
 from vcut.tiny import make_tiny_pipeline
 
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
-
 SHAPE = dict(height=64, width=64, num_frames=4, num_inference_steps=2)
 NEW_IMAGES = 10
 
@@ -90,6 +88,7 @@ def test_bad_compile_value_raises_before_loading(tiny_model_dir, tiny_pipe) -> N
         Renderer.from_pipe(copy.deepcopy(tiny_pipe), vcut="exact", compile="reduce_overhead")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["off", "exact", "full"])
 def test_no_recompile_for_new_images_and_seeds(tiny_pipe, mode: str, caplog) -> None:
     backend = CountingBackend()
@@ -116,6 +115,7 @@ def test_no_recompile_for_new_images_and_seeds(tiny_pipe, mode: str, caplog) -> 
     assert not [rec for rec in caplog.records if "recompiled" in rec.getMessage()]
 
 
+@pytest.mark.slow
 @torch._dynamo.config.patch(recompile_limit=1)
 def test_differently_patched_unets_each_stay_compiled(tiny_pipe) -> None:
     # One entry per UNet allowed: with a limit shared per code object (every UNet forward
@@ -145,6 +145,7 @@ def test_differently_patched_unets_each_stay_compiled(tiny_pipe) -> None:
         assert b.graphs == graphs[mode], mode
 
 
+@pytest.mark.slow
 def test_a_recompile_is_detected_and_logged(tiny_pipe, caplog) -> None:
     backend = CountingBackend()
     r = _renderer(tiny_pipe, "exact", backend)
@@ -168,6 +169,7 @@ def test_a_recompile_is_detected_and_logged(tiny_pipe, caplog) -> None:
     assert watch.compiles == 0 and watch.seconds == 0.0
 
 
+@pytest.mark.slow
 def test_user_compiled_unet_stays_compiled(tiny_pipe) -> None:
     """``torch.compile(pipe.unet)`` and ``pipe.unet.compile()`` also survive new images (documented)."""
     import vcut

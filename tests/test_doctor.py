@@ -22,6 +22,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# every test runs `vcut doctor` in a subprocess (one against `ray start --head`)
+pytestmark = pytest.mark.slow
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -126,19 +129,17 @@ def ray_head():
     cmd += [f"{k}={v}" for k, v in ports.items()]
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env["RAY_AUTH_MODE"] = "disabled"
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+    log = Path(temp) / "ray-start.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
+        # `ray start` prints this once its raylet has registered with the GCS (Ray's Node() waits
+        # for the node's entry in the GCS): the cluster then has its node, no fixed sleep needed.
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert proc.poll() is None, "ray start --head exited"
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.5)
-        time.sleep(2)  # the raylet registers after the GCS listens
+        while "Ray runtime started" not in (text := log.read_text(errors="replace")):
+            assert proc.poll() is None, f"ray start --head exited:\n{text[-2000:]}"
+            assert time.monotonic() < deadline, f"ray start --head did not start in 60 s:\n{text[-2000:]}"
+            time.sleep(0.2)
         yield f"127.0.0.1:{port}"
     finally:
         # SIGKILL to the group of the process this test started (and only it): SIGTERM makes

@@ -47,6 +47,7 @@ def _hours(text: str) -> float:
     return float(re.search(r"estimate: ([0-9.e+-]+) GPU-hours", text).group(1))
 
 
+@pytest.mark.slow
 def test_dry_run_cli_starts_no_ray_and_uses_the_benchmark(tiny_model_dir, tmp_path):
     manifest, out, ray_tmp = _manifest(tmp_path / "in"), tmp_path / "out", tmp_path / "raytmp"
     env = dict(

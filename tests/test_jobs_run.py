@@ -23,6 +23,9 @@ import pytest
 from jobs.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# every test runs a job on Ray (and some in a `vcut run` subprocess): integration tests
+pytestmark = pytest.mark.slow
 TINY_JOB = str(ROOT / "examples" / "tiny-job.yaml")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import re
 import threading
+import time
 import urllib.request
 from types import SimpleNamespace
 
@@ -153,20 +154,35 @@ def test_no_port_serves_nothing():
     h.close()
 
 
-def test_omegaconf_config_and_linger():
+def test_omegaconf_config_and_linger(monkeypatch):
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.create({"port": 0, "address": "127.0.0.1", "pushgateway": None, "linger_seconds": 0.3})
     h = jm.make_metrics_hook(cfg)
     assert h.linger_seconds == pytest.approx(0.3)
     url = h.url
-    results: list = []
+    # close() lingers with time.sleep: replaced by a wait on events, so that the scrape below
+    # happens during the linger (not before close() began, nor after it ended on a busy CPU)
+    lingering, scraped = threading.Event(), threading.Event()
+    waits: list = []
+
+    def linger(seconds: float) -> None:
+        waits.append(seconds)
+        lingering.set()
+        assert scraped.wait(30)
+
+    monkeypatch.setattr(jm, "time", SimpleNamespace(sleep=linger, monotonic=time.monotonic, time=time.time))
     t = threading.Thread(target=h.close)
     t.start()
-    threading.Event().wait(0.1)
-    results.append(total(scrape(url), "vcut_videos_total"))  # still served during the linger
-    t.join(5)
-    assert results == [0]
+    try:
+        assert lingering.wait(30), "close() did not linger"
+        assert total(scrape(url), "vcut_videos_total") == 0  # still served during the linger
+    finally:
+        scraped.set()
+        t.join(30)
+    assert not t.is_alive() and waits == [pytest.approx(0.3)]
+    with pytest.raises(OSError):  # and no longer served once close() has returned
+        urllib.request.urlopen(url, timeout=2)
 
 
 class _PushSink(http.server.BaseHTTPRequestHandler):

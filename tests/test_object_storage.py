@@ -106,6 +106,7 @@ def test_uri_out_keeps_escaping_ids_under_the_root(s3):
     assert rs.video_path(f"s3://{BUCKET}/renders/x", "../x", "mp4") == rs.video_path(out, "../x", "mp4")
 
 
+@pytest.mark.slow
 def test_run_manifest_and_out_in_s3_then_resume(ray_with_s3_env, tiny_model_dir, tmp_path):
     from pipeline import probe_video
 

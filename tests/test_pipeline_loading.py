@@ -11,8 +11,6 @@ import torch
 from pipeline import ModelLoadError, Renderer
 from pipeline.loading import resolve_device, resolve_dtype
 
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
-
 
 def test_loads_local_folder_with_defaults(tiny_model_dir: Path) -> None:
     r = Renderer.from_pretrained(tiny_model_dir, vcut="off")

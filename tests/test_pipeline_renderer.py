@@ -4,6 +4,7 @@ validation, decode back-off and render_to_file."""
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,6 @@ from diffusers import StableVideoDiffusionPipeline
 from PIL import Image
 
 from pipeline import ImageError, Renderer, fit_image, frames_to_uint8, load_image, probe_video
-
-pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 SMALL = dict(height=64, width=64, num_frames=3, num_inference_steps=2)
 
@@ -102,11 +101,15 @@ def test_same_seed_same_video_whatever_came_before(renderers, tiny_model_dir: Pa
 
 
 def test_generation_record_and_timings(renderers) -> None:
+    start = time.perf_counter()
     gen = renderers["off"].generate(_image(1), seed=0, fps=9, **SMALL)
+    wall = time.perf_counter() - start
     assert {"image_load", "conditioning", "denoise", "decode", "total"} <= set(gen.timings)
-    assert all(v >= 0 for v in gen.timings.values())
-    parts = sum(v for k, v in gen.timings.items() if k != "total")
-    assert parts == pytest.approx(gen.timings["total"], rel=1e-6)
+    assert all(v >= 0 for v in gen.timings.values()) and gen.timings["denoise"] > 0
+    # ``total`` is the sum of the stages by construction; what can be wrong is the stages: they
+    # are disjoint intervals inside the call (never more than its wall time) and cover nearly
+    # all of it (only argument checks fall between them).
+    assert 0.5 * wall <= gen.timings["total"] <= wall
     assert (gen.num_inference_steps, gen.fps, gen.seed) == (2, 9, 0)
 
 

@@ -78,44 +78,52 @@ def run_args(model: str, *extra: str, manifest: str = MANIFEST, out: str = "out"
     return ["run", manifest, "--out", out, "--model", model, "--config", TINY_JOB, *extra]
 
 
+@pytest.mark.slow
 def test_missing_local_model_folder(env, tmp_path):
     line = vcut_error(run_args("/tmp/typo-vcut-nothing-here"), env, tmp_path, "does not exist")
     assert "'/tmp/typo-vcut-nothing-here'" in line and "hub id" in line
     assert not (tmp_path / "out").exists()  # nothing created
 
 
+@pytest.mark.slow
 def test_hub_id_not_cached_and_hub_unreachable(env, tmp_path):
     line = vcut_error(run_args(HUB_ID), env, tmp_path, "hub cannot be reached")
     assert HUB_ID in line and "not in the Hugging Face cache" in line
 
 
+@pytest.mark.slow
 def test_hub_id_not_cached_and_offline(env, tmp_path):
     env["HF_HUB_OFFLINE"] = "1"
     vcut_error(run_args(HUB_ID), env, tmp_path, "HF_HUB_OFFLINE is set")
 
 
+@pytest.mark.slow
 def test_manifest_that_does_not_exist(env, tmp_path, tiny_model_dir):
     args = run_args(str(tiny_model_dir), manifest=str(tmp_path / "nope.parquet"))
     vcut_error(args, env, tmp_path, "nope.parquet' does not exist")
 
 
+@pytest.mark.slow
 def test_manifest_without_rows(env, tmp_path, tiny_model_dir):
     empty = tmp_path / "empty.parquet"
     pq.write_table(pa.table({"image": pa.array([], pa.string())}), empty)
     vcut_error(run_args(str(tiny_model_dir), manifest=str(empty)), env, tmp_path, "has no rows")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("how", [["--vcut", "fast"], ["model.vcut=fast"]])
 def test_unknown_vcut_mode(env, tmp_path, tiny_model_dir, how):
     vcut_error(run_args(str(tiny_model_dir), *how), env, tmp_path, "fast")
 
 
+@pytest.mark.slow
 def test_address_nobody_listens_on(env, tmp_path, tiny_model_dir):
     address = f"127.0.0.1:{free_port()}"
     line = vcut_error(run_args(str(tiny_model_dir), "--address", address), env, tmp_path, address)
     assert "no Ray cluster answers there" in line
 
 
+@pytest.mark.slow
 def test_out_not_writable(env, tmp_path, tiny_model_dir):
     # A path under a regular file cannot be created, even by root (where chmod stops nothing).
     blocker = tmp_path / "a-file"
@@ -123,11 +131,13 @@ def test_out_not_writable(env, tmp_path, tiny_model_dir):
     vcut_error(run_args(str(tiny_model_dir), out=str(blocker / "sub")), env, tmp_path, "which is a file")
 
 
+@pytest.mark.slow
 def test_ffmpeg_missing(env, tmp_path, tiny_model_dir):
     env["VCUT_FFMPEG"] = str(tmp_path / "no-such-ffmpeg")
     vcut_error(run_args(str(tiny_model_dir)), env, tmp_path, "VCUT_FFMPEG")
 
 
+@pytest.mark.slow
 def test_missing_s3_bucket(env, tmp_path, tiny_model_dir):
     pytest.importorskip("s3fs")
     server_mod = pytest.importorskip("moto.server")
@@ -242,6 +252,7 @@ def test_gpus_the_config_asks_for_must_exist():
 # -- worker start-up failures after pre-flight ------------------------------------------------
 
 
+@pytest.mark.slow
 def test_worker_startup_failure_is_one_line_per_cause(tmp_path, tiny_model_dir):
     """Two workers die loading the model with the same CUDA error: one cause line naming both,
     each traceback in DIR/logs/, and the job fails (JobError) without any row committed."""

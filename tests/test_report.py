@@ -139,6 +139,7 @@ def ray_address():
         ray.shutdown()
 
 
+@pytest.mark.slow
 def test_job_report_in_headless_chromium(ray_address, tiny_model_dir, tmp_path):
     from PIL import Image
 

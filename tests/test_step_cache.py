@@ -19,11 +19,6 @@ SIZE = 32  # pixels (the tiny VAE downsamples by 2: 16x16 latents)
 RENDER = dict(height=SIZE, width=SIZE, num_frames=3, num_inference_steps=4, decode_chunk_size=3)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread(torch_one_thread):
-    yield
-
-
 @pytest.fixture(scope="module")
 def stock_pipe():
     pipe = make_tiny_pipeline(seed=1)
@@ -186,6 +181,7 @@ def test_video_boundaries_on_a_bare_unet(stock_pipe):
     assert (state.step, state.shallow) == (0, False)
 
 
+@pytest.mark.slow  # torch.compile (dynamo) of the tiny UNet: ~10 s
 def test_torch_compile_has_a_full_and_a_shallow_graph(stock_pipe):
     from torch._dynamo.utils import counters
 

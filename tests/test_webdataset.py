@@ -135,6 +135,7 @@ def test_sample_keys_have_no_dots_and_stay_distinct():
     assert sample_key("plain") == "plain" and sample_key("a_b") == "a_b"
 
 
+@pytest.mark.slow
 def test_local_shards_read_back_resume_and_lost_shard(ray_env, tmp_path):
     import ray
 
@@ -214,6 +215,7 @@ t._run(sys.argv[1], sys.argv[2])
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where,store", [("spool", "local"), ("commit", "local"), ("commit", "s3")])
 def test_driver_crash_leaves_no_partial_shard(ray_env, tmp_path, where, store):
     address, fs = ray_env
@@ -265,6 +267,7 @@ def test_driver_crash_leaves_no_partial_shard(ray_env, tmp_path, where, store):
     _check_samples(_read_webdataset([local_tar(n) for n in expect if n.endswith(".tar")]), tmp_path)
 
 
+@pytest.mark.slow
 def test_s3_shards_read_back_and_lost_shard(ray_env, tmp_path):
     import ray
     from pyarrow.fs import FSSpecHandler, PyFileSystem
