@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import posixpath
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -50,6 +51,10 @@ def s3():
 
     try:
         _, port = server.get_host_and_port()
+        # Every moto server in this process shares one in-memory backend: start from an empty one.
+        urllib.request.urlopen(
+            urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST"), timeout=10
+        ).close()
         with pytest.MonkeyPatch.context() as mp:
             for name, value in {
                 "AWS_ACCESS_KEY_ID": "testing",
