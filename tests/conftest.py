@@ -10,8 +10,11 @@ raylet that ``ray.init`` forks from this process) inherit the same count.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -57,3 +60,47 @@ def torch_one_thread() -> Iterator[None]:
     enforce()
     yield
     enforce()
+
+
+@pytest.fixture(scope="module")
+def ray_address() -> Iterator[str]:
+    """A local Ray instance (2 CPUs) for a test module; yields its GCS address."""
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        ray.shutdown()
+
+
+@contextlib.contextmanager
+def moto_server() -> Iterator[dict[str, str]]:
+    """A moto S3 server on loopback, started empty; yields the AWS_* environment that points at it.
+
+    Every moto server in one process shares one in-memory backend, so it is reset first: no
+    bucket of an earlier test is seen. Variables that could point elsewhere (a profile, a
+    session token, an S3-only endpoint) are to be removed by the caller: see ``AWS_UNSET``.
+    """
+    pytest.importorskip("s3fs")
+    server_mod = pytest.importorskip("moto.server")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        _, port = server.get_host_and_port()
+        reset = urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST")
+        urllib.request.urlopen(reset, timeout=10).close()
+        yield {
+            "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_CONFIG_FILE": os.devnull,  # no profile of the machine's user leaks in
+            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        }
+    finally:
+        server.stop()
+
+
+#: AWS variables a test against ``moto_server`` must not inherit.
+AWS_UNSET = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3")

@@ -318,15 +318,6 @@ def test_render_batch_config(tmp_path: Path, capsys) -> None:
 # -- a job end to end --------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def ray_address():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
-
 
 @pytest.mark.slow
 def test_job_with_render_batch_2_equals_render_batch_1(ray_address, tiny_model_dir: Path, tmp_path: Path):

@@ -5,7 +5,6 @@ creating a bucket. Unit-level (no Ray), but for ``vcut run`` refusing an output 
 from __future__ import annotations
 
 import json
-import logging
 import os
 import re
 import signal
@@ -18,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import AWS_UNSET, moto_server
 
 from jobs import manifest as mf
 from jobs import results as rs
@@ -262,28 +262,16 @@ def test_largest_seed_and_integral_floats_are_accepted(tmp_path):
 @pytest.fixture
 def moto_s3(monkeypatch):
     s3fs = pytest.importorskip("s3fs")
-    server_mod = pytest.importorskip("moto.server")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        _, port = server.get_host_and_port()
-        for name, value in {
-            "AWS_ACCESS_KEY_ID": "testing",
-            "AWS_SECRET_ACCESS_KEY": "testing",
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-            "AWS_CONFIG_FILE": os.devnull,
-            "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-        }.items():
+    with moto_server() as env:
+        for name, value in env.items():
             monkeypatch.setenv(name, value)
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        for name in AWS_UNSET:
             monkeypatch.delenv(name, raising=False)
         s3fs.S3FileSystem.clear_instance_cache()
-        yield s3fs.S3FileSystem()
-    finally:
-        s3fs.S3FileSystem.clear_instance_cache()
-        server.stop()
+        try:
+            yield s3fs.S3FileSystem()
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
 
 
 def _buckets(fs) -> set[str]:

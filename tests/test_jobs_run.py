@@ -7,7 +7,6 @@ subprocess joined to that instance with ``--address``, so that SIGKILL leaves no
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -28,15 +27,6 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 TINY_JOB = str(ROOT / "examples" / "tiny-job.yaml")
 
-
-@pytest.fixture(scope="module")
-def ray_address():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
 
 
 def _images(folder: Path, n: int) -> list[str]:

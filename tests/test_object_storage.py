@@ -13,13 +13,13 @@ import json
 import logging
 import os
 import posixpath
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import AWS_UNSET, moto_server
 
 from jobs import results as rs
 from jobs.main import main
@@ -42,38 +42,20 @@ def _need(module: str):
 @pytest.fixture(scope="module")
 def s3():
     """A moto S3 server on loopback with one bucket; yields an s3fs filesystem on it."""
-    _need("s3fs")
-    server_mod = _need("moto.server")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
     import s3fs
 
-    try:
-        _, port = server.get_host_and_port()
-        # Every moto server in this process shares one in-memory backend: start from an empty one.
-        urllib.request.urlopen(
-            urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST"), timeout=10
-        ).close()
-        with pytest.MonkeyPatch.context() as mp:
-            for name, value in {
-                "AWS_ACCESS_KEY_ID": "testing",
-                "AWS_SECRET_ACCESS_KEY": "testing",
-                "AWS_DEFAULT_REGION": "us-east-1",
-                "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
-                "AWS_CONFIG_FILE": os.devnull,  # no profile of the machine's user leaks in
-                "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-            }.items():
-                mp.setenv(name, value)
-            for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
-                mp.delenv(name, raising=False)
-            s3fs.S3FileSystem.clear_instance_cache()
+    with moto_server() as env, pytest.MonkeyPatch.context() as mp:
+        for name, value in env.items():
+            mp.setenv(name, value)
+        for name in AWS_UNSET:
+            mp.delenv(name, raising=False)
+        s3fs.S3FileSystem.clear_instance_cache()
+        try:
             fs = s3fs.S3FileSystem()
             fs.mkdir(BUCKET)
             yield fs
-    finally:
-        s3fs.S3FileSystem.clear_instance_cache()
-        server.stop()
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
 
 
 @pytest.fixture(scope="module")

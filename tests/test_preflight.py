@@ -22,6 +22,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import AWS_UNSET, moto_server
 
 from jobs import preflight as pf
 
@@ -139,22 +140,9 @@ def test_ffmpeg_missing(env, tmp_path, tiny_model_dir):
 
 @pytest.mark.slow
 def test_missing_s3_bucket(env, tmp_path, tiny_model_dir):
-    pytest.importorskip("s3fs")
-    server_mod = pytest.importorskip("moto.server")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    try:
-        _, port = server.get_host_and_port()
-        env.update(
-            AWS_ACCESS_KEY_ID="testing",
-            AWS_SECRET_ACCESS_KEY="testing",
-            AWS_DEFAULT_REGION="us-east-1",
-            AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
-            AWS_CONFIG_FILE=os.devnull,
-            AWS_SHARED_CREDENTIALS_FILE=os.devnull,
-        )
-        for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+    with moto_server() as aws:
+        env.update(aws)
+        for name in AWS_UNSET:
             env.pop(name, None)
         args = run_args(str(tiny_model_dir), out="s3://no-such-bucket/renders/x")
         line = vcut_error(args, env, tmp_path, "bucket 'no-such-bucket' does not exist")
@@ -170,8 +158,6 @@ def test_missing_s3_bucket(env, tmp_path, tiny_model_dir):
         )
         # no bucket was created (moto's in-process backend may hold other tests' buckets)
         assert "no-such-bucket" not in {b["Name"] for b in s3.list_buckets()["Buckets"]}
-    finally:
-        server.stop()
 
 
 # -- the checks themselves, in process --------------------------------------------------------

@@ -129,15 +129,6 @@ def _screenshot(html: Path, png: Path, size: str, fragment: str = "") -> np.ndar
     return np.asarray(Image.open(io.BytesIO(png.read_bytes())).convert("RGB"), dtype=np.float64)
 
 
-@pytest.fixture(scope="module")
-def ray_address():
-    ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
-
 
 @pytest.mark.slow
 def test_job_report_in_headless_chromium(ray_address, tiny_model_dir, tmp_path):
