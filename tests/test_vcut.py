@@ -199,7 +199,7 @@ def test_parameters_removed_on_real_svd_xt_architecture():
         for sub in (m.attn2.to_q, m.attn2.to_k, m.norm2)
         for p in sub.parameters()
     )
-    assert abs(temporal - 50.38e6) / 50.38e6 < 0.01  # DESIGN.md: 50.38 M in temporal cross-attention
+    assert abs(temporal - 50.38e6) / 50.38e6 < 0.01  # 50.38 M in temporal cross-attention
     report = vcut.apply_vcut(unet, "full")
     assert report.params_removed == temporal + spatial
     assert report.params_after == total - temporal - spatial

@@ -2,7 +2,7 @@
 
 SVD conditions its UNet on a single CLIP image token ``e``. With one key, the softmax of
 every cross-attention is exactly 1, so ``attn2(x, e) == to_out(to_v(e))`` whatever ``x``
-is (see DESIGN.md). VCUT uses that in two ways:
+is. VCUT uses that in two ways:
 
 * ``exact``: every *spatial* cross-attention (``BasicTransformerBlock.attn2``) gets
   :class:`SpatialCrossAttnLinearProcessor`, a diffusers attention processor that returns
