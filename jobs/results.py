@@ -38,6 +38,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from jobs.manifest import GENERATION_COLUMNS, hash_ids
+from pipeline.storage import is_object_store, protocols
 
 MAX_NAME = 120
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -94,8 +95,6 @@ def safe_name(row_id: str) -> str:
     return f"{name[: MAX_NAME - 13]}-{digest}" if name else digest
 
 
-#: fsspec protocols of object stores: no directories, no rename, uploads visible only complete.
-OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"})
 #: Temporary names left by ``pipeline.encode`` uploads on a URI (``<name>.tmp-<12 hex>``).
 _UPLOAD_TMP = re.compile(r"\.tmp-[0-9a-f]{12}$")
 
@@ -116,10 +115,7 @@ class OutputDir:
 
     @property
     def object_store(self) -> bool:
-        if self.local:
-            return False
-        protocols = (self.fs.protocol,) if isinstance(self.fs.protocol, str) else tuple(self.fs.protocol)
-        return bool(OBJECT_STORES.intersection(protocols))
+        return not self.local and is_object_store(self.fs)
 
     def path(self, *names: str) -> str:
         """A path under the root, on ``fs`` (local: an OS path)."""
@@ -211,8 +207,7 @@ def open_output(out: str | os.PathLike | OutputDir) -> OutputDir:
     if isinstance(fs, LocalFileSystem):
         path = os.path.abspath(root)
         return OutputDir(uri=path, root=path)
-    protocols = (fs.protocol,) if isinstance(fs.protocol, str) else tuple(fs.protocol)
-    if "memory" in protocols:
+    if "memory" in protocols(fs):
         raise ValueError(f"{out!r}: memory:// is private to one process; Ray workers cannot write there")
     root = root.rstrip("/")
     if not root:

@@ -37,6 +37,7 @@ import numpy as np
 
 from .errors import EncodeError
 from .ffmpeg_bin import ffmpeg_exe
+from .storage import is_object_store
 
 FORMATS = ("mp4", "webm", "gif")
 X264_PRESETS = (
@@ -167,16 +168,6 @@ def _encode_local(frames: np.ndarray, final: Path, fps: float, format: str, crf:
         raise
 
 
-#: Object-store protocols (fsspec) and pyarrow filesystem type names: no folders to create.
-_OBJECT_STORES = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"})
-
-
-def _is_object_store(fs: Any) -> bool:
-    names = getattr(fs, "protocol", None) or getattr(fs, "type_name", None) or ()
-    names = (names,) if isinstance(names, str) else tuple(names)
-    return bool(_OBJECT_STORES.intersection(names))
-
-
 def _upload(local: str, out: str, filesystem: Any) -> None:
     """Copy ``local`` to ``out`` on a pyarrow or fsspec filesystem: temporary name, then move."""
     if filesystem is None:
@@ -190,7 +181,7 @@ def _upload(local: str, out: str, filesystem: Any) -> None:
     is_arrow = hasattr(fs, "open_output_stream")
     # Object stores have no folders, and creating one can create the bucket (s3fs's makedirs
     # does): never create anything there but the object itself (a missing bucket is an error).
-    store = _is_object_store(fs)
+    store = is_object_store(fs)
     try:
         if is_arrow:
             if parent and not store:
