@@ -88,18 +88,19 @@ def parse_configs(text: str) -> tuple[list[CompareConfig], bool]:
     return [ref] + [c for c in configs if c.name != REFERENCE], added
 
 
-def check_model(model: str) -> None:
-    """Refuse a local model folder that is not there, before anything is loaded (hub ids pass)."""
-    name = model[len("file://") :] if model.startswith("file://") else model
-    path = Path(name).expanduser()
-    looks_local = path.exists() or name.startswith(("/", "./", "../", "~")) or name.count("/") != 1
-    if looks_local and not (path / "model_index.json").is_file():
-        what = (
-            "does not exist"
-            if not path.exists()
-            else "is not a diffusers pipeline folder (no model_index.json)"
-        )
-        raise CompareError(f"--model {model!r} {what}; give a local SVD folder or a hub id (owner/name)")
+def check_model(model: str, allow_pickle: bool = False) -> None:
+    """Refuse a local model folder that is missing or not an SVD pipeline, before anything is
+    loaded, with the loader's own folder rules (:mod:`pipeline.model_files`); hub ids pass."""
+    from pipeline.errors import ModelLoadError
+    from pipeline.model_files import check_svd_folder, is_local_model, strip_file_scheme
+
+    name = strip_file_scheme(model)
+    if is_local_model(name):
+        try:
+            check_svd_folder(Path(name).expanduser(), allow_pickle)
+        except ModelLoadError as exc:
+            hint = "give a local SVD folder or a hub id (owner/name)"
+            raise CompareError(f"--model {model!r}: {exc}; {hint}") from exc
 
 
 def check_images(images: Sequence[str]) -> None:

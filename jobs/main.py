@@ -65,7 +65,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         if not args.out:
             raise CompareError("--out is required (the folder for compare.json, compare.md and the PNGs)")
         configs, added_off = parse_configs(args.configs)
-        check_model(args.model)
+        check_model(args.model, args.allow_pickle)
         check_images(args.images)
         for name in ("height", "width"):
             value = getattr(args, name)
