@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from benchmarks.common import RESULTS_DIR, header, machine_info, rotated, summarize, write_json
-from benchmarks.unet_ab import shared_weight_copy
+from vcut import shared_weight_copy
 
 CONFIGS = ("off", "exact", "full", "full+cache3", "full+compile")
 

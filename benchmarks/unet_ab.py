@@ -36,8 +36,6 @@ Weights are RANDOM: these are speed figures, not videos.
 from __future__ import annotations
 
 import argparse
-import copy
-import itertools
 import math
 import resource
 import sys
@@ -50,7 +48,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import RESULTS_DIR, header, machine_info, rotated, summarize, write_json
-from vcut import MODES
+from vcut import MODES, shared_weight_copy
 
 
 @dataclass(frozen=True)
@@ -112,12 +110,6 @@ def build_stock_unet(size: Size, device: str, dtype: torch.dtype, seed: int = 0)
         with torch.device(device):
             unet = UNetSpatioTemporalConditionModel.from_config(config)
     return unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
-
-
-def shared_weight_copy(unet: torch.nn.Module) -> torch.nn.Module:
-    """A copy of ``unet``'s module structure that shares every parameter and buffer with it."""
-    memo = {id(t): t for t in itertools.chain(unet.parameters(), unet.buffers())}
-    return copy.deepcopy(unet, memo)
 
 
 def make_variants(stock: torch.nn.Module, modes=MODES) -> tuple[dict[str, torch.nn.Module], dict[str, Any]]:

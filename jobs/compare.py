@@ -21,7 +21,6 @@ into keyword arguments of the renderer and of :func:`vcut.count_macs`.
 from __future__ import annotations
 
 import copy
-import itertools
 import os
 import re
 import sys
@@ -34,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from vcut import MODES as VCUT_MODES
+from vcut import shared_weight_copy
 
 _CONFIG_RE = re.compile(r"^(?P<mode>[a-z]+)(?:\+cache(?P<interval>\d+))?$")
 REFERENCE = "off"
@@ -122,12 +122,6 @@ def image_labels(images: Sequence[str]) -> list[str]:
 
 
 # -- one configuration -> renderer, MACs -------------------------------------------------------
-
-
-def shared_weight_copy(module: Any) -> Any:
-    """A copy of ``module``'s structure that shares every parameter and buffer with it."""
-    memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
-    return copy.deepcopy(module, memo)
 
 
 def make_renderer(stock: Any, config: CompareConfig, *, model_id: str, step_cache_depth: int = 1) -> Any:

@@ -14,6 +14,7 @@ from vcut.patch import (
     VCUTReport,
     apply_vcut,
     clear_vcut_cache,
+    shared_weight_copy,
     vcut_mode,
 )
 from vcut.step_cache import (
@@ -40,5 +41,6 @@ __all__ = [
     "remove_step_cache",
     "reset_step_cache",
     "step_cache_state",
+    "shared_weight_copy",
     "vcut_mode",
 ]

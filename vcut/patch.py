@@ -18,6 +18,8 @@ no diffusers forward function is copied.
 
 from __future__ import annotations
 
+import copy
+import itertools
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
@@ -322,6 +324,16 @@ def apply_vcut(obj: object, mode: str = "full", *, cache_entries: int = 4) -> VC
     report = VCUTReport(mode, params_before, params_after, params_before - params_after, spatial, temporal)
     setattr(unet, _REPORT_ATTR, report)
     return report
+
+
+def shared_weight_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module``'s structure that shares every parameter and buffer with it.
+
+    :func:`apply_vcut` (and step caching, compilation) change a module in place and cannot be
+    undone: patch such a copy to compare modes in one process without a second set of weights.
+    """
+    memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return copy.deepcopy(module, memo)
 
 
 def vcut_mode(obj: object) -> str:
