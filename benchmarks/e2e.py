@@ -16,7 +16,7 @@ From those timelines, per worker, over its busy span (first render start to last
 
 * ``model_s``: time inside ``Renderer.generate`` less its image loading (CLIP embedding,
   VAE encode, the UNet loop, VAE decode, postprocess);
-* ``image_load_s``: ``Generation.timings["image_load"]`` (read, decode, convert, fit);
+* ``image_load_s``: ``RenderedVideo.timings["image_load"]`` (read, decode, convert, fit);
 * ``encode_s``: video encoding and writing (ffmpeg) while the worker was not rendering:
   encoding runs in a background thread and overlaps the next render, so only the part that
   does not overlap is charged (the full encoding time is reported as ``encode_total_s``);

@@ -34,6 +34,7 @@ import torch
 from PIL import Image
 
 from benchmarks.common import RESULTS_DIR, header, machine_info, rotated, summarize, write_json
+from jobs import compare
 from vcut import shared_weight_copy
 
 CONFIGS = ("off", "exact", "full", "full+cache3", "full+compile")
@@ -79,16 +80,9 @@ def build_pipeline(size: str, dtype: torch.dtype, seed: int = 0):
 
 
 def parse_config(name: str) -> dict[str, Any]:
-    mode, *levers = name.split("+")
-    kwargs: dict[str, Any] = {"vcut": mode}
-    for lever in levers:
-        if lever.startswith("cache"):
-            kwargs["step_cache"] = int(lever.removeprefix("cache"))
-        elif lever == "compile":
-            kwargs["compile"] = "default"
-        else:
-            raise ValueError(f"unknown lever {lever!r} in {name!r}")
-    return kwargs
+    """``Renderer.from_pipe`` keywords of a configuration: ``vcut compare``'s grammar
+    (:func:`jobs.compare.parse_config`) with the ``+compile`` lever."""
+    return compare.parse_config(name, allow_compile=True).renderer_kwargs()
 
 
 def make_renderers(pipe, configs: tuple[str, ...]) -> dict[str, Any]:

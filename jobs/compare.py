@@ -32,10 +32,11 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.params import GENERATION_PARAMS
 from vcut import MODES as VCUT_MODES
 from vcut import shared_weight_copy
 
-_CONFIG_RE = re.compile(r"^(?P<mode>[a-z]+)(?:\+cache(?P<interval>\d+))?$")
+_CONFIG_RE = re.compile(r"^(?P<mode>[a-z]+)(?:\+cache(?P<interval>\d+))?(?P<compile>\+compile)?$")
 REFERENCE = "off"
 
 
@@ -45,15 +46,32 @@ class CompareError(ValueError):
 
 @dataclass(frozen=True)
 class CompareConfig:
-    """One configuration: a VCUT mode and an optional step-cache interval."""
+    """One configuration: a VCUT mode, an optional step-cache interval and (``benchmarks.levers``
+    only) ``torch.compile``."""
 
     name: str
     mode: str
     step_cache: int | None = None
+    compile: bool = False
+
+    def renderer_kwargs(self) -> dict[str, Any]:
+        """The keywords of :meth:`pipeline.Renderer.from_pipe` this configuration sets (the
+        step-cache and compile keywords only when it uses them)."""
+        kwargs: dict[str, Any] = {"vcut": self.mode}
+        if self.step_cache is not None:
+            kwargs["step_cache"] = self.step_cache
+        if self.compile:
+            kwargs["compile"] = "default"
+        return kwargs
 
 
-def parse_config(text: str) -> CompareConfig:
-    """``"full"`` -> full VCUT; ``"full+cache3"`` -> full VCUT plus the step cache, interval 3."""
+def parse_config(text: str, *, allow_compile: bool = False) -> CompareConfig:
+    """``"full"`` -> full VCUT; ``"full+cache3"`` -> full VCUT plus the step cache, interval 3.
+
+    The one grammar of a configuration, also ``benchmarks.levers``'s, which passes
+    ``allow_compile`` for a trailing ``+compile`` (``torch.compile``; ``vcut compare`` measures
+    the output, which compiling does not change).
+    """
     name = text.strip()
     m = _CONFIG_RE.match(name)
     if m is None or m["mode"] not in VCUT_MODES:
@@ -61,6 +79,8 @@ def parse_config(text: str) -> CompareConfig:
             f"unknown configuration {name!r}: expected a VCUT mode ({', '.join(VCUT_MODES)}), "
             "optionally followed by +cacheN (step-cache interval N >= 2), e.g. full+cache3"
         )
+    if m["compile"] and not allow_compile:
+        raise CompareError(f"configuration {name!r}: +compile is a lever of benchmarks.levers only")
     interval = None
     if m["interval"] is not None:
         interval = int(m["interval"])
@@ -69,7 +89,7 @@ def parse_config(text: str) -> CompareConfig:
                 f"configuration {name!r}: the step-cache interval must be >= 2 (interval 1 would be no "
                 "cache: leave +cacheN out)"
             )
-    return CompareConfig(name=name, mode=m["mode"], step_cache=interval)
+    return CompareConfig(name=name, mode=m["mode"], step_cache=interval, compile=bool(m["compile"]))
 
 
 def parse_configs(text: str) -> tuple[list[CompareConfig], bool]:
@@ -128,7 +148,7 @@ def make_renderer(stock: Any, config: CompareConfig, *, model_id: str, step_cach
     """A :class:`pipeline.Renderer` for ``config`` on a pipeline that shares ``stock``'s weights.
 
     ``stock`` itself is never patched. The step-cache keywords are passed only for a
-    ``+cacheN`` configuration.
+    ``+cacheN`` configuration (:meth:`CompareConfig.renderer_kwargs`).
     """
     from pipeline.renderer import Renderer
     from vcut import vcut_mode
@@ -137,10 +157,10 @@ def make_renderer(stock: Any, config: CompareConfig, *, model_id: str, step_cach
     components["unet"] = shared_weight_copy(stock.unet)
     components["scheduler"] = copy.deepcopy(stock.scheduler)
     pipe = type(stock)(**components)
-    kwargs: dict[str, Any] = {}
+    kwargs = config.renderer_kwargs()
     if config.step_cache is not None:
-        kwargs.update(step_cache=config.step_cache, step_cache_depth=step_cache_depth)
-    renderer = Renderer.from_pipe(pipe, vcut=config.mode, model_id=model_id, **kwargs)
+        kwargs["step_cache_depth"] = step_cache_depth
+    renderer = Renderer.from_pipe(pipe, model_id=model_id, **kwargs)
     if vcut_mode(stock.unet) != "off":  # the copies must never touch the loaded model
         raise RuntimeError("patching a copy changed the loaded UNet")
     return renderer
@@ -255,7 +275,7 @@ def run_compare(
         out.makedirs("videos")
     reference: list[np.ndarray] = []
     results: list[ConfigResult] = []
-    guidance = float(kw.get("max_guidance_scale", 3.0)) > 1.0
+    guidance = float(kw.get("max_guidance_scale", GENERATION_PARAMS["max_guidance_scale"].default)) > 1.0
     for config in configs:
         res = ConfigResult(config)
         renderer = make_renderer(stock, config, model_id=str(model), step_cache_depth=step_cache_depth)

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
 from enum import Enum
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.params import PARAM_RANGES, as_float, as_int
+from pipeline.params import GENERATION_PARAMS, check_generation
 
 DEFAULT_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt"
 
@@ -41,21 +41,21 @@ class ModelConfig:
     step_cache_depth: int = 1  # outer down/up levels that always run
 
 
-@dataclass
-class GenerationConfig:
-    """Defaults for the manifest's optional columns (a row's own value wins)."""
-
-    seed: int = 0
-    num_frames: int | None = None  # None: the model's own (25 for SVD-XT)
-    fps: int = 7
-    motion_bucket_id: int = 127
-    noise_aug_strength: float = 0.02
-    num_inference_steps: int = 25
-    min_guidance_scale: float = 1.0
-    max_guidance_scale: float = 3.0
-    width: int = 1024
-    height: int = 576
-    decode_chunk_size: int | None = None
+#: Defaults for the manifest's optional columns (a row's own value wins): one typed field per
+#: parameter of ``pipeline.params.GENERATION_PARAMS``, built from that declaration (name, type,
+#: default), so the config cannot drift from the manifest, the renderer and the results.
+GenerationConfig = make_dataclass(
+    "GenerationConfig",
+    [
+        (p.name, p.type | None if p.optional else p.type, field(default=p.default))
+        for p in GENERATION_PARAMS.values()
+    ],
+    namespace={
+        "__doc__": "Defaults for the manifest's optional columns (a row's own value wins).\n\n"
+        + "\n".join(f"{p.name}: {p.help()}" for p in GENERATION_PARAMS.values()),
+        "__module__": __name__,
+    },
+)
 
 
 @dataclass
@@ -182,20 +182,12 @@ def check_config(cfg: DictConfig) -> None:
         (w.window_rows >= 1, "workers.window_rows must be >= 1"),
         (w.max_attempts >= 1, "workers.max_attempts must be >= 1"),
         (w.max_restarts >= 0, "workers.max_restarts must be >= 0"),
-        (g.num_inference_steps >= 1, "defaults.num_inference_steps must be >= 1"),
-        (g.width >= 8 and g.height >= 8, "defaults.width and defaults.height must be >= 8"),
-        (g.num_frames is None or g.num_frames >= 2, "defaults.num_frames must be >= 2 (SVD needs 2 or more)"),
-        (g.fps >= 1, "defaults.fps must be >= 1"),
-        (g.min_guidance_scale <= g.max_guidance_scale, "defaults.min_guidance_scale > max_guidance_scale"),
         (cfg.output.format.isalnum(), "output.format must be a plain extension such as mp4"),
         (cfg.output.shard_size >= 1, "output.shard_size must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:
             raise ValueError(message)
-    # The one range of each generation parameter (as in the manifest, renderer and results).
-    for name, (kind, _, _) in PARAM_RANGES.items():
-        value = g.get(name)
-        if value is not None:
-            (as_int if kind == "int" else as_float)(f"defaults.{name}", value, *PARAM_RANGES[name][1:])
+    # The one check of the generation values (pipeline.params), as the renderer's.
+    check_generation(OmegaConf.to_container(g), label=lambda name: f"defaults.{name}")
     model_compile_mode(cfg.model.compile)

@@ -11,6 +11,11 @@ import json
 import logging
 import sys
 
+from pipeline.params import GENERATION_PARAMS, add_flags
+
+#: ``vcut compare``'s generation flags: every parameter but the seed (``--seed``/``--seeds``).
+COMPARE_PARAMS = tuple(n for n in GENERATION_PARAMS if n != "seed")
+
 
 def _cmd_macs(args: argparse.Namespace) -> int:
     from vcut import count_macs
@@ -54,6 +59,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     import importlib.util
 
     from jobs.compare import CompareError, check_images, check_model, parse_configs
+    from pipeline.params import check_generation, check_value, flag_name
 
     def fail(msg: str) -> int:
         print(f"vcut: error: {msg}", file=sys.stderr)
@@ -67,24 +73,20 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         configs, added_off = parse_configs(args.configs)
         check_model(args.model, args.allow_pickle)
         check_images(args.images)
-        for name in ("height", "width"):
-            value = getattr(args, name)
-            if value < 8 or value % 8:
-                raise CompareError(f"--{name} must be a positive multiple of 8, got {value}")
-        if args.num_frames is not None and args.num_frames < 2:
-            raise CompareError(f"--num-frames must be >= 2, got {args.num_frames}")
-        if args.steps < 1 or args.warmup < 0 or args.step_cache_depth < 1 or args.sheet_height < 0:
-            raise CompareError(
-                "--steps and --step-cache-depth must be >= 1, --warmup and --sheet-height >= 0"
-            )
+        if args.warmup < 0 or args.step_cache_depth < 1 or args.sheet_height < 0:
+            raise CompareError("--step-cache-depth must be >= 1, --warmup and --sheet-height >= 0")
         if args.seeds is not None:
             if len(args.seeds) != len(args.images):
                 raise CompareError(f"--seeds gives {len(args.seeds)} seeds for {len(args.images)} images")
             seeds = list(args.seeds)
         else:
             seeds = [args.seed + i for i in range(len(args.images))]
-        if any(s < 0 for s in seeds):
-            raise CompareError("seeds must be >= 0")
+        try:  # the renderer's own check of the generation values, before anything is loaded
+            generate_kwargs = check_generation({n: getattr(args, n) for n in COMPARE_PARAMS}, label=flag_name)
+            for seed in seeds:
+                check_value("seed", seed)
+        except ValueError as exc:
+            raise CompareError(str(exc)) from exc
         for module, package in (("skimage", "scikit-image"), ("matplotlib", "matplotlib")):
             if importlib.util.find_spec(module) is None:
                 raise CompareError(f"vcut compare needs {package}: pip install 'vcut-render[compare]'")
@@ -102,19 +104,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 
     if added_off:
         print("vcut: 'off' added to --configs: it is the reference of every distance", file=sys.stderr)
-    generate_kwargs = {
-        "height": args.height,
-        "width": args.width,
-        "num_frames": args.num_frames,
-        "num_inference_steps": args.steps,
-        "fps": args.fps,
-        "motion_bucket_id": args.motion_bucket_id,
-        "noise_aug_strength": args.noise_aug_strength,
-        "min_guidance_scale": args.min_guidance_scale,
-        "max_guidance_scale": args.max_guidance_scale,
-        "decode_chunk_size": args.decode_chunk_size,
-        "fit": args.fit,
-    }
+    generate_kwargs["fit"] = args.fit
     try:
         data = run_compare(
             args.model,
@@ -357,6 +347,13 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _defaults_help() -> str:
+    """The ``defaults.*`` config keys with their descriptions, from the one declaration."""
+    lines = ["generation defaults (defaults.KEY=VALUE; a manifest column of the same name wins):"]
+    lines += [f"  {name}: {param.help()}" for name, param in GENERATION_PARAMS.items()]
+    return "\n".join(lines)
+
+
 def _add_job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="job YAML file (merged over the defaults)")
     p.add_argument("--model", help="hub id or local model folder (model.id)")
@@ -430,23 +427,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: off,exact,full)",
     )
     p.add_argument("--out", help="output folder (or URI) for the report files (required)")
-    p.add_argument("--height", type=int, default=576)
-    p.add_argument("--width", type=int, default=1024)
-    p.add_argument(
-        "--num-frames", type=int, default=None, help="default: the model's own (25 for svd-xt, 14 for svd)"
-    )
-    p.add_argument("--steps", type=int, default=25, help="denoising steps per video")
     seeds = p.add_mutually_exclusive_group()
     seeds.add_argument(
         "--seed", type=int, default=0, help="image i is rendered with seed SEED + i (default 0)"
     )
     seeds.add_argument("--seeds", type=_int_list, help="comma-separated seeds, one per image")
-    p.add_argument("--fps", type=int, default=7)
-    p.add_argument("--motion-bucket-id", type=int, default=127)
-    p.add_argument("--noise-aug-strength", type=float, default=0.02)
-    p.add_argument("--min-guidance-scale", type=float, default=1.0)
-    p.add_argument("--max-guidance-scale", type=float, default=3.0)
-    p.add_argument("--decode-chunk-size", type=int, default=None)
+    # Every generation parameter but the seed, from its one declaration (pipeline.params).
+    add_flags(p, COMPARE_PARAMS, aliases={"num_inference_steps": "--steps"})
     p.add_argument("--fit", choices=["crop", "letterbox"], default="crop")
     p.add_argument("--device", help="default: cuda when available, else cpu")
     p.add_argument("--dtype", help="default: float16 on cuda, float32 on cpu")
@@ -480,7 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="render every row of a manifest to a video (resumes; exit 0 all ok, 3 some failed, 2 bad input, "
         "75 --out in use by another driver)",
-        epilog="Trailing key=value arguments override config keys, e.g. defaults.num_frames=14.",
+        epilog="Trailing key=value arguments override config keys, e.g. defaults.num_frames=14.\n\n"
+        + _defaults_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
         "manifest",

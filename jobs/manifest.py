@@ -23,14 +23,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from pipeline.params import PARAM_RANGES
+from pipeline.params import GENERATION_PARAMS, ORDERED_PAIRS, ROW_PARAMS
 
-#: Optional generation columns: (kind, lowest, highest), the one range of each parameter
-#: (``pipeline.params``: the config, the renderer and the results schema use the same).
-#: Model-dependent limits (a width the VAE cannot take, ...) are the renderer's to reject;
-#: they become ``failed`` rows.
-GENERATION_COLUMNS: dict[str, tuple[str, float, float]] = PARAM_RANGES
-KNOWN_COLUMNS = {"image", "id", *GENERATION_COLUMNS}
+#: Optional generation columns: the row parameters of ``pipeline.params.GENERATION_PARAMS``,
+#: checked against their declared kind and range (the config, the renderer and the results
+#: schema use the same declaration). Model rules (a width that is no multiple of 8, ...) are
+#: the renderer's to reject; they become ``failed`` rows.
+KNOWN_COLUMNS = {"image", "id", *ROW_PARAMS}
 #: Keys the driver adds to each row dict (never results columns): a manifest column may not
 #: have these names; every other column, ``_``-prefixed ones included, is carried.
 PRIVATE_KEYS = frozenset({"_image", "_row"})
@@ -171,7 +170,8 @@ def _check_column(name: str, col: pa.ChunkedArray | pa.Array, offset: int) -> st
             if bad is not None:
                 return f"column 'id' is empty at row {offset + bad}"
         return None
-    kind, low, high = GENERATION_COLUMNS[name]
+    param = GENERATION_PARAMS[name]
+    kind, low, high = param.kind, param.low, param.high
     if pa.types.is_string(t) or pa.types.is_large_string(t):
         for i, value in enumerate(col.to_pylist()):
             if value is None or value == "":
@@ -223,15 +223,17 @@ def _outside_ints(col: pa.Array | pa.ChunkedArray, low: int, high: int) -> pa.Ar
     return masks[0] if len(masks) == 1 else pc.or_(masks[0], masks[1])
 
 
-def _check_guidance(batch: pa.RecordBatch, offset: int) -> str | None:
-    if "min_guidance_scale" not in batch.schema.names or "max_guidance_scale" not in batch.schema.names:
-        return None
-    lo, hi = batch.column("min_guidance_scale"), batch.column("max_guidance_scale")
-    if not (_is_num(lo.type) and _is_num(hi.type)):
-        return None
-    bad = _first_bad(pc.greater(pc.cast(lo, pa.float64()), pc.cast(hi, pa.float64())))
-    if bad is not None:
-        return f"column 'min_guidance_scale' is above 'max_guidance_scale' at row {offset + bad}"
+def _check_order(batch: pa.RecordBatch, offset: int) -> str | None:
+    """The declared order of parameter pairs (``min_guidance_scale`` <= ``max_guidance_scale``)."""
+    for a, b in ORDERED_PAIRS:
+        if a not in batch.schema.names or b not in batch.schema.names:
+            continue
+        lo, hi = batch.column(a), batch.column(b)
+        if not (_is_num(lo.type) and _is_num(hi.type)):
+            continue
+        bad = _first_bad(pc.greater(pc.cast(lo, pa.float64()), pc.cast(hi, pa.float64())))
+        if bad is not None:
+            return f"column {a!r} is above {b!r} at row {offset + bad}"
     return None
 
 
@@ -271,7 +273,7 @@ def validate_manifest(path: str, reserved: set[str] = frozenset(), chunk_rows: i
                 problem = _check_column(name, batch.column(name), offset)
                 if problem and len(problems) < MAX_PROBLEMS:
                     problems.append(problem)
-            problem = _check_guidance(batch, offset)
+            problem = _check_order(batch, offset)
             if problem and len(problems) < MAX_PROBLEMS:
                 problems.append(problem)
             if not problems:
@@ -320,7 +322,7 @@ def iter_manifest(path: str, chunk_rows: int = 1024) -> Iterator[list[dict[str, 
     resolved image, ``_row`` the row number, numbers as int or float. Nulls stay None."""
     dataset = open_manifest(path)
     base = _base_dir(path)
-    int_cols = {n for n, (kind, _, _) in GENERATION_COLUMNS.items() if kind == "int"}
+    int_cols = {n for n in ROW_PARAMS if GENERATION_PARAMS[n].kind == "int"}
     offset = 0
     for batch in dataset.to_batches(batch_size=chunk_rows, use_threads=False):
         ids = _batch_ids(batch, offset)
@@ -329,7 +331,7 @@ def iter_manifest(path: str, chunk_rows: int = 1024) -> Iterator[list[dict[str, 
             row["id"] = ids[i]
             row["_image"] = resolve_image(row["image"], base)
             row["_row"] = offset + i
-            for name in GENERATION_COLUMNS:
+            for name in ROW_PARAMS:
                 value = row.get(name)
                 if isinstance(value, str):
                     value = value.strip() or None

@@ -37,7 +37,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from jobs.manifest import GENERATION_COLUMNS, hash_ids
+from jobs.manifest import hash_ids
+from pipeline.params import ROW_PARAMS, arrow_fields
 from pipeline.storage import is_object_store, protocols
 
 MAX_NAME = 120
@@ -51,9 +52,7 @@ RESULT_SCHEMA = pa.schema(
         ("status", pa.string()),
         ("output", pa.string()),
         ("error", pa.string()),
-        ("seed", pa.int64()),
-        ("num_frames", pa.int64()),
-        ("fps", pa.int64()),
+        *arrow_fields(),  # the generation parameters (pipeline.params): seed, num_frames, fps, ...
         ("vcut_mode", pa.string()),
         ("seconds", pa.float64()),
         ("encode_seconds", pa.float64()),
@@ -67,21 +66,14 @@ RESULT_SCHEMA = pa.schema(
         ("node", pa.string()),
         ("frames", pa.int64()),
         ("denoise_seconds", pa.float64()),
-        ("num_inference_steps", pa.int64()),
         ("gpu_memory_bytes", pa.int64()),
-        ("motion_bucket_id", pa.int64()),
-        ("noise_aug_strength", pa.float64()),
-        ("min_guidance_scale", pa.float64()),
-        ("max_guidance_scale", pa.float64()),
-        ("width", pa.int64()),
-        ("height", pa.int64()),
         ("attempts", pa.int64()),
         ("shard", pa.int64()),  # layout webdataset: the shard holding the row's video
         ("committed_at", pa.timestamp("us", tz="UTC")),
         ("finished_at", pa.timestamp("us", tz="UTC")),  # the row's own end (set by its worker)
     ]
 )
-RESERVED_COLUMNS = set(RESULT_SCHEMA.names) - {"image", "id", *GENERATION_COLUMNS}
+RESERVED_COLUMNS = set(RESULT_SCHEMA.names) - {"image", "id", *ROW_PARAMS}
 
 
 def safe_name(row_id: str) -> str:

@@ -29,6 +29,7 @@ from jobs import results as rs
 from jobs.progress import Progress
 from jobs.shards import ShardWriter, check_layout, scan
 from jobs.worker import RenderWorker
+from pipeline.params import BATCH_PARAMS, ROW_PARAMS
 
 log = logging.getLogger("jobs")
 
@@ -101,7 +102,7 @@ class SafeHook:
 
 def resolve_params(row: dict[str, Any], generation: dict[str, Any]) -> dict[str, Any]:
     """A row's generation values, the job config's where the row has none."""
-    return {k: (row.get(k) if row.get(k) is not None else generation.get(k)) for k in mf.GENERATION_COLUMNS}
+    return {k: (row.get(k) if row.get(k) is not None else generation.get(k)) for k in ROW_PARAMS}
 
 
 def plan_batches(
@@ -144,7 +145,7 @@ def plan_batches(
 def render_key(row: dict[str, Any], generation: dict[str, Any]) -> tuple:
     """What rows must share to render in one pipeline call: every generation value but seed."""
     params = resolve_params(row, generation)
-    return tuple((k, params[k]) for k in mf.GENERATION_COLUMNS if k != "seed")
+    return tuple((k, params[k]) for k in BATCH_PARAMS)
 
 
 def rows_per_task(cfg: DictConfig) -> int:

@@ -26,22 +26,9 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-log = logging.getLogger(__name__)
+from pipeline.params import BATCH_PARAMS, ROW_PARAMS
 
-GENERATE_KEYS = (
-    "seed",
-    "num_frames",
-    "num_inference_steps",
-    "height",
-    "width",
-    "fps",
-    "motion_bucket_id",
-    "noise_aug_strength",
-    "min_guidance_scale",
-    "max_guidance_scale",
-)
-#: What rows must share to render in one pipeline call.
-RENDER_KEYS = tuple(k for k in GENERATE_KEYS if k != "seed")
+log = logging.getLogger(__name__)
 
 #: MAC fields of a result row (see ``count_macs``).
 MAC_FIELDS = ("macs", "macs_saved", "macs_saved_vcut", "macs_saved_step_cache")
@@ -275,7 +262,7 @@ class RenderWorker:
         start = time.perf_counter()
         try:
             self._reset_peak_memory()
-            kwargs = {k: params[k] for k in GENERATE_KEYS}
+            kwargs = {k: params[k] for k in ROW_PARAMS}
             gen = self.renderer.generate(task["image"], decode_chunk_size=self.decode_chunk_size, **kwargs)
             return self._fill(result, gen, params, loaded, loaded + time.perf_counter() - start)
         except Exception as exc:
@@ -312,7 +299,7 @@ class RenderWorker:
                 images,
                 seeds=[tasks[i]["params"]["seed"] for i in good],
                 decode_chunk_size=self.decode_chunk_size,
-                **{k: params[k] for k in RENDER_KEYS},
+                **{k: params[k] for k in BATCH_PARAMS},
             )
             share = (time.perf_counter() - start) / len(good)
             for i, gen, loaded in zip(good, gens, load_seconds, strict=True):
@@ -327,12 +314,12 @@ class RenderWorker:
         return frames
 
     def _groups(self, tasks: list[dict[str, Any]]) -> list[list[int]]:
-        """Task indices to render together: rows sharing ``RENDER_KEYS``, N (render_batch) at a time."""
+        """Task indices to render together: rows sharing ``BATCH_PARAMS``, N (render_batch) at a time."""
         if self.rows_per_call == 1:
             return [[i] for i in range(len(tasks))]
         by_key: dict[tuple, list[int]] = {}
         for i, task in enumerate(tasks):
-            by_key.setdefault(tuple(task["params"][k] for k in RENDER_KEYS), []).append(i)
+            by_key.setdefault(tuple(task["params"][k] for k in BATCH_PARAMS), []).append(i)
         return [
             rows[start : start + self.rows_per_call]
             for rows in by_key.values()

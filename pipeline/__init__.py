@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
     "Renderer": "renderer",
-    "Generation": "renderer",
+    "RenderedVideo": "renderer",
     "RenderRecord": "renderer",
     "frames_to_uint8": "renderer",
     "EmbeddingCache": "cache",
@@ -39,10 +39,10 @@ __all__ = [
     "EmbeddingCache",
     "EncodeError",
     "FORMATS",
-    "Generation",
     "ImageError",
     "ModelLoadError",
     "RenderRecord",
+    "RenderedVideo",
     "Renderer",
     "VideoInfo",
     "encode_video",
@@ -62,7 +62,7 @@ if TYPE_CHECKING:
     from .ffmpeg_bin import ffmpeg_exe
     from .images import DEFAULT_MAX_PIXELS, fit_image, load_image
     from .probe import VideoInfo, probe_video, read_video
-    from .renderer import Generation, Renderer, RenderRecord, frames_to_uint8
+    from .renderer import RenderedVideo, Renderer, RenderRecord, frames_to_uint8
 
 
 def __getattr__(name: str) -> Any:

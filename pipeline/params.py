@@ -1,47 +1,238 @@
-"""One range per generation parameter, used everywhere: the job config (``defaults.*``), the
-manifest validation, the renderer and the results schema (``seed`` is ``int64`` there, so its
-range is [0, 2**63 - 1]). Torch-free, so ``jobs`` imports it without loading a model.
+"""The generation parameters, declared once: :data:`GENERATION_PARAMS`.
 
-An integral float (``5.0``, as pandas writes an integer column with a missing value) is
-accepted where an integer is expected; ``5.5`` is not.
+Each parameter (seed, frame count, fps, motion bucket, noise augmentation, steps, guidance,
+size, decode chunk) has one :class:`GenerationParam`: name, kind, range, default and
+description. Everything else is derived from it, so no two places can disagree:
+
+- the job config's ``defaults.*`` section (``jobs.config.GenerationConfig`` is built from it,
+  and ``check_config`` checks it with :func:`check_generation`);
+- the manifest's optional columns and their checks (:data:`ROW_PARAMS`, ``jobs.manifest``);
+- the renderer's checks (``Renderer.generate``/``generate_batch`` call :func:`check_generation`;
+  a test keeps their keyword lists equal to the declaration);
+- the worker's call and the rows that may share one pipeline call (:data:`ROW_PARAMS`,
+  :data:`BATCH_PARAMS`);
+- the results schema's generation columns (:func:`arrow_fields`; ``seed`` is ``int64``
+  there, so its range is [0, 2**63 - 1]);
+- ``vcut compare``'s generation flags (``jobs.compare.add_generation_flags``).
+
+Torch-free, so ``jobs`` imports it without loading a model. An integral float (``5.0``, as
+pandas writes an integer column with a missing value) is accepted where an integer is
+expected; ``5.5`` is not.
 """
 
 from __future__ import annotations
 
 import math
 import operator
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import argparse
 
 #: The largest seed: results store seeds as int64 (torch accepts up to 2**64 - 1, Parquet
 #: readers and pandas would not).
 SEED_MAX = 2**63 - 1
 
-#: Parameter: (kind, lowest, highest). Model-dependent limits (a width the VAE cannot take, ...)
-#: are the renderer's to reject.
-PARAM_RANGES: dict[str, tuple[str, float, float]] = {
-    "seed": ("int", 0, SEED_MAX),
-    "num_frames": ("int", 2, 1024),  # SVD needs 2 or more (diffusers fails on 1)
-    "fps": ("int", 1, 240),
-    "motion_bucket_id": ("int", 0, 1023),
-    "noise_aug_strength": ("float", 0.0, 10.0),
-    "num_inference_steps": ("int", 1, 1000),
-    "min_guidance_scale": ("float", 0.0, 100.0),
-    "max_guidance_scale": ("float", 0.0, 100.0),
-    "width": ("int", 8, 8192),
-    "height": ("int", 8, 8192),
+
+@dataclass(frozen=True)
+class GenerationParam:
+    """One generation parameter.
+
+    ``kind`` is ``"int"`` or ``"float"``; values lie in [``low``, ``high``]. ``default`` is the
+    job config's (``None`` only where ``optional``: the model's own frame count, one decode
+    chunk). ``per_row``: a manifest column and a results column (``decode_chunk_size`` is a
+    job setting only: it trades memory, not what a row asks for). ``multiple_of``: a rule of
+    the model (SVD's VAE works on multiples of 8 pixels) that :func:`check_generation` enforces
+    for a whole call (config defaults, the renderer, ``vcut compare``); a manifest row that
+    breaks it is not refused up front but fails alone, as any row the model cannot render.
+    """
+
+    name: str
+    kind: str
+    low: int | float
+    high: int | float
+    default: int | float | None
+    description: str
+    optional: bool = False
+    per_row: bool = True
+    multiple_of: int = 1
+
+    @property
+    def type(self) -> type:
+        """``int`` or ``float``: the Python type of a value (and of the config field)."""
+        return int if self.kind == "int" else float
+
+    def range_text(self) -> str:
+        noun = "an integer" if self.kind == "int" else "a finite number"
+        text = f"{noun} in [{self.low}, {self.high}]"
+        return text + (f", a multiple of {self.multiple_of}" if self.multiple_of > 1 else "")
+
+    def help(self) -> str:
+        """One line for ``--help`` and the config docs: the description, range and default."""
+        default = "null" if self.default is None else self.default
+        return f"{self.description}; {self.range_text()}, default {default}"
+
+
+_P = GenerationParam
+#: The declaration, in the order of the config section and of the results' generation columns.
+GENERATION_PARAMS: dict[str, GenerationParam] = {
+    p.name: p
+    for p in (
+        _P("seed", "int", 0, SEED_MAX, 0, "seed of the CPU noise generator: the same seed, the same video"),
+        _P(
+            "num_frames",
+            "int",
+            2,  # SVD needs 2 or more (diffusers fails on 1)
+            1024,
+            None,
+            "frames per video, null: the model's own (25 for SVD-XT, 14 for SVD)",
+            optional=True,
+        ),
+        _P("fps", "int", 1, 240, 7, "frame rate: SVD's fps conditioning and the encoded video's rate"),
+        _P("motion_bucket_id", "int", 0, 1023, 127, "motion conditioning: higher moves more"),
+        _P(
+            "noise_aug_strength",
+            "float",
+            0.0,
+            10.0,
+            0.02,
+            "noise added to the conditioning image: higher departs more from it",
+        ),
+        _P("num_inference_steps", "int", 1, 1000, 25, "denoising steps per video"),
+        _P(
+            "min_guidance_scale",
+            "float",
+            0.0,
+            100.0,
+            1.0,
+            "classifier-free guidance of the first frame, at most max_guidance_scale",
+        ),
+        _P(
+            "max_guidance_scale",
+            "float",
+            0.0,
+            100.0,
+            3.0,
+            "classifier-free guidance of the last frame; <= 1: no guidance (half the UNet work)",
+        ),
+        _P("width", "int", 8, 8192, 1024, "video width in pixels", multiple_of=8),
+        _P("height", "int", 8, 8192, 576, "video height in pixels", multiple_of=8),
+        _P(
+            "decode_chunk_size",
+            "int",
+            1,
+            1024,
+            None,
+            "frames the VAE decodes at once, null: all (halved on CUDA out-of-memory)",
+            optional=True,
+            per_row=False,
+        ),
+    )
 }
+
+#: Pairs (a, b) of parameters whose values must satisfy a <= b.
+ORDERED_PAIRS: tuple[tuple[str, str], ...] = (("min_guidance_scale", "max_guidance_scale"),)
+#: Parameters a manifest row may set (its optional columns; also results columns), in order.
+ROW_PARAMS: tuple[str, ...] = tuple(n for n, p in GENERATION_PARAMS.items() if p.per_row)
+#: What rows must share to render in one pipeline call: every row parameter but the seed.
+BATCH_PARAMS: tuple[str, ...] = tuple(n for n in ROW_PARAMS if n != "seed")
+
+
+def defaults() -> dict[str, Any]:
+    """Every parameter's default (the job config's ``defaults`` section), in declaration order."""
+    return {n: p.default for n, p in GENERATION_PARAMS.items()}
 
 
 def range_text(name: str) -> str:
-    kind, low, high = PARAM_RANGES[name]
-    return f"an integer in [{low}, {high}]" if kind == "int" else f"a finite number in [{low}, {high}]"
+    return GENERATION_PARAMS[name].range_text()
+
+
+def arrow_type(name: str) -> Any:
+    """The results column type of a parameter: int64 or float64."""
+    import pyarrow as pa
+
+    return pa.int64() if GENERATION_PARAMS[name].kind == "int" else pa.float64()
+
+
+def arrow_fields() -> list[Any]:
+    """The results schema's generation columns (the row parameters), in declaration order."""
+    import pyarrow as pa
+
+    return [pa.field(n, arrow_type(n)) for n in ROW_PARAMS]
+
+
+def check_value(name: str, value: Any, label: str | None = None) -> int | float | None:
+    """``value`` as the parameter's type within its declared range (None where optional).
+
+    Raises ValueError naming ``label`` (default: the parameter's name) and the range.
+    """
+    p = GENERATION_PARAMS[name]
+    label = label or name
+    if value is None:
+        if p.optional:
+            return None
+        raise ValueError(f"{label} must be {p.range_text()}, got None")
+    if p.kind == "int":
+        return as_int(label, value, p.low, p.high)
+    return as_float(label, value, p.low, p.high)
+
+
+def check_generation(
+    values: Mapping[str, Any] | None = None, *, label: Callable[[str], str] | None = None, **kw: Any
+) -> dict[str, Any]:
+    """A whole call's generation values, checked and normalized (ints as int, floats as float).
+
+    The one check of the config defaults, the renderer and ``vcut compare``: each value in its
+    declared range, ``width``/``height`` a multiple of their ``multiple_of``, and
+    ``min_guidance_scale`` <= ``max_guidance_scale`` (:data:`ORDERED_PAIRS`). Only the names
+    given are checked (a name not declared raises). Messages name a parameter as
+    ``label(name)`` (``defaults.fps``, ``--fps``; default: the name). Raises ValueError.
+    """
+    given = {**(values or {}), **kw}
+    unknown = [n for n in given if n not in GENERATION_PARAMS]
+    if unknown:
+        raise ValueError(f"unknown generation parameter(s): {', '.join(unknown)}")
+    label = label or str
+    out: dict[str, Any] = {}
+    for name, value in given.items():
+        p = GENERATION_PARAMS[name]
+        value = check_value(name, value, label(name))
+        if value is not None and p.multiple_of > 1 and value % p.multiple_of:
+            raise ValueError(f"{label(name)} must be a multiple of {p.multiple_of}, got {value}")
+        out[name] = value
+    for a, b in ORDERED_PAIRS:
+        lo, hi = out.get(a), out.get(b)
+        if lo is not None and hi is not None and lo > hi:
+            raise ValueError(f"{label(a)} must be <= {label(b)}, got {lo} > {hi}")
+    return out
+
+
+def add_flags(
+    parser: argparse.ArgumentParser, names: Iterable[str], aliases: Mapping[str, str] | None = None
+) -> None:
+    """One command-line flag per parameter in ``names`` (``--motion-bucket-id``), with its
+    declared type, default and description; ``aliases`` adds a second spelling (``--steps``).
+    The value lands in ``args.<name>``."""
+    aliases = aliases or {}
+    for name in names:
+        p = GENERATION_PARAMS[name]
+        spellings = [flag_name(name)] + ([aliases[name]] if name in aliases else [])
+        parser.add_argument(*spellings, dest=name, type=p.type, default=p.default, help=p.help())
+
+
+def flag_name(name: str) -> str:
+    """The command-line spelling of a parameter: ``--motion-bucket-id``."""
+    return "--" + name.replace("_", "-")
 
 
 def as_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
-    """``value`` as an int within the range (``PARAM_RANGES[name]`` unless given); integral
-    floats are accepted. Raises ValueError naming the parameter and the range."""
-    if name in PARAM_RANGES and minimum is None and maximum is None:
-        _, minimum, maximum = PARAM_RANGES[name]
+    """``value`` as an int within [minimum, maximum] (the declared range of a parameter named
+    ``name`` unless given); integral floats are accepted. Raises ValueError naming the
+    parameter and the range."""
+    if name in GENERATION_PARAMS and minimum is None and maximum is None:
+        minimum, maximum = GENERATION_PARAMS[name].low, GENERATION_PARAMS[name].high
     if isinstance(value, bool | str | bytes):
         raise ValueError(f"{name} must be an integer, got {value!r}")
     try:
@@ -66,9 +257,10 @@ def as_int(name: str, value: Any, minimum: int | None = None, maximum: int | Non
 
 
 def as_float(name: str, value: Any, minimum: float | None = None, maximum: float | None = None) -> float:
-    """``value`` as a finite float within the range (``PARAM_RANGES[name]`` unless given)."""
-    if name in PARAM_RANGES and minimum is None and maximum is None:
-        _, minimum, maximum = PARAM_RANGES[name]
+    """``value`` as a finite float within [minimum, maximum] (the declared range of a parameter
+    named ``name`` unless given)."""
+    if name in GENERATION_PARAMS and minimum is None and maximum is None:
+        minimum, maximum = GENERATION_PARAMS[name].low, GENERATION_PARAMS[name].high
     if isinstance(value, bool | str | bytes):
         raise ValueError(f"{name} must be a number, got {value!r}")
     try:

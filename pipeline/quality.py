@@ -2,7 +2,7 @@
 
 The metrics come from scikit-image (``skimage.metrics``), installed with the ``compare``
 extra (``pip install 'vcut-render[compare]'``). Both videos are uint8 ``(F, H, W, 3)`` arrays
-of the same shape, such as :attr:`pipeline.Generation.frames`; frame ``i`` of one is compared
+of the same shape, such as :attr:`pipeline.RenderedVideo.frames`; frame ``i`` of one is compared
 with frame ``i`` of the other.
 
 - **PSNR** (dB, ``data_range=255``): ``inf`` for a frame that is bit-identical. In JSON

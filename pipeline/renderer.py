@@ -36,15 +36,16 @@ from .compile import CompileWatch, compile_mode, compile_pipeline
 from .encode import FORMATS, encode_video
 from .images import DEFAULT_MAX_PIXELS, FIT_MODES, ImageSource, fit_image, load_image
 from .loading import load_svd_pipeline
-from .params import as_float, as_int
+from .params import check_generation, check_value
 from .svd import RenderPipeline
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class Generation:
-    """One generated video: ``frames`` is uint8 ``(F, H, W, 3)``; ``timings`` are seconds.
+class RenderedVideo:
+    """One rendered video (what :meth:`Renderer.generate` returns, before encoding): ``frames``
+    is uint8 ``(F, H, W, 3)``; ``timings`` are seconds.
 
     ``timings`` keys: ``image_load`` (read + decode + convert + fit), ``conditioning``
     (CLIP embedding, VAE encode of the image, time ids, initial noise), ``denoise`` (the
@@ -96,16 +97,6 @@ class RenderRecord:
 def frames_to_uint8(frames: np.ndarray) -> np.ndarray:
     """diffusers' float frames in [0, 1] to uint8, rounded as diffusers' ``numpy_to_pil`` does."""
     return np.clip(np.round(frames * 255.0), 0, 255).astype(np.uint8)
-
-
-def _check_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:
-    """An integer parameter (integral floats accepted), in ``pipeline.params.PARAM_RANGES``'s
-    range for the parameters listed there, else in [minimum, maximum]."""
-    return as_int(name, value, minimum, maximum)
-
-
-def _check_float(name: str, value: Any) -> float:
-    return as_float(name, value)
 
 
 class Renderer:
@@ -306,7 +297,7 @@ class Renderer:
         decode_chunk_size: int | None = None,
         fit: str = "crop",
         filesystem: Any = None,
-    ) -> Generation:
+    ) -> RenderedVideo:
         """Render ``image`` (path, URI, bytes, file object or PIL image) to uint8 frames.
 
         The image is loaded with :func:`~pipeline.images.load_image` and brought to
@@ -351,11 +342,11 @@ class Renderer:
         decode_chunk_size: int | None = None,
         fit: str = "crop",
         filesystem: Any = None,
-    ) -> list[Generation]:
+    ) -> list[RenderedVideo]:
         """Render several images that share every parameter but the seed, in one pipeline call.
 
         ``images[i]`` is rendered with ``seeds[i]`` (one CPU generator per row), so each
-        returned :class:`Generation` (in order) has the frames :meth:`generate` gives for
+        returned :class:`RenderedVideo` (in order) has the frames :meth:`generate` gives for
         that image and seed, up to float rounding of the batched arithmetic (<= 1 uint8
         level on CPU fp32). The keyword arguments are :meth:`generate`'s. Every image is
         loaded and fitted before anything renders: a bad one raises ``ImageError`` for the
@@ -368,23 +359,22 @@ class Renderer:
             raise ValueError(f"images must be a sequence of images, got {type(images).__name__}")
         if len(images) != len(seeds):
             raise ValueError(f"seeds must have one seed per image: {len(images)} images, {len(seeds)} seeds")
-        seeds = [_check_int("seed", seed) for seed in seeds]  # [0, 2**63 - 1]: int64 in the results
+        seeds = [check_value("seed", seed) for seed in seeds]  # [0, 2**63 - 1]: int64 in the results
         if num_frames is None:
             num_frames = int(self.unet_config.get("num_frames", 25))
-        num_frames = _check_int("num_frames", num_frames)  # diffusers' SVD fails on 1 frame
-        num_inference_steps = _check_int("num_inference_steps", num_inference_steps)
-        height = _check_int("height", height)
-        width = _check_int("width", width)
-        for name, value in (("height", height), ("width", width)):
-            if value % 8:
-                raise ValueError(f"{name} must be a multiple of 8, got {value}")
-        fps = _check_int("fps", fps)
-        motion_bucket_id = _check_int("motion_bucket_id", motion_bucket_id)
-        noise_aug_strength = _check_float("noise_aug_strength", noise_aug_strength)
-        min_guidance_scale = _check_float("min_guidance_scale", min_guidance_scale)
-        max_guidance_scale = _check_float("max_guidance_scale", max_guidance_scale)
-        if decode_chunk_size is not None:
-            decode_chunk_size = _check_int("decode_chunk_size", decode_chunk_size, 1)
+        # The declared ranges (pipeline.params), multiples of 8 and min <= max guidance.
+        call = check_generation(
+            num_frames=num_frames,
+            num_inference_steps=num_inference_steps,
+            height=height,
+            width=width,
+            fps=fps,
+            motion_bucket_id=motion_bucket_id,
+            noise_aug_strength=noise_aug_strength,
+            min_guidance_scale=min_guidance_scale,
+            max_guidance_scale=max_guidance_scale,
+            decode_chunk_size=decode_chunk_size,
+        )
         if fit not in FIT_MODES:
             raise ValueError(f"fit must be one of {FIT_MODES}, got {fit!r}")
         if not images:
@@ -394,21 +384,11 @@ class Renderer:
         for image in images:
             t0 = time.perf_counter()
             fitted.append(
-                self.prepare_image(image, width=width, height=height, fit=fit, filesystem=filesystem)
+                self.prepare_image(
+                    image, width=call["width"], height=call["height"], fit=fit, filesystem=filesystem
+                )
             )
             load_seconds.append(time.perf_counter() - t0)
-        call = dict(
-            height=height,
-            width=width,
-            num_frames=num_frames,
-            num_inference_steps=num_inference_steps,
-            min_guidance_scale=min_guidance_scale,
-            max_guidance_scale=max_guidance_scale,
-            fps=fps,
-            motion_bucket_id=motion_bucket_id,
-            noise_aug_strength=noise_aug_strength,
-            decode_chunk_size=decode_chunk_size,
-        )
         return self._render(fitted, seeds, load_seconds, call)
 
     def prepare_image(
@@ -428,10 +408,10 @@ class Renderer:
 
     def _render(
         self, images: list[Image.Image], seeds: list[int], load_seconds: list[float], call: dict[str, Any]
-    ) -> list[Generation]:
+    ) -> list[RenderedVideo]:
         """Pipeline calls of all ``images`` at once; after a CUDA OOM, half as many rows per call
         (for the rest of this batch: a size that ran out once is not tried again)."""
-        generations: list[Generation] = []
+        generations: list[RenderedVideo] = []
         size, start = len(images), 0
         while start < len(images):
             end = start + size
@@ -454,7 +434,7 @@ class Renderer:
 
     def _render_call(
         self, images: list[Image.Image], seeds: list[int], load_seconds: list[float], call: dict[str, Any]
-    ) -> list[Generation]:
+    ) -> list[RenderedVideo]:
         pipe = self.pipe
         pipe.marks = {}
         pipe.last_decode_chunk_size = None
@@ -503,7 +483,7 @@ class Renderer:
             if watch is not None:
                 timings["compile"] = watch.seconds / n
             generations.append(
-                Generation(
+                RenderedVideo(
                     frames=frames,
                     timings=timings,
                     cache_hit=bool(hits[i]),

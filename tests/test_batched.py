@@ -20,8 +20,9 @@ from PIL import Image
 from jobs.config import check_config, load_config
 from jobs.main import main
 from jobs.runner import plan_batches, render_key, resolve_params, rows_per_task
-from jobs.worker import GENERATE_KEYS, RenderWorker
+from jobs.worker import RenderWorker
 from pipeline import Renderer, fit_image, frames_to_uint8, load_image, read_video
+from pipeline.params import ROW_PARAMS
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_JOB = str(ROOT / "examples" / "tiny-job.yaml")
@@ -223,7 +224,7 @@ def test_worker_batches_compatible_rows_and_a_bad_image_fails_only_its_row(
         assert result["macs"] > 0 and result["seconds"] > 0 and result["frames"] == 4
     assert results[0]["denoise_seconds"] == results[2]["denoise_seconds"]  # the batch's share
     for task in (tasks[0], tasks[2], tasks[3]):
-        alone = renderer.generate(task["image"], **{k: task["params"][k] for k in GENERATE_KEYS}).frames
+        alone = renderer.generate(task["image"], **{k: task["params"][k] for k in ROW_PARAMS}).frames
         assert _maxdiff(encoder.frames[task["output"]], alone) <= 1
 
 

@@ -177,7 +177,9 @@ def test_cache_configs_reach_the_renderer_factory(
         ({"image": "missing.png"}, "image"),
         ({"--model": "no/such/folder"}, "does not exist"),
         ({"--model": None}, "--model is required"),
-        ({"--height": "60"}, "--height must be a positive multiple of 8"),
+        ({"--height": "60"}, "--height must be a multiple of 8, got 60"),
+        ({"--height": "0"}, "--height must be in [8, 8192], got 0"),
+        ({"--steps": "0"}, "--num-inference-steps must be in [1, 1000], got 0"),
         ({"--seeds": "1,2,3"}, "3 seeds for 1 images"),
     ],
 )

@@ -228,13 +228,13 @@ def test_seed_above_int64_is_refused_everywhere(tmp_path, seed):
 
 
 def test_renderer_uses_the_same_range():
-    from pipeline.renderer import _check_int
+    from pipeline.params import check_value  # what Renderer.generate_batch checks each seed with
 
-    assert _check_int("seed", SEED_MAX) == SEED_MAX and _check_int("seed", np.uint64(SEED_MAX)) == SEED_MAX
-    assert _check_int("seed", 5.0) == 5 and _check_int("seed", np.float64(5.0)) == 5
-    for bad in (2**63, 2**64 - 1, 5.5, -1, "5", True, float("nan")):
+    assert check_value("seed", SEED_MAX) == SEED_MAX and check_value("seed", np.uint64(SEED_MAX)) == SEED_MAX
+    assert check_value("seed", 5.0) == 5 and check_value("seed", np.float64(5.0)) == 5
+    for bad in (2**63, 2**64 - 1, 5.5, -1, "5", True, float("nan"), None):
         with pytest.raises(ValueError, match="seed must be"):
-            _check_int("seed", bad)
+            check_value("seed", bad)
 
 
 def test_largest_seed_and_integral_floats_are_accepted(tmp_path):

@@ -1,0 +1,239 @@
+"""The one declaration of the generation parameters (``pipeline.params``) and every place
+derived from it: the config schema and its check, the manifest checks, the renderer's checks
+and signatures, the worker's call, the results schema, ``vcut compare``'s flags and the
+configuration grammar shared with ``benchmarks.levers``."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from jobs import manifest as mf
+from jobs import results as rs
+from jobs.config import GenerationConfig, JobConfig, check_config, load_config
+from jobs.main import build_parser
+from jobs.runner import render_key, resolve_params
+from pipeline.params import (
+    BATCH_PARAMS,
+    GENERATION_PARAMS,
+    ROW_PARAMS,
+    SEED_MAX,
+    arrow_type,
+    check_generation,
+    check_value,
+    defaults,
+)
+from pipeline.renderer import Renderer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _outside(name: str) -> tuple[object, object]:
+    """A value just below and just above the declared range."""
+    p = GENERATION_PARAMS[name]
+    step = 1 if p.kind == "int" else 0.5
+    return p.low - step, p.high + step
+
+
+def _message(name: str, value: object, label: str | None = None) -> str:
+    p = GENERATION_PARAMS[name]
+    noun = "" if p.kind == "int" else "a finite number "
+    return f"{label or name} must be {noun}in [{p.low}, {p.high}], got {value}"
+
+
+# -- the declaration ----------------------------------------------------------------------------
+
+
+def test_declaration_is_consistent() -> None:
+    for name, p in GENERATION_PARAMS.items():
+        assert p.name == name and p.kind in ("int", "float") and p.description
+        assert p.low <= p.high
+        if p.default is None:
+            assert p.optional, name
+        else:
+            assert check_value(name, p.default) == p.default and isinstance(p.default, p.type)
+            assert check_generation({name: p.default}) == {name: p.default}
+    assert GENERATION_PARAMS["seed"].high == SEED_MAX == 2**63 - 1  # int64 in the results
+    assert ROW_PARAMS == tuple(n for n in GENERATION_PARAMS if n != "decode_chunk_size")
+    assert BATCH_PARAMS == tuple(n for n in ROW_PARAMS if n != "seed")
+
+
+def test_check_generation_names_the_parameter_and_refuses_unknown_names() -> None:
+    assert check_generation(fps=7.0, noise_aug_strength=1) == {"fps": 7, "noise_aug_strength": 1.0}
+    with pytest.raises(ValueError, match="unknown generation parameter"):
+        check_generation(steps=3)
+    with pytest.raises(ValueError, match=re.escape("--fps must be in [1, 240], got 0")):
+        check_generation(fps=0, label=lambda n: "--" + n)
+    with pytest.raises(ValueError, match="min_guidance_scale must be <= max_guidance_scale, got 4.0 > 3.0"):
+        check_generation(min_guidance_scale=4, max_guidance_scale=3)
+
+
+# -- config -------------------------------------------------------------------------------------
+
+
+def test_config_defaults_and_types_come_from_the_declaration() -> None:
+    cfg = OmegaConf.structured(JobConfig)
+    assert OmegaConf.to_container(cfg.defaults) == defaults()
+    types = {f.name: f.type for f in dataclasses.fields(GenerationConfig)}
+    for name, p in GENERATION_PARAMS.items():
+        assert types[name] == (p.type | None if p.optional else p.type), name
+    assert "motion_bucket_id" in GenerationConfig.__doc__  # descriptions for the config docs
+    # omegaconf still validates the types
+    with pytest.raises(Exception, match="could not be converted to Integer"):
+        load_config(dotlist=["defaults.fps=1.5"])
+
+
+@pytest.mark.parametrize("name", list(GENERATION_PARAMS))
+def test_config_refuses_each_value_outside_its_range(name: str) -> None:
+    low, high = _outside(name)
+    top = [f"defaults.{n}={GENERATION_PARAMS[n].high}" for n in (name, "max_guidance_scale")]
+    check_config(load_config(dotlist=top))  # the highest value is accepted
+    with pytest.raises(ValueError, match=re.escape(_message(name, high, f"defaults.{name}"))):
+        check_config(load_config(dotlist=[f"defaults.{name}={high}"]))
+
+
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        # Bugs: the config passed these and then every row failed in the renderer.
+        ("defaults.decode_chunk_size=0", "defaults.decode_chunk_size must be in [1, 1024], got 0"),
+        ("defaults.width=1001", "defaults.width must be a multiple of 8, got 1001"),
+        ("defaults.height=100", "defaults.height must be a multiple of 8, got 100"),
+    ],
+)
+def test_config_refuses_what_the_renderer_would(setting: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_config(load_config(dotlist=[setting]))
+
+
+# -- manifest -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ROW_PARAMS)
+def test_manifest_limits_are_the_declared_ones(name: str, tmp_path: Path) -> None:
+    p = GENERATION_PARAMS[name]
+    path = tmp_path / "m.parquet"
+    typ = pa.int64() if p.kind == "int" else pa.float64()
+    pq.write_table(pa.table({"image": ["a.png", "b.png"], name: pa.array([p.low, p.high], typ)}), path)
+    mf.validate_manifest(str(path))
+    for bad in _outside(name):
+        bad_type = pa.uint64() if p.kind == "int" and bad > 2**63 - 1 else typ
+        pq.write_table(pa.table({"image": ["a.png", "b.png"], name: pa.array([p.low, bad], bad_type)}), path)
+        with pytest.raises(
+            mf.ManifestError, match=re.escape(f"out of range [{p.low}, {p.high}]: {bad} at row 1")
+        ):
+            mf.validate_manifest(str(path))
+    assert name in mf.KNOWN_COLUMNS
+    assert "decode_chunk_size" not in mf.KNOWN_COLUMNS  # a job setting: a column of that name is carried
+
+
+# -- results ------------------------------------------------------------------------------------
+
+
+def test_results_schema_has_each_row_parameter_with_its_type() -> None:
+    for name in ROW_PARAMS:
+        assert rs.RESULT_SCHEMA.field(name).type == arrow_type(name), name
+        assert name not in rs.RESERVED_COLUMNS  # a manifest may set it
+    assert arrow_type("seed") == pa.int64() and arrow_type("noise_aug_strength") == pa.float64()
+    assert "decode_chunk_size" not in rs.RESULT_SCHEMA.names
+
+
+# -- renderer -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bare_renderer() -> Renderer:
+    """A renderer without a model: the checks run before the pipeline is touched."""
+    return Renderer(
+        None,
+        model_id="none",
+        vcut_mode="off",
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        unet_config={"num_frames": 4},
+    )
+
+
+@pytest.mark.parametrize("name", list(GENERATION_PARAMS))
+def test_renderer_rejects_with_the_declared_range(bare_renderer: Renderer, name: str) -> None:
+    image = Image.new("RGB", (8, 8))
+    for bad in _outside(name):
+        kw = {"seed": 0, name: bad}
+        with pytest.raises(ValueError, match=re.escape(_message(name, bad))):
+            bare_renderer.generate(image, **kw)
+        if name == "seed":
+            with pytest.raises(ValueError, match=re.escape(_message(name, bad))):
+                bare_renderer.generate_batch([image], seeds=[bad])
+
+
+def test_renderer_refuses_min_guidance_above_max_as_the_job_does(bare_renderer: Renderer) -> None:
+    # Bug: the config and the manifest refused this; the renderer (and vcut compare) rendered it.
+    with pytest.raises(ValueError, match="min_guidance_scale must be <= max_guidance_scale"):
+        bare_renderer.generate(
+            Image.new("RGB", (8, 8)), seed=0, min_guidance_scale=4.0, max_guidance_scale=3.0
+        )
+
+
+@pytest.mark.parametrize("method, seed_name", [("generate", "seed"), ("generate_batch", "seeds")])
+def test_renderer_signatures_list_the_declared_parameters(method: str, seed_name: str) -> None:
+    """The keyword lists stay explicit (IDE help, type hints) and cannot drift from the declaration."""
+    params = inspect.signature(getattr(Renderer, method)).parameters
+    own = {"self", "image", "images", "fit", "filesystem"}
+    names = [n for n in params if n not in own]
+    assert names[0] == seed_name and params[seed_name].default is inspect.Parameter.empty
+    assert set(names[1:]) == set(GENERATION_PARAMS) - {"seed"}
+    for name in names[1:]:
+        assert params[name].default == GENERATION_PARAMS[name].default, (method, name)
+
+
+# -- worker, runner ---------------------------------------------------------------------------
+
+
+def test_the_job_resolves_and_groups_by_the_declared_names() -> None:
+    generation = defaults()
+    params = resolve_params({"seed": 5, "fps": None}, generation)
+    assert tuple(params) == ROW_PARAMS and params["seed"] == 5 and params["fps"] == generation["fps"]
+    assert [k for k, _ in render_key({"seed": 5}, generation)] == list(BATCH_PARAMS)
+
+
+# -- vcut compare, benchmarks.levers ----------------------------------------------------------
+
+
+def test_compare_flags_come_from_the_declaration() -> None:
+    args = build_parser().parse_args(["compare", "a.png"])
+    for name, p in GENERATION_PARAMS.items():
+        if name != "seed":
+            assert getattr(args, name) == p.default, name
+    args = build_parser().parse_args(["compare", "a.png", "--steps", "3", "--noise-aug-strength", "0.5"])
+    assert args.num_inference_steps == 3 and args.noise_aug_strength == 0.5
+
+
+def test_levers_use_compares_grammar() -> None:
+    from benchmarks.levers import parse_config as levers_config
+    from jobs.compare import CompareError, parse_config
+
+    assert levers_config("full+cache3+compile") == {"vcut": "full", "step_cache": 3, "compile": "default"}
+    assert levers_config("exact") == {"vcut": "exact"}
+    # Bugs: the benchmark's own copy of the grammar took these and failed later (or not at all).
+    for bad in ("fulll", "full+cache1", "full+compile+cache3"):
+        with pytest.raises(CompareError):
+            levers_config(bad)
+    with pytest.raises(CompareError, match="benchmarks.levers only"):
+        parse_config("full+compile")
+
+
+@pytest.mark.slow
+def test_the_declaration_and_the_job_config_import_without_torch() -> None:
+    code = "import sys, pipeline.params, jobs.config, jobs.manifest; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
