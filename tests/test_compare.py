@@ -181,6 +181,12 @@ def test_cache_configs_reach_the_renderer_factory(
         ({"--height": "0"}, "--height must be in [8, 8192], got 0"),
         ({"--steps": "0"}, "--num-inference-steps must be in [1, 1000], got 0"),
         ({"--seeds": "1,2,3"}, "3 seeds for 1 images"),
+        # Bugs: compare checked these only after loading the model (or not at all).
+        ({"--seeds": str(2**63)}, f"seed must be in [0, {2**63 - 1}], got {2**63}"),
+        ({"--seed": "-1"}, "seed must be in [0, "),
+        ({"--fps": "0"}, "--fps must be in [1, 240], got 0"),
+        ({"--decode-chunk-size": "0"}, "--decode-chunk-size must be in [1, 1024], got 0"),
+        ({"--min-guidance-scale": "5"}, "--min-guidance-scale must be <= --max-guidance-scale, got 5.0"),
     ],
 )
 def test_cli_errors_are_one_line_and_exit_2(
