@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from pipeline.params import GENERATION_PARAMS, ORDERED_PAIRS, ROW_PARAMS
+from pipeline.params import GENERATION_PARAMS, ORDERED_PAIRS, ROW_PARAMS, arrow_type, check_value
 
 #: Optional generation columns: the row parameters of ``pipeline.params.GENERATION_PARAMS``,
 #: checked against their declared kind and range (the config, the renderer and the results
@@ -366,18 +366,24 @@ def build_manifest(
 
     Image paths are written relative to the manifest's folder. Returns the number of rows.
     """
-    images = list_images(source)
-    if not images:
-        raise ManifestError([f"no images found in {source!r} (extensions: {', '.join(IMAGE_EXTENSIONS)})"])
-    out_dir = os.path.dirname(os.path.abspath(out))
-    stems = [os.path.splitext(os.path.basename(p))[0] for p in images]
-    names = [s if stems.count(s) == 1 else os.path.basename(p) for s, p in zip(stems, images, strict=True)]
     options = [
         ("seed", "s", seeds),
         ("motion_bucket_id", "m", motion_bucket_ids),
         ("fps", "f", fps),
         ("num_frames", "n", num_frames),
     ]
+    try:  # the declared ranges, as `vcut run` will check them (a seed above int64 would not fit)
+        for col, _, values in options:
+            for value in values or ():
+                check_value(col, value)
+    except ValueError as exc:
+        raise ManifestError([str(exc)]) from exc
+    images = list_images(source)
+    if not images:
+        raise ManifestError([f"no images found in {source!r} (extensions: {', '.join(IMAGE_EXTENSIONS)})"])
+    out_dir = os.path.dirname(os.path.abspath(out))
+    stems = [os.path.splitext(os.path.basename(p))[0] for p in images]
+    names = [s if stems.count(s) == 1 else os.path.basename(p) for s, p in zip(stems, images, strict=True)]
     columns: dict[str, list[Any]] = {"id": [], "image": []}
     columns.update({col: [] for col, _, values in options if values})
     for name, path in zip(names, images, strict=True):
@@ -391,7 +397,7 @@ def build_manifest(
             for col, value in values.items():
                 columns[col].append(value)
     table = pa.table(
-        {k: pa.array(v, pa.string() if k in ("id", "image") else pa.int64()) for k, v in columns.items()}
+        {k: pa.array(v, pa.string() if k in ("id", "image") else arrow_type(k)) for k, v in columns.items()}
     )
     os.makedirs(out_dir, exist_ok=True)
     import pyarrow.parquet as pq

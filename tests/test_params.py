@@ -237,3 +237,24 @@ def test_levers_use_compares_grammar() -> None:
 def test_the_declaration_and_the_job_config_import_without_torch() -> None:
     code = "import sys, pipeline.params, jobs.config, jobs.manifest; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        # Bug: `vcut manifest --seeds 9223372036854775808` crashed with an OverflowError traceback.
+        ("seeds", 2**63, f"seed must be in [0, {SEED_MAX}], got {2**63}"),
+        # Bug: written, then refused by `vcut run`.
+        ("fps", 0, "fps must be in [1, 240], got 0"),
+        ("num_frames", 1, "num_frames must be in [2, 1024], got 1"),
+    ],
+)
+def test_build_manifest_refuses_values_the_run_would(option: str, value: int, message: str, tmp_path) -> None:
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    out = tmp_path / "m.parquet"
+    with pytest.raises(mf.ManifestError, match=re.escape(message)):
+        mf.build_manifest(str(tmp_path), str(out), **{option: [0 if option == "seeds" else 7, value]})
+    assert not out.exists()
+    mf.build_manifest(str(tmp_path), str(out), seeds=[SEED_MAX], fps=[7], num_frames=[2])
+    mf.validate_manifest(str(out))
+    assert pq.read_table(out).column("seed").to_pylist() == [SEED_MAX]
