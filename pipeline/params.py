@@ -219,7 +219,10 @@ def add_flags(
     for name in names:
         p = GENERATION_PARAMS[name]
         spellings = [flag_name(name)] + ([aliases[name]] if name in aliases else [])
-        parser.add_argument(*spellings, dest=name, type=p.type, default=p.default, help=p.help())
+        metavar = "N" if p.kind == "int" else "X"
+        parser.add_argument(
+            *spellings, dest=name, type=p.type, default=p.default, metavar=metavar, help=p.help()
+        )
 
 
 def flag_name(name: str) -> str:

@@ -13,6 +13,12 @@ image and the seed in one pipeline call, with one such generator per row, so eac
 noise is exactly the noise it gets alone; its frames then differ from a lone render only
 by float rounding of the batched UNet/VAE-encoder arithmetic (<= 1 uint8 level, tested on
 CPU fp32). :meth:`Renderer.generate` is the batch of one.
+
+Parameters: the generation keywords are the ones declared in :mod:`pipeline.params` and are
+checked with its :func:`~pipeline.params.check_generation`, the same check as the job config's
+(the manifest's uses the same ranges), so a value the job accepts never fails here on range.
+The keywords stay explicit in the signatures (IDE help, type hints); ``tests/test_params.py``
+keeps them equal to the declaration.
 """
 
 from __future__ import annotations
@@ -305,7 +311,9 @@ class Renderer:
         to diffusers' ``StableVideoDiffusionPipeline.__call__`` with a generator seeded by
         ``seed``. ``num_frames=None`` uses the UNet's configured frame count,
         ``decode_chunk_size=None`` decodes all frames at once (halved on CUDA OOM).
-        Raises ``ValueError`` naming the bad parameter, or ``ImageError`` for a bad image.
+        Raises ``ValueError`` naming the bad parameter (a range of :mod:`pipeline.params`, a size
+        that is no multiple of 8, ``min_guidance_scale`` above ``max_guidance_scale``), or
+        ``ImageError`` for a bad image.
         This is :meth:`generate_batch` with one row.
         """
         return self.generate_batch(
