@@ -145,10 +145,6 @@ def defaults() -> dict[str, Any]:
     return {n: p.default for n, p in GENERATION_PARAMS.items()}
 
 
-def range_text(name: str) -> str:
-    return GENERATION_PARAMS[name].range_text()
-
-
 def arrow_type(name: str) -> Any:
     """The results column type of a parameter: int64 or float64."""
     import pyarrow as pa
