@@ -6,6 +6,8 @@ with one fake GPU each (``ray start --num-gpus 1``; torch here is a CPU build, s
 needs ``workers.allow_cpu_fallback=true``), all on loopback with their own temp dirs and ports.
 Tests add and kill nodes of their own; every process is killed by the PID of the ``ray start``
 it came from (its process group), never by name. Rows render with a sleeping stub renderer.
+The cluster tests are ``slow``; the unit tests at the end (deadline, sizing, config, the CUDA
+refusal in-process) are not.
 """
 
 from __future__ import annotations
@@ -30,9 +32,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from omegaconf import OmegaConf
 
 ROOT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow  # every test runs jobs on a multi-node Ray cluster
 
 
 # -- the cluster -------------------------------------------------------------------------------
@@ -275,6 +277,7 @@ def _alive(pid: int) -> bool:
 # -- the tests ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_hung_worker_is_killed_and_its_rows_render_elsewhere(cluster, tmp_path, caplog):
     stopped: list[int] = []
 
@@ -309,6 +312,7 @@ def test_hung_worker_is_killed_and_its_rows_render_elsewhere(cluster, tmp_path, 
                 pass
 
 
+@pytest.mark.slow
 def test_workers_beyond_the_gpus_do_not_delay_the_first_rows(cluster, tmp_path, caplog):
     """3 workers on 2 GPUs: rows commit as soon as one is ready, long before the third's
     start timeout, and the third is killed when it times out (else it would take a GPU that
@@ -341,6 +345,7 @@ def test_workers_beyond_the_gpus_do_not_delay_the_first_rows(cluster, tmp_path, 
     assert states == {"worker-0": "ALIVE", "worker-1": "ALIVE", "worker-2": "DEAD"}
 
 
+@pytest.mark.slow
 def test_gpu_node_joining_mid_job_gets_a_worker_then_stop(cluster, tmp_path, monkeypatch):
     """workers.count=auto: a node with a GPU that joins mid-job gets a worker that renders rows
     (its node id is in the results); then ``request_stop`` ends the job early, committed rows
@@ -381,6 +386,7 @@ def test_gpu_node_joining_mid_job_gets_a_worker_then_stop(cluster, tmp_path, mon
             cluster.kill(joined[1])
 
 
+@pytest.mark.slow
 def test_node_killed_mid_job_the_job_finishes(cluster, tmp_path):
     extra = cluster.add()
     extra_id = extra.node_id()
@@ -402,6 +408,7 @@ def test_node_killed_mid_job_the_job_finishes(cluster, tmp_path):
         cluster.kill(extra)
 
 
+@pytest.mark.slow
 def test_gpu_worker_without_cuda_refuses_to_start(cluster, tmp_path):
     from jobs.runner import JobError
 
@@ -412,3 +419,75 @@ def test_gpu_worker_without_cuda_refuses_to_start(cluster, tmp_path):
     assert "CUDA_VISIBLE_DEVICES='0'" in cause and "workers.allow_cpu_fallback=true" in cause
     assert "CPU build" in cause or "no CUDA device" in cause
     assert "\n" not in cause
+
+
+# -- units (no Ray) ----------------------------------------------------------------------------
+
+
+def test_batch_deadline_from_measured_time_with_floors():
+    from jobs.runner import BATCH_DEADLINE_FACTOR, BATCH_DEADLINE_FLOOR_S, batch_deadline
+
+    # nothing measured yet: the start timeout (generous: the first call may compile)
+    assert batch_deadline(4, [], None, 600.0) == 600.0
+    assert batch_deadline(4, [], None) == BATCH_DEADLINE_FLOOR_S
+    # measured: k x rows x the median seconds per row, never below the floor
+    slow = [30.0, 31.0, 1000.0]  # one outlier does not move the median
+    assert batch_deadline(4, slow, None) == BATCH_DEADLINE_FACTOR * 4 * 31.0
+    assert batch_deadline(4, [0.01] * 5, None) == BATCH_DEADLINE_FLOOR_S
+    # a worker's first batch still gets the start floor; a fixed setting wins otherwise
+    assert batch_deadline(4, [0.01] * 5, None, 600.0) == 600.0
+    assert batch_deadline(4, slow, 7.5) == 7.5
+    assert batch_deadline(4, slow, 7.5, 600.0) == 600.0
+
+
+def test_workers_count_auto_config_flag_and_sizing():
+    from jobs.config import check_config, load_config
+    from jobs.main import build_parser
+    from jobs.runner import size_workers
+
+    cfg = load_config(None, {"workers.count": "auto"})
+    check_config(cfg)
+    assert size_workers(cfg, {"CPU": 16, "GPU": 3}) == (3, 1.0, 1.0)  # one per GPU at start
+    assert size_workers(cfg, {"CPU": 3}) == (1, 2.0, 0.0)
+    assert size_workers(load_config(None, {"workers.count": 5}), {"CPU": 16, "GPU": 3})[0] == 5
+    for bad in ("many", 0, -1):
+        with pytest.raises(ValueError, match="workers.count must be an integer >= 1 or auto"):
+            check_config(load_config(None, None, [f"workers.count={bad}"]))
+    with pytest.raises(ValueError, match="workers.batch_timeout_s"):
+        check_config(load_config(None, None, ["workers.batch_timeout_s=0"]))
+    assert build_parser().parse_args(["run", "m.csv", "--out", "o", "--workers", "auto"]).workers == "auto"
+    assert build_parser().parse_args(["run", "m.csv", "--out", "o", "--workers", "2"]).workers == 2
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["run", "m.csv", "--out", "o", "--workers", "two"])
+
+
+def test_worker_given_a_gpu_without_cuda_refuses_unless_cpu_fallback(monkeypatch):
+    import torch
+
+    from jobs import worker as jw
+    from jobs.config import load_config
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: the refusal cannot happen")
+    monkeypatch.setattr(jw, "_assigned_gpus", lambda: ["0"])
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    cfg = OmegaConf.to_container(load_config(), resolve=True, enum_to_str=True)
+    refused = jw.RenderWorker(cfg, "w0", renderer_factory=slow_renderer, encoder=no_encode)
+    info = refused.info()
+    assert refused.renderer is None and "\n" not in info["error"]
+    assert info["error"].startswith(
+        "RuntimeError: Ray gave this worker GPU 0 (CUDA_VISIBLE_DEVICES='0') but torch"
+    )
+    assert "workers.allow_cpu_fallback=true" in info["error"]
+    if torch.version.cuda is None:
+        assert "is a CPU build (torch.version.cuda is None)" in info["error"]
+
+    cfg["workers"]["allow_cpu_fallback"] = True
+    allowed = jw.RenderWorker(cfg, "w1", renderer_factory=slow_renderer, encoder=no_encode)
+    assert "error" not in allowed.info() and allowed.info()["device"] == "cpu"
+    task = {"id": "a", "image": "x.png", "output": "/dev/null", "params": {k: 1 for k in jw.GENERATE_KEYS}}
+    assert allowed.render_batch([task])[0]["status"] == "ok"
+    # no GPU given: no check at all (torch not even needed)
+    monkeypatch.setattr(jw, "_assigned_gpus", lambda: [])
+    cfg["workers"]["allow_cpu_fallback"] = False
+    assert "error" not in jw.RenderWorker(cfg, "w2", renderer_factory=slow_renderer).info()
