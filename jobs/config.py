@@ -179,7 +179,9 @@ def check_config(cfg: DictConfig) -> None:
         (m.step_cache is None or m.step_cache >= 1, "model.step_cache must be >= 1 (1 or null: off)"),
         (m.step_cache_depth >= 1, "model.step_cache_depth must be >= 1"),
         (
-            w.count is None or w.count == "auto" or (isinstance(w.count, int) and w.count >= 1),
+            w.count is None
+            or w.count == "auto"
+            or (isinstance(w.count, int) and not isinstance(w.count, bool) and w.count >= 1),
             f"workers.count must be an integer >= 1 or auto, got {w.count!r}",
         ),
         (

@@ -11,6 +11,10 @@ the seed render N at a time in one pipeline call (``Renderer.generate_batch``). 
 are loaded one by one first, so a bad image fails only its row; a call that fails is retried
 row by row, so an error fails only the rows that fail alone. Results, MACs and encoding stay
 per row.
+
+A worker that Ray gave a GPU on which torch sees no CUDA refuses to start (``cuda_refusal``:
+one line with CUDA_VISIBLE_DEVICES and the cause) unless ``workers.allow_cpu_fallback``: a GPU
+job silently rendering on CPUs would run for days. Results carry the Ray node id and IP.
 """
 
 from __future__ import annotations

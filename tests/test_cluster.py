@@ -450,7 +450,7 @@ def test_workers_count_auto_config_flag_and_sizing():
     assert size_workers(cfg, {"CPU": 16, "GPU": 3}) == (3, 1.0, 1.0)  # one per GPU at start
     assert size_workers(cfg, {"CPU": 3}) == (1, 2.0, 0.0)
     assert size_workers(load_config(None, {"workers.count": 5}), {"CPU": 16, "GPU": 3})[0] == 5
-    for bad in ("many", 0, -1):
+    for bad in ("many", 0, -1, "true"):
         with pytest.raises(ValueError, match="workers.count must be an integer >= 1 or auto"):
             check_config(load_config(None, None, [f"workers.count={bad}"]))
     with pytest.raises(ValueError, match="workers.batch_timeout_s"):
