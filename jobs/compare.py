@@ -217,7 +217,7 @@ def run_compare(
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
 ) -> dict[str, Any]:
     """Render every image under every configuration (``configs[0]`` must be ``off``), write
-    the report files into ``out`` (a :class:`jobs.results.OutputDir`) and return the JSON dict."""
+    the report files into ``out`` (a :class:`jobs.output.OutputDir`) and return the JSON dict."""
     import torch
 
     from jobs.compare_report import write_reports

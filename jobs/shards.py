@@ -52,6 +52,7 @@ import pyarrow.compute as pc
 
 from jobs import results as rs
 from jobs.manifest import ManifestError, hash_ids
+from jobs.output import MAX_NAME, OutputDir, open_output, safe_name
 
 log = logging.getLogger("jobs")
 
@@ -65,14 +66,14 @@ def shard_file(number: int, suffix: str) -> str:
 
 
 def sample_key(row_id: str) -> str:
-    """A WebDataset key for an id: its safe file name (``results.safe_name``) without dots
+    """A WebDataset key for an id: its safe file name (``output.safe_name``) without dots
     (a loader splits a member name at the first dot); a hash of the id is appended when a dot
     had to go, so two ids never share a key."""
-    name = rs.safe_name(row_id)
+    name = safe_name(row_id)
     if "." not in name:
         return name
     digest = hashlib.sha256(row_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
-    return f"{name.replace('.', '_')[: rs.MAX_NAME - 13]}-{digest}"
+    return f"{name.replace('.', '_')[: MAX_NAME - 13]}-{digest}"
 
 
 def check_layout(cfg: Any, info: Any) -> None:
@@ -92,7 +93,7 @@ class ShardState:
     removed: list[str]  # files removed (clean=True) or that would be (clean=False)
 
 
-def _latest_ok_shards(out: rs.OutputDir) -> tuple[list[str], list[int | None], set[int]]:
+def _latest_ok_shards(out: OutputDir) -> tuple[list[str], list[int | None], set[int]]:
     """(ids, shard) of the latest committed rows that are ok, and every shard number any
     committed row names."""
     parts = rs._parts(out)
@@ -111,10 +112,10 @@ def _latest_ok_shards(out: rs.OutputDir) -> tuple[list[str], list[int | None], s
     return ids, shards, named
 
 
-def scan(out: rs.OutputDir, *, clean: bool) -> ShardState:
+def scan(out: OutputDir, *, clean: bool) -> ShardState:
     """The resume state of a webdataset job; with ``clean``, remove temporaries and every
     shard file that is not part of a published shard (see the module docstring)."""
-    out = rs.open_output(out)
+    out = open_output(out)
     names = out.listdir(SUBDIR)
     ids, shards, named = _latest_ok_shards(out)
     referenced = {s for s in shards if s is not None}
@@ -156,7 +157,7 @@ class ShardWriter:
 
     def __init__(
         self,
-        out: rs.OutputDir,
+        out: OutputDir,
         *,
         first_number: int,
         shard_size: int,
