@@ -1,17 +1,11 @@
 """Where a job writes: ``--out`` resolved once, and every read and write under it.
 
-``DIR`` is a local folder or an fsspec URI (``s3://``, ``gs://``, ``file://`` ...), resolved
-once by :func:`open_output`; every results read and write goes through that filesystem.
-How a file appears complete under its final name depends on the storage:
-
-- **local**: written under a hidden temporary name (readers skip names starting with ``.``),
-  fsynced and renamed (``os.replace``);
-- **object stores** (S3, GCS, Azure, ...): serialized in memory, then written directly under
-  the final name with one upload. An object PUT, single or multipart, becomes visible only
-  once complete (a failed or killed upload leaves no object), so nothing is ever half-written
-  under the final name; a "rename" there would be a copy plus a delete, i.e. a second full
-  write and a window with two copies, for no added safety;
-- **other fsspec filesystems** (SFTP, HDFS, ...): hidden temporary name, then ``fs.mv``.
+``DIR`` is a local folder or an fsspec URI (``s3://``, ``gs://``, ``file://`` ...; ``memory://`` is
+refused: the workers are other processes), resolved once by :func:`open_output` on the driver;
+every read and write of the results, the summary, the report and the shards goes through that
+filesystem, with ``pipeline.storage``'s atomic put (local: hidden temporary, fsync, rename;
+object store: one upload under the final name; other fsspec: hidden temporary, ``mv``).
+Workers are given URI strings (:meth:`OutputDir.uri_of`), never a filesystem object.
 
 Output names: :func:`safe_name` turns a row id into a file name that stays inside its folder.
 """
@@ -22,14 +16,13 @@ import hashlib
 import os
 import posixpath
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.storage import is_object_store, protocols
+from pipeline.storage import is_object_store, is_temporary, protocols, put_atomic, url_to_fs
 
 MAX_NAME = 120
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -44,10 +37,6 @@ def safe_name(row_id: str) -> str:
         return name
     digest = hashlib.sha256(row_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
     return f"{name[: MAX_NAME - 13]}-{digest}" if name else digest
-
-
-#: Temporary names left by ``pipeline.encode`` uploads on a URI (``<name>.tmp-<12 hex>``).
-_UPLOAD_TMP = re.compile(r"\.tmp-[0-9a-f]{12}$")
 
 
 @dataclass(frozen=True)
@@ -122,22 +111,8 @@ class OutputDir:
         self.write_bytes(path, buf.getvalue().to_pybytes())
 
     def write_bytes(self, path: str, data: bytes) -> None:
-        """Write ``data`` to ``path`` atomically (see the module docstring for how)."""
-        if self.local:
-            folder, name = os.path.split(path)
-            tmp = os.path.join(folder, f".{name}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        elif self.object_store:
-            self.fs.pipe_file(path, data)  # one upload: visible only once complete
-        else:
-            folder, name = posixpath.split(path)
-            tmp = posixpath.join(folder, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
-            self.fs.pipe_file(tmp, data)
-            self.fs.mv(tmp, path)
+        """Write ``data`` to ``path`` atomically (``pipeline.storage.put_atomic``)."""
+        put_atomic(self.fs, path, data)
 
 
 def open_output(out: str | os.PathLike | OutputDir) -> OutputDir:
@@ -147,15 +122,8 @@ def open_output(out: str | os.PathLike | OutputDir) -> OutputDir:
     Creates nothing."""
     if isinstance(out, OutputDir):
         return out
-    out = os.fspath(out)
-    if "://" not in out:
-        path = os.path.abspath(out)
-        return OutputDir(uri=path, root=path)
-    import fsspec
-    from fsspec.implementations.local import LocalFileSystem
-
-    fs, root = fsspec.core.url_to_fs(out)
-    if isinstance(fs, LocalFileSystem):
+    fs, root = url_to_fs(out)
+    if fs is None:
         path = os.path.abspath(root)
         return OutputDir(uri=path, root=path)
     if "memory" in protocols(fs):
@@ -176,17 +144,14 @@ def video_path(out_dir: str | OutputDir, row_id: str, ext: str) -> str:
 
 
 def clean_temporaries(out_dir: str | OutputDir) -> int:
-    """Remove temporary files left by a crash (results and videos). Returns the count.
-
-    Hidden ``.<name>.tmp*`` files everywhere and, on a remote filesystem, the
-    ``<name>.tmp-<hex>`` upload names of ``pipeline.encode`` (a video name always ends in
-    ``.<format>``, so it never matches)."""
+    """Remove the temporaries an interrupted write left in ``results/``, ``videos/`` and
+    ``shards/`` (``pipeline.storage.is_temporary``). Returns the count. Only the driver that
+    holds the output lock calls it, so another driver's writes in progress are never removed."""
     out = open_output(out_dir)
     removed = 0
     for sub in ("results", "videos", "shards"):
         for name in out.listdir(sub):
-            hidden = name.startswith(".") and ".tmp" in name
-            if hidden or (not out.local and _UPLOAD_TMP.search(name)):
+            if is_temporary(name):
                 out.remove(out.path(sub, name))
                 removed += 1
     return removed

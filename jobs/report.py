@@ -31,6 +31,7 @@ import pyarrow as pa
 from jobs import report_svg as svg
 from jobs import results as rs
 from jobs.output import OutputDir, open_output
+from pipeline.storage import is_remote, local_path
 
 #: The results columns the report reads (those a results table lacks are treated as empty).
 COLUMNS = ["id", "status", "output", "error", "seconds", "encode_seconds", "macs", "macs_saved",
@@ -253,7 +254,7 @@ def _link(out: OutputDir, output: str | None) -> str | None:
     root = out.uri.rstrip("/") + "/" if not out.local else os.path.join(out.root, "")
     if output.startswith(root):
         return output[len(root) :].replace(os.sep, "/")
-    return output if "://" in output else "file://" + output
+    return output if is_remote(output) else "file://" + local_path(output)
 
 
 # -- HTML ------------------------------------------------------------------------------------

@@ -9,10 +9,9 @@ result; the driver appends the sample to the open shard's spool file (bounded me
 sample is on disk as soon as it arrives) and publishes the shard once it holds
 ``output.shard_size`` samples, or at the end of the job. Publishing, in this order:
 
-1. the tar under its final name, atomically (local: hidden ``.NNNNN.tar.tmp`` in
-   ``DIR/shards/``, fsynced, renamed; object store: the spool is a local temporary file,
-   uploaded once under the final name, visible only when complete; other fsspec
-   filesystems: hidden temporary name, then ``mv``);
+1. the tar under its final name, atomically (local: the spool is a hidden temporary in
+   ``DIR/shards/``, fsynced, renamed; elsewhere the spool is a local temporary file, put with
+   ``pipeline.storage.put_atomic``: one upload under the final name on an object store);
 2. the shard's Parquet and stats files (each atomic, as results parts are);
 3. the shard's rows as one results part, with ``shard`` = N: **this is the commit point**.
 
@@ -41,7 +40,6 @@ import re
 import tarfile
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -53,6 +51,7 @@ import pyarrow.compute as pc
 from jobs import results as rs
 from jobs.manifest import ManifestError, hash_ids
 from jobs.output import MAX_NAME, OutputDir, open_output, safe_name
+from pipeline.storage import is_temporary, put_atomic, temporary_name
 
 log = logging.getLogger("jobs")
 
@@ -125,7 +124,7 @@ def scan(out: OutputDir, *, clean: bool) -> ShardState:
         m = _SHARD_FILE.match(name)
         if m:
             files.setdefault(int(m.group(1)), []).append(name)
-        elif name.startswith(".") and ".tmp" in name:
+        elif is_temporary(name):
             removed.append(name)
     tars = {n for n, group in files.items() if shard_file(n, ".tar") in group}
     published = tars & referenced
@@ -187,7 +186,7 @@ class ShardWriter:
     def _open(self) -> None:
         name = shard_file(self.number, ".tar")
         if self.out.local:  # beside its final name: the rename is atomic
-            self._spool = self.out.path(SUBDIR, f".{name}.tmp")
+            self._spool = self.out.path(SUBDIR, temporary_name(name))
         else:  # object stores: one upload from a local file at publish time
             fd, self._spool = tempfile.mkstemp(prefix=f"vcut-shard-{self.number:05d}-", suffix=".tar")
             os.close(fd)
@@ -225,16 +224,6 @@ class ShardWriter:
         if len(self.rows) >= self.shard_size:
             self.publish()
 
-    def _upload(self, local: str, final: str) -> None:
-        fs = self.out.fs
-        if self.out.object_store:
-            fs.put_file(local, final)  # one upload: visible only once complete
-        else:
-            folder, name = final.rsplit("/", 1)
-            tmp = f"{folder}/.{name}.tmp-{uuid.uuid4().hex[:12]}"
-            fs.put_file(local, tmp)
-            fs.mv(tmp, final)
-
     def publish(self) -> None:
         """Publish the open shard (tar, Parquet, stats), then commit its rows."""
         if self._tar is None or not self.rows:
@@ -249,7 +238,7 @@ class ShardWriter:
             os.replace(self._spool, final)
         else:
             try:
-                self._upload(self._spool, final)
+                put_atomic(self.out.fs, final, self._spool)
             finally:
                 os.remove(self._spool)
         self._tar = self._file = self._spool = None
