@@ -76,13 +76,6 @@ RESULT_SCHEMA = pa.schema(
 RESERVED_COLUMNS = set(RESULT_SCHEMA.names) - {"image", "id", *GENERATION_COLUMNS}
 
 
-def results_dir(out_dir: str | OutputDir) -> str:
-    """``DIR/results`` (a URI on a remote filesystem)."""
-    if isinstance(out_dir, OutputDir) or "://" in out_dir:
-        return open_output(out_dir).uri_of("results")
-    return os.path.join(out_dir, "results")
-
-
 def unify_schemas(schemas: list[pa.Schema]) -> pa.Schema:
     """One schema for parts written by different runs: arrow's permissive promotion (int32 and
     int64 to int64, int and float to float, null to anything ...), and ``string`` for a column
@@ -135,7 +128,6 @@ class ResultWriter:
         self, out_dir: str | OutputDir, carried_schema: pa.Schema | None = None, merge_every: int = 256
     ):
         self.out = open_output(out_dir)
-        self.out_dir = out_dir
         self.merge_every = merge_every  # merge this writer's small parts every N commits
         self._recent: list[str] = []
         self.dir = self.out.path("results")
