@@ -10,8 +10,10 @@ outputs), so that a path means the same thing everywhere:
 - :func:`put_atomic`: a file is never seen half-written under its final name. **Local**: a
   hidden temporary in the same folder, fsynced, then ``os.replace``. **Object stores** (see
   :data:`OBJECT_STORES`): one upload under the final name; an object PUT, single or multipart,
-  becomes visible only once complete (s3fs aborts a failed multipart upload), so a "rename"
-  there (a copy plus a delete: a second full write and a window with two copies) adds nothing.
+  becomes visible only once complete (s3fs aborts a failed multipart upload; one cut short by
+  a killed process stays invisible until the bucket's lifecycle rule for incomplete multipart
+  uploads removes it), so a "rename" there (a copy plus a delete: a second full write and a
+  window with two copies) adds nothing.
   Object stores have no folders, and creating one can create the bucket (s3fs's ``makedirs``
   does): nothing but the object itself is created there. **Other fsspec filesystems** (SFTP,
   HDFS, memory ...): hidden temporary name, then ``fs.mv``. A failure removes its temporary;
