@@ -121,7 +121,8 @@ def test_mixed_manifest_statuses_cache_hits_escapes_and_resume(ray_address, tiny
 
 
 class _KillOnce:
-    """Metrics-style hook that SIGKILLs the worker process of the first committed row."""
+    """Metrics-style hook that SIGKILLs the worker process of the first committed row, and then
+    raises in every call (a broken user hook): neither may cost a row or stop the job."""
 
     def __init__(self) -> None:
         self.rows: list[dict] = []
@@ -133,15 +134,22 @@ class _KillOnce:
         if self.killed is None:
             self.killed = row["worker_pid"]
             os.kill(self.killed, signal.SIGKILL)
+        raise RuntimeError("hook broke in on_result")
 
-    def on_pending(self, n: int) -> None: ...
-    def on_workers(self, alive: int, busy: int) -> None: ...
+    def on_pending(self, n: int) -> None:
+        raise RuntimeError("hook broke in on_pending")
+
+    def on_workers(self, alive: int, busy: int) -> None:
+        raise RuntimeError("hook broke in on_workers")
 
     def on_finish(self, summary: dict) -> None:
         self.finished = summary
+        raise RuntimeError("hook broke in on_finish")
 
 
-def test_killed_worker_loses_no_rows(ray_address, tiny_model_dir, tmp_path):
+def test_killed_worker_loses_no_rows_and_a_raising_hook_is_logged_once(
+    ray_address, tiny_model_dir, tmp_path, caplog
+):
     from jobs.config import load_config
     from jobs.runner import run_job
 
@@ -161,6 +169,11 @@ def test_killed_worker_loses_no_rows(ray_address, tiny_model_dir, tmp_path):
     assert sorted(r["id"] for r in hook.rows) == sorted(table["id"].to_pylist())
     retried = [r for r in table.to_pylist() if r["attempts"] > 1]
     assert retried and all(r["worker_pid"] != hook.killed for r in retried)
+    # each of the hook's four methods raised on every call: one warning line per method
+    hook_lines = sorted(r.getMessage() for r in caplog.records if "job hook" in r.getMessage())
+    assert [line.split(" failed")[0] for line in hook_lines] == [
+        f"job hook _KillOnce.{m}" for m in ("on_finish", "on_pending", "on_result", "on_workers")
+    ]
 
 
 def test_driver_sigkill_then_rerun_completes(ray_address, tiny_model_dir, tmp_path):

@@ -235,18 +235,47 @@ def test_writer_merges_small_parts_keeping_commit_order(tmp_path):
     assert sorted(pq.read_table(tmp_path / "results")["id"].to_pylist()) == [f"r{i}" for i in range(7)]
 
 
-def test_failing_metrics_hook_is_not_fatal(caplog):
-    from jobs.runner import SafeHook
+def test_a_hook_that_raises_everywhere_is_logged_once_per_method(caplog):
+    from jobs.hooks import SafeHook
 
     class Broken:
-        def on_result(self, row: dict) -> None:
-            raise RuntimeError("boom")
+        calls = 0
+
+        def __getattr__(self, name: str):
+            def fail(*args: object) -> None:
+                Broken.calls += 1
+                raise RuntimeError(f"boom in {name}")
+
+            return fail
 
     hook = SafeHook(Broken())
-    hook.on_result({})
-    hook.on_result({})
-    hook.on_finish({})  # missing methods are skipped
-    assert caplog.text.count("boom") == 1
+    for _ in range(3):  # the driver keeps calling it: a later call may succeed
+        hook.on_pending(5)
+        hook.on_workers(2, 1)
+        hook.on_result({"id": "a"})
+        hook.on_finish({})
+    assert Broken.calls == 12
+    messages = sorted(r.getMessage() for r in caplog.records)
+    methods = ("on_finish", "on_pending", "on_result", "on_workers")
+    assert len(messages) == len(methods), messages
+    for message, method in zip(messages, methods, strict=True):
+        assert message.startswith(f"job hook Broken.{method} failed") and f"boom in {method}" in message
+
+
+def test_a_missing_hook_or_method_is_skipped(caplog):
+    from jobs.hooks import SafeHook
+
+    class OnlyResults:
+        rows: list = []
+
+        def on_result(self, row: dict) -> None:
+            self.rows.append(row)
+
+    partial = SafeHook(OnlyResults())
+    partial.on_result({"id": "a"})
+    partial.on_finish({})  # not defined: skipped
+    SafeHook(None).on_pending(3)  # no hook at all
+    assert OnlyResults.rows == [{"id": "a"}] and not caplog.records
 
 
 def test_out_uri_resolves_once_and_bad_protocols_exit_2(tmp_path, capsys):

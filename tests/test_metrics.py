@@ -13,6 +13,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from jobs import metrics as jm
+from jobs.hooks import SafeHook
 
 ROWS = [
     dict(id="a", status="ok", worker="w0", node="n0", frames=14, seconds=2.0, encode_seconds=0.25,
@@ -121,13 +122,16 @@ def test_metric_names_follow_conventions_and_match_exposition(hook):
             assert set(labels_seen) == set(labels), name
 
 
-def test_bad_rows_do_not_raise(hook, caplog):
+def test_bad_rows_count_as_zero_and_bad_counts_are_logged_once(hook, caplog):
     hook.on_result({"status": "ok", "frames": "not a number", "macs": -5, "seconds": float("nan")})
     hook.on_result({})  # nothing at all
-    hook.on_pending("x")  # type: ignore[arg-type]
+    safe = SafeHook(hook)  # as the driver calls it: a bad count is logged, not raised
+    safe.on_pending("x")  # type: ignore[arg-type]
+    safe.on_pending("y")  # type: ignore[arg-type]
     s = scrape(hook.url)
     assert total(s, "vcut_videos_total") == 2
     assert total(s, "vcut_macs_total") == 0
+    assert caplog.text.count("MetricsHook.on_pending failed") == 1
 
 
 def test_separate_registries_and_port_reuse():
@@ -222,11 +226,13 @@ def test_pushgateway_push_on_finish():
     assert pushed["vcut_macs_saved_total"] == 400
 
 
-def test_push_failure_is_logged_not_raised(caplog):
+def test_push_failure_names_the_gateway_and_is_logged_by_the_driver(caplog):
     h = jm.make_metrics_hook({"pushgateway": "http://127.0.0.1:9"})  # nothing listens on port 9
-    h.on_finish({})
+    with pytest.raises(jm.PushError, match="push to Pushgateway http://127.0.0.1:9 failed"):
+        h.on_finish({})
+    SafeHook(h).on_finish({})  # the driver's call: one warning line, no exception
     h.close()
-    assert "push to Pushgateway" in caplog.text
+    assert caplog.text.count("push to Pushgateway http://127.0.0.1:9 failed") == 1
 
 
 def test_hook_from_the_real_job_config():
