@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -213,12 +215,45 @@ def test_size_workers_never_reserves_every_cpu():
     assert size_workers(load_config(), {"CPU": 16, "GPU": 4}) == (4, 1.0, 1.0)
 
 
-def test_progress_log_lines():
-    stream = io.StringIO()
-    progress = Progress(10, interval_s=0, stream=stream)
+def test_progress_log_lines(caplog):
+    caplog.set_level(logging.INFO, logger="jobs")
+    stream = io.StringIO()  # not a terminal: log lines every interval, no bar
+    progress = Progress(10, interval_s=3600, stream=stream)
     progress.skipped = 2
-    progress.update(ok=3, failed=1)
-    assert "6/10 rows" in progress.line() and "1 failed" in progress.line()
+    progress.update(ok=3, failed=1)  # the first update logs; the next ones wait for the interval
+    progress.update(ok=1)
+    progress.close()  # and one line at the end
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and lines[0].startswith("progress: 6/10 rows") and "1 failed" in lines[0]
+    assert lines[1].startswith("progress: 7/10 rows") and "2 already ok" in lines[1]
+    assert stream.getvalue() == ""
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_on_a_terminal_is_tqdm_with_the_counts(monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    root = logging.getLogger()
+    console = logging.StreamHandler(sys.stderr)  # what `vcut run` installs, on the same terminal
+    monkeypatch.setattr(root, "handlers", [*root.handlers, console])
+    progress = Progress(10, stream=terminal)
+    assert progress.bar is not None
+    progress.skipped = 2  # found already ok as the manifest streams by: not in the rate
+    progress.bar.start_t -= 8  # 8 s ago
+    progress.update(ok=3, failed=1, force=True)
+    frame = terminal.getvalue().split("\r")[-1]
+    assert frame.startswith("vcut:  60%|") and "6/10 rows" in frame
+    # 4 rows rendered in 8 s: 0.50 videos/s, and the 4 rows left take 8 s more
+    assert "[00:08<00:08,  0.50 videos/s, 3 ok, 1 failed, 2 already ok]" in frame
+    logging.getLogger("jobs").warning("worker-1 died")  # written above the bar, not into it
+    assert "\rworker-1 died\n\rvcut:" in terminal.getvalue()  # bar cleared, line, bar again
+    assert console not in root.handlers  # the redirection (tqdm.contrib.logging) is on
+    progress.close()
+    assert console in root.handlers and terminal.getvalue().endswith("\n")
 
 
 def test_writer_merges_small_parts_keeping_commit_order(tmp_path):
