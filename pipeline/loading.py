@@ -36,6 +36,7 @@ from .model_files import (  # noqa: F401  (re-exported: the torch-free checks li
     offline_from_env,
     pickle_only_components,
 )
+from .notices import quiet_notices
 
 if TYPE_CHECKING:
     from diffusers import StableVideoDiffusionPipeline
@@ -87,6 +88,7 @@ def load_svd_pipeline(
     Returns ``(pipe, device, dtype)`` with the pipeline moved to ``device`` in ``dtype``.
     Raises :class:`ModelLoadError` with a message naming ``model`` on every failure.
     """
+    quiet_notices()  # the feature extractor's torchvision notice (pipeline.notices says why)
     from diffusers import StableVideoDiffusionPipeline
 
     dev = resolve_device(device)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -213,11 +214,24 @@ def test_driver_sigkill_then_rerun_completes(ray_address, tiny_model_dir, tmp_pa
     assert summary["rendered_this_run"] == len(rows) - len(ok_before)
 
 
+#: The only lines `vcut run` writes to a stderr that is not a terminal: the job's own log lines.
+JOB_LINE = re.compile(r"\d{4}-\d\d-\d\d [\d:,]+ INFO jobs: (job: |worker-\d+ ready on |progress: |wrote )")
+
+
 def test_example_manifest_renders(ray_address, tiny_model_dir, tmp_path):
-    """The README's main command, on the committed example manifest."""
+    """The README's main command, on the committed example manifest; the first run is a real
+    `vcut run --verbose` process: its stderr holds the job's own lines and nothing else (no
+    library notice, banner or warning, from the driver or, streamed by --verbose, the workers)."""
     manifest, out = ROOT / "examples" / "manifest.parquet", tmp_path / "out"
     rows = pq.read_metadata(manifest).num_rows
-    assert main(_run_args(manifest, out, tiny_model_dir)) == 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    args = _run_args(manifest, out, tiny_model_dir, "--address", ray_address, "--verbose")
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.main", *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "manifest rows" in proc.stdout and f"progress: {rows}/{rows} rows" in proc.stderr
+    assert [ln for ln in proc.stderr.splitlines() if not JOB_LINE.match(ln)] == []
     _check_outputs(out, rows)
     # again: nothing to do, no worker started; with --overwrite: everything again, no duplicates
     assert main(_run_args(manifest, out, tiny_model_dir)) == 0
