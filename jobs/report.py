@@ -28,8 +28,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from jobs import report_svg as svg
-from jobs import results as rs
+from jobs import report_svg, results
 
 #: The results columns the report reads (those a results table lacks are treated as empty).
 COLUMNS = ["id", "status", "output", "error", "seconds", "encode_seconds", "macs", "macs_saved",
@@ -245,7 +244,7 @@ def thumbnail(path: str, fs: Any = None, height: int = THUMB_HEIGHT) -> bytes | 
             os.unlink(tmp)
 
 
-def _link(out: rs.OutputDir, output: str | None) -> str | None:
+def _link(out: results.OutputDir, output: str | None) -> str | None:
     """A link to a video from DIR/report.html: relative when it lies under DIR."""
     if not output:
         return None
@@ -338,7 +337,7 @@ def build_html(
     if tp["series"]:
         unit = tp["unit"]
         out.append(
-            svg.bars(
+            report_svg.bars(
                 tp["edges"],
                 tp["per_hour"],
                 xlabel=f"{unit} since the first start",
@@ -347,7 +346,7 @@ def build_html(
             )
         )
         out.append(
-            svg.lines(
+            report_svg.lines(
                 tp["series"],
                 xlabel=f"{unit} since the first start",
                 ylabel="ok videos (cumulative)",
@@ -375,7 +374,7 @@ def build_html(
             f"p95 {hist['p95']:.2f} s (render, without encoding).</p>"
         )
         out.append(
-            svg.bars(
+            report_svg.bars(
                 hist["edges"],
                 hist["counts"],
                 xlabel="seconds per video",
@@ -424,14 +423,17 @@ def build_html(
 
 
 def write_report(
-    out_dir: str | rs.OutputDir, *, sample: int = SAMPLE, thumbnailer: Callable[..., bytes | None] = thumbnail
+    out_dir: str | results.OutputDir,
+    *,
+    sample: int = SAMPLE,
+    thumbnailer: Callable[..., bytes | None] = thumbnail,
 ) -> str:
     """Build ``DIR/report.html`` from the results (and summary.json), written atomically.
     Returns where it went (a local path or a URI)."""
-    out = rs.open_output(out_dir)
+    out = results.open_output(out_dir)
     for attempt in range(3):  # a running job's compaction may remove a part between list and read
         try:
-            table = rs.read_results(out)
+            table = results.read_results(out)
             break
         except FileNotFoundError:
             if attempt == 2:
