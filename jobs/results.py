@@ -65,6 +65,8 @@ RESULT_SCHEMA = pa.schema(
         ("worker_pid", pa.int64()),
         ("cache_hit", pa.bool_()),
         ("node", pa.string()),
+        ("node_id", pa.string()),  # Ray node id (hex): nodes on one host share a hostname
+        ("node_ip", pa.string()),
         ("frames", pa.int64()),
         ("denoise_seconds", pa.float64()),
         ("num_inference_steps", pa.int64()),
