@@ -29,6 +29,8 @@ import numpy as np
 import pyarrow as pa
 
 from jobs import report_svg, results
+from jobs.output import OutputDir, open_output
+from pipeline.storage import is_remote, local_path
 
 #: The results columns the report reads (those a results table lacks are treated as empty).
 COLUMNS = ["id", "status", "output", "error", "seconds", "encode_seconds", "macs", "macs_saved",
@@ -244,14 +246,14 @@ def thumbnail(path: str, fs: Any = None, height: int = THUMB_HEIGHT) -> bytes | 
             os.unlink(tmp)
 
 
-def _link(out: results.OutputDir, output: str | None) -> str | None:
+def _link(out: OutputDir, output: str | None) -> str | None:
     """A link to a video from DIR/report.html: relative when it lies under DIR."""
     if not output:
         return None
     root = out.uri.rstrip("/") + "/" if not out.local else os.path.join(out.root, "")
     if output.startswith(root):
         return output[len(root) :].replace(os.sep, "/")
-    return output if "://" in output else "file://" + output
+    return output if is_remote(output) else "file://" + local_path(output)
 
 
 # -- HTML ------------------------------------------------------------------------------------
@@ -423,14 +425,11 @@ def build_html(
 
 
 def write_report(
-    out_dir: str | results.OutputDir,
-    *,
-    sample: int = SAMPLE,
-    thumbnailer: Callable[..., bytes | None] = thumbnail,
+    out_dir: str | OutputDir, *, sample: int = SAMPLE, thumbnailer: Callable[..., bytes | None] = thumbnail
 ) -> str:
     """Build ``DIR/report.html`` from the results (and summary.json), written atomically.
     Returns where it went (a local path or a URI)."""
-    out = results.open_output(out_dir)
+    out = open_output(out_dir)
     for attempt in range(3):  # a running job's compaction may remove a part between list and read
         try:
             table = results.read_results(out)
