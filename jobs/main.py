@@ -11,6 +11,8 @@ import json
 import logging
 import sys
 
+from vcut.modes import MODES  # torch-free
+
 
 def _cmd_macs(args: argparse.Namespace) -> int:
     from vcut import count_macs
@@ -360,7 +362,7 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
 def _add_job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="job YAML file (merged over the defaults)")
     p.add_argument("--model", help="hub id or local model folder (model.id)")
-    p.add_argument("--vcut", choices=["off", "exact", "full"], help="VCUT mode (model.vcut)")
+    p.add_argument("--vcut", choices=MODES, help="VCUT mode (model.vcut)")
     p.add_argument("--workers", type=int, help="number of workers (default: one per GPU, else 1)")
     p.add_argument("--address", help="address of an existing Ray cluster (default: RAY_ADDRESS, else local)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
@@ -388,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=25, help="denoising steps per video")
     p.add_argument(
         "--mode",
-        choices=["off", "exact", "full"],
+        choices=MODES,
         default="full",
         help="VCUT mode to compare (default: full)",
     )
@@ -424,10 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="local SVD folder or hub id (required)")
     p.add_argument(
         "--configs",
-        default="off,exact,full",
-        help="comma-separated VCUT modes (off, exact, full), each optionally +cacheN for a step-cache "
+        default=",".join(MODES),
+        help=f"comma-separated VCUT modes ({', '.join(MODES)}), each optionally +cacheN for a step-cache "
         "interval N >= 2, e.g. off,exact,full,full+cache3; 'off' is the reference, added when missing "
-        "(default: off,exact,full)",
+        f"(default: {','.join(MODES)})",
     )
     p.add_argument("--out", help="output folder (or URI) for the report files (required)")
     p.add_argument("--height", type=int, default=576)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vcut import MODES as VCUT_MODES
+from vcut.modes import MODES as VCUT_MODES
 from vcut.step_cache import check_step_cache_args
 
 from .cache import EmbeddingCache
