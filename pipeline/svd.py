@@ -91,6 +91,21 @@ class EmbeddingCacheHook(ModelHook):
         return CLIPVisionModelOutput(image_embeds=torch.cat(rows))
 
 
+def _own_copy(image_encoder: nn.Module) -> nn.Module:
+    """A weight-sharing copy of ``image_encoder`` (its cache hook, if any, copied without the cache)."""
+    from vcut import shared_weight_copy
+
+    registry = getattr(image_encoder, "_diffusers_hook", None)
+    hook = registry.get_hook(EMBEDDING_CACHE_HOOK) if isinstance(registry, HookRegistry) else None
+    if hook is None:
+        return shared_weight_copy(image_encoder)
+    cache, hook.cache = hook.cache, None  # a cache holds a lock: never copied (nor shared)
+    try:
+        return shared_weight_copy(image_encoder)
+    finally:
+        hook.cache = cache
+
+
 def install_embedding_cache_hook(image_encoder: nn.Module) -> EmbeddingCacheHook:
     """Register a fresh :class:`EmbeddingCacheHook` on ``image_encoder`` (replacing one that
     is already there: never two) and return it."""
@@ -110,10 +125,8 @@ class RenderPipeline(StableVideoDiffusionPipeline):
     """
 
     def __init__(self, vae, image_encoder, unet, scheduler, feature_extractor) -> None:
-        from vcut import shared_weight_copy
-
         # Its own encoder module (same weights): the hook must not reach the pipeline it came from.
-        image_encoder = shared_weight_copy(image_encoder)
+        image_encoder = _own_copy(image_encoder)
         super().__init__(
             vae=vae,
             image_encoder=image_encoder,
