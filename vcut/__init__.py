@@ -66,7 +66,12 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     )
 
 
+_SUBMODULES = ("macs", "modes", "patch", "step_cache", "tiny")
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:  # ``import vcut; vcut.patch`` works as when they were imported eagerly
+        return importlib.import_module(f"vcut.{name}")
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'vcut' has no attribute {name!r}")
@@ -76,4 +81,4 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted([*__all__, *_SUBMODULES])
