@@ -70,11 +70,13 @@ class EmbeddingCacheHook(ModelHook):
 
     def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
         forward = self.fn_ref.original_forward
-        x = args[0] if len(args) == 1 and not kwargs else None
+        if len(args) == 1 and not kwargs:
+            x = args[0]  # diffusers' call: image_encoder(pixel_values)
+        else:
+            x = kwargs["pixel_values"] if not args and set(kwargs) == {"pixel_values"} else None
         if self.cache is None or not isinstance(x, torch.Tensor) or x.ndim != 4:
-            out = forward(*args, **kwargs)
-            self.last_hits = [False] * len(out.image_embeds)
-            return out
+            self.last_hits = [False] * (len(x) if isinstance(x, torch.Tensor) and x.ndim else 1)
+            return forward(*args, **kwargs)
         rows, hits, out = [], [], None
         for i in range(x.shape[0]):
             key = (self.namespace, image_key(x[i : i + 1]))
