@@ -40,8 +40,10 @@ def _cmd_macs(args: argparse.Namespace) -> int:
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
+    from pipeline.notices import quiet_notices
     from vcut.tiny import RANDOM_WEIGHTS_WARNING, save_tiny_pipeline
 
+    quiet_notices()  # its CLIP image processor's torchvision notice
     print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
     path = save_tiny_pipeline(args.dir, seed=args.seed)
     print(f"wrote tiny random-weight SVD pipeline to {path}")
