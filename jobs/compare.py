@@ -34,8 +34,8 @@ import numpy as np
 
 from pipeline.params import GENERATION_PARAMS
 from pipeline.storage import is_remote, local_path
-from vcut import MODES as VCUT_MODES
 from vcut import shared_weight_copy
+from vcut.modes import MODES as VCUT_MODES
 
 _CONFIG_RE = re.compile(r"^(?P<mode>[a-z]+)(?:\+cache(?P<interval>\d+))?(?P<compile>\+compile)?$")
 REFERENCE = "off"

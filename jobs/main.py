@@ -12,6 +12,7 @@ import logging
 import sys
 
 from pipeline.params import GENERATION_PARAMS, add_flags
+from vcut.modes import MODES  # torch-free
 
 #: ``vcut compare``'s generation flags: every parameter but the seed (``--seed``/``--seeds``).
 COMPARE_PARAMS = tuple(n for n in GENERATION_PARAMS if n != "seed")
@@ -369,7 +370,7 @@ def _workers_count(text: str) -> int | str:
 def _add_job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="job YAML file (merged over the defaults)")
     p.add_argument("--model", help="hub id or local model folder (model.id)")
-    p.add_argument("--vcut", choices=["off", "exact", "full"], help="VCUT mode (model.vcut)")
+    p.add_argument("--vcut", choices=MODES, help="VCUT mode (model.vcut)")
     p.add_argument(
         "--workers",
         type=_workers_count,
@@ -402,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=25, help="denoising steps per video")
     p.add_argument(
         "--mode",
-        choices=["off", "exact", "full"],
+        choices=MODES,
         default="full",
         help="VCUT mode to compare (default: full)",
     )
@@ -438,10 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="local SVD folder or hub id (required)")
     p.add_argument(
         "--configs",
-        default="off,exact,full",
-        help="comma-separated VCUT modes (off, exact, full), each optionally +cacheN for a step-cache "
+        default=",".join(MODES),
+        help=f"comma-separated VCUT modes ({', '.join(MODES)}), each optionally +cacheN for a step-cache "
         "interval N >= 2, e.g. off,exact,full,full+cache3; 'off' is the reference, added when missing "
-        "(default: off,exact,full)",
+        f"(default: {','.join(MODES)})",
     )
     p.add_argument("--out", help="output folder (or URI) for the report files (required)")
     seeds = p.add_mutually_exclusive_group()
