@@ -22,6 +22,7 @@ How a file appears complete under its final name depends on the storage:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import posixpath
@@ -175,11 +176,16 @@ class OutputDir:
         if self.local:
             folder, name = os.path.split(path)
             tmp = os.path.join(folder, f".{name}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
+            except BaseException:  # a full disk, a signal: no half-written temporary left behind
+                with contextlib.suppress(OSError):
+                    os.remove(tmp)
+                raise
         elif self.object_store:
             self.fs.pipe_file(path, data)  # one upload: visible only once complete
         else:

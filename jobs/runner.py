@@ -12,6 +12,7 @@ does becomes ``failed``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -28,6 +29,7 @@ from jobs import manifest as mf
 from jobs import results as rs
 from jobs.progress import Progress
 from jobs.shards import ShardWriter, check_layout, scan
+from jobs.stop import OutputWriteError, StopSignals, output_failure
 from jobs.worker import RenderWorker
 
 log = logging.getLogger("jobs")
@@ -212,6 +214,16 @@ class Runner:
         self.starting: dict[Any, _Worker] = {}  # info() refs of workers not yet ready
         self.start_failures: dict[str, list[str]] = {}  # one line per cause -> "worker (node)"
         self._next_label = 0
+        self.stopped: str | None = None  # request_stop's reason, once asked to stop
+        self._stop_deadline = math.inf
+
+    def request_stop(self, reason: str, grace_s: float) -> None:
+        """Stop the job early (a signal, see ``jobs.stop``): no new batch is submitted, the
+        batches in flight may finish for ``grace_s`` seconds and are committed; then the job
+        ends as usual (compaction, summary with ``stopped``), and rows not committed render on
+        the next run. Safe to call from a signal handler; a second call only shortens the grace."""
+        self.stopped = self.stopped or reason
+        self._stop_deadline = min(self._stop_deadline, time.monotonic() + max(0.0, float(grace_s)))
 
     # -- workers -----------------------------------------------------------------------
 
@@ -302,7 +314,7 @@ class Runner:
             ray.kill(worker.actor, no_restart=True)
         except Exception:
             pass
-        if self.restarts_left > 0:
+        if self.restarts_left > 0 and not self.stopped:
             self.restarts_left -= 1
             new = self._start_worker()  # gets batches once its info() says it is ready
             log.info("started %s to replace %s", new.label, worker.label)
@@ -357,6 +369,8 @@ class Runner:
 
     def _submit(self, batches: Iterator[Batch]) -> bool:
         """Fill every live worker up to its in-flight limit; False when nothing is left."""
+        if self.stopped:  # finish what is in flight, submit nothing
+            return bool(self.inflight) and time.monotonic() < self._stop_deadline
         per_worker = int(self.cfg.workers.inflight_per_worker)
         exhausted = False
         for worker in self.workers:
@@ -408,10 +422,53 @@ class Runner:
             self._commit(batch, results)
 
     def run(self) -> dict[str, Any]:
+        """The job; returns its summary. ``--out`` failing (disk full, read-only, object store
+        gone) raises :class:`jobs.stop.OutputWriteError` with what is committed so far."""
+        started = time.monotonic()
+        try:
+            return self._run()
+        except Exception as exc:
+            failure = output_failure(exc)
+            if failure is None or not _from_output_code(exc):
+                raise
+            if self.shards is not None:  # its spool cannot be published: no temporary left
+                self.shards.abort()
+            raise OutputWriteError(self.out.uri, *failure, self._summary_after(exc, started)) from exc
+
+    def _summary_after(self, exc: BaseException, started: float) -> dict[str, Any]:
+        """What is committed after ``--out`` failed: read back when it still can be (a full
+        disk reads), else this run's counts only; ``summary.json`` too, when it can be written."""
+        manifest_rows = self.info.num_rows if self.info is not None else 0
+        counts = {
+            "manifest_rows": manifest_rows,
+            "rendered": self.counters["rendered"],
+            "skipped": self.counters["skipped"],
+            "wall_seconds": time.monotonic() - started,
+        }
+        try:
+            summary = rs.summarize(self.out, **counts)
+        except Exception:
+            return {
+                "manifest_rows": manifest_rows,
+                "ok": "unknown (the results cannot be read either)",
+                "failed": "unknown",
+                "rendered_this_run": counts["rendered"],
+                "skipped_already_ok": counts["skipped"],
+                "wall_seconds": round(counts["wall_seconds"], 3),
+            }
+        summary["stopped"] = f"output error: {output_failure(exc)[0]}"  # type: ignore[index]
+        try:
+            _write_json(self.out, summary)
+        except Exception as write_exc:
+            log.info("summary.json not written either: %s", type(write_exc).__name__)
+        return summary
+
+    def _run(self) -> dict[str, Any]:
         import ray
 
         started = time.monotonic()
         info = self.info or mf.validate_manifest(self.manifest_path, reserved=rs.RESERVED_COLUMNS)
+        self.info = info
         webdataset = self.cfg_dict["output"]["layout"] == "webdataset"
         self.out.makedirs("shards" if webdataset else "videos")
         rs.clean_temporaries(self.out)
@@ -462,7 +519,7 @@ class Runner:
                     raise JobError(
                         "every worker died and the restart budget is spent", self.start_failure_lines()
                     )
-                self._collect(timeout=1.0)
+                self._collect(timeout=min(1.0, max(0.0, self._stop_deadline - time.monotonic())))
                 self.progress.skipped = self.counters["skipped"]
                 self.progress.update()  # a log line every interval, even between commits
                 self.hook.on_pending(info.num_rows - self.progress.done)
@@ -483,6 +540,12 @@ class Runner:
                 except Exception:
                     pass
             self.progress.close()
+        if self.stopped:
+            log.warning(
+                "stopped (%s): %d batch(es) in flight not committed; they render on the next run",
+                self.stopped,
+                len(self.inflight),
+            )
         if self.shards is not None:
             self.shards.publish()  # the last, partial shard
         rs.compact(self.out)
@@ -503,12 +566,26 @@ class Runner:
         else:
             summary["videos"] = self.out.uri_of("videos")
         summary["vcut_mode"] = self.cfg_dict["model"]["vcut"]
+        if self.stopped:
+            summary["stopped"] = self.stopped
         _write_json(self.out, summary)
         if self.cfg.output.report:
             _write_report(self.out)
         self.hook.on_pending(0)
         self.hook.on_finish(summary)
         return summary
+
+
+#: Where ``--out`` is read and written: an exception through these files is the output's.
+_OUTPUT_CODE = ("jobs/results.py", "jobs/shards.py", "pipeline/storage.py")
+
+
+def _from_output_code(exc: BaseException) -> bool:
+    """``exc`` came through the output's code (not, say, a manifest read on the same store)."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    return any(f.filename.replace("\\", "/").endswith(_OUTPUT_CODE) for f in frames)
 
 
 def _write_json(out: rs.OutputDir, data: dict) -> None:
@@ -533,6 +610,7 @@ def run_job(
     out_dir: str | rs.OutputDir,
     *,
     verbose: bool = False,
+    signals: StopSignals | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Run a job on the connected Ray cluster, or on a local Ray instance started (and shut
@@ -541,7 +619,9 @@ def run_job(
     A cluster that cannot be joined or lacks the GPUs the config asks for raises
     ``PreflightError`` before any worker starts, and an output folder another driver holds
     raises ``jobs.lock.OutputLockedError`` (see ``jobs.lock``); ``verbose`` streams the workers' output to
-    this terminal (they always log to ``DIR/logs/`` when DIR is local)."""
+    this terminal (they always log to ``DIR/logs/`` when DIR is local). SIGINT and SIGTERM
+    stop the job gracefully (``jobs.stop``: ``signals``, else handlers installed here); the
+    summary then has ``stopped``."""
     import ray
 
     from jobs.lock import OutputLock
@@ -552,14 +632,20 @@ def run_job(
     out_dir = rs.open_output(out_dir)  # an unknown protocol or a missing s3fs/gcsfs: before Ray
     # One driver per output folder (raises OutputLockedError), held until the job ends: only
     # its holder cleans temporaries, so a second driver never deletes the first one's files.
-    with OutputLock(out_dir):
+    grace_s = float(cfg.workers.stop_grace_s)
+    stop = StopSignals(grace_s) if signals is None else contextlib.nullcontext(signals)
+    with OutputLock(out_dir), stop as sig:
         own = not ray.is_initialized()
         address = ray_address(cfg.ray_address)
-        if own:
-            connect_ray(address, verbose=verbose)
         try:
+            if own:
+                connect_ray(address, verbose=verbose)
+                sig.install()  # again: ray.init sets its own SIGTERM handler
             check_gpus(cfg, ray.cluster_resources(), address)
-            return Runner(cfg, manifest_path, out_dir, info=info, **kwargs).run()
+            runner = Runner(cfg, manifest_path, out_dir, info=info, **kwargs)
+            sig.target = runner.request_stop  # from now on a signal stops the job gracefully
+            return runner.run()
         finally:
+            sig.target = None
             if own:
                 ray.shutdown()
