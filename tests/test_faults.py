@@ -23,9 +23,11 @@ import logging
 import os
 import re
 import resource
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -135,8 +137,11 @@ def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
 
 
 def _start(tmp_path, ray_address, out, manifest, delay, *extra, env=None, **popen) -> subprocess.Popen:
+    """``vcut run`` (no-op renderer, DELAY s a row) in a subprocess; ``ray_address`` None: a
+    local Ray instance of its own."""
     args = ["run", str(manifest), "--out", str(out), "--model", str(tmp_path / "model")]
-    args += ["--address", ray_address, "--workers", "1", "workers.batch_size=1", "progress_interval_s=3600"]
+    args += ["--address", ray_address] if ray_address else []
+    args += ["--workers", "1", "workers.batch_size=1", "progress_interval_s=3600"]
     if not (tmp_path / "model").exists():
         _fake_model(tmp_path / "model")
     return subprocess.Popen(
@@ -185,16 +190,29 @@ def _errors(stderr: str) -> list[str]:
 @pytest.mark.parametrize("sig, times", [(signal.SIGINT, 1), (signal.SIGTERM, 2)])
 def test_signal_commits_what_finished_and_a_rerun_completes(ray_address, tmp_path, sig, times):
     """One signal: no new batch, the ones in flight finish and are committed, exit 130 / 143.
-    Two: the batches in flight are dropped at once (a row sleeps 8 s; the driver ends sooner)."""
+    Two: the batches in flight are dropped at once (a row sleeps 8 s; the driver ends sooner).
+
+    SIGINT as a terminal's Ctrl-C sends it: to the whole process group of a driver that started
+    its own Ray (whose processes, workers included, block SIGINT: the batches in flight
+    finish); SIGTERM as ``kill`` or Kubernetes do, to the driver joined to a cluster."""
     n, delay = 12, (0.4 if times == 1 else 8.0)
     manifest, out = _manifest(tmp_path, n), tmp_path / "out"
-    proc = _start(tmp_path, ray_address, out, manifest, delay)
+    if sig == signal.SIGINT:  # Ray's session folder: a short path (its socket names are limited)
+        env = _env(tmp_path, RAY_TMPDIR=tempfile.mkdtemp(prefix="vrf", dir="/tmp"))
+        proc = _start(tmp_path, None, out, manifest, delay, env=env, start_new_session=True)
+    else:
+        proc = _start(tmp_path, ray_address, out, manifest, delay)
     _wait_for(lambda: len(_parts(out / "results")) >= (3 if times == 1 else 1), proc)
     sent = time.monotonic()
     for _ in range(times):
-        proc.send_signal(sig)
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)  # the group of the process this test started
+        else:
+            proc.send_signal(sig)
         time.sleep(2.0)  # the driver's loop wakes up every second: two signals, not one
     stdout, stderr = proc.communicate(timeout=60)
+    if sig == signal.SIGINT:
+        shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
     name = signal.Signals(sig).name
     assert proc.returncode == 128 + sig == stop.exit_for_signal(name), stderr
     lines = _errors(stderr)
@@ -268,7 +286,9 @@ def test_output_write_failure_mid_job_keeps_what_was_committed(ray_address, tmp_
     n = 8
     big = base64.b64encode(os.urandom(150_000)).decode()  # does not compress below the limit
     manifest, out = _manifest(tmp_path, n, notes=[""] * 4 + [big] * 4), tmp_path / "out"
-    proc = _start(tmp_path, ray_address, out, manifest, 0.0, preexec_fn=_limit_file_size(64 * 1024))
+    limit = _limit_file_size(64 * 1024)
+    one_at_a_time = "workers.inflight_per_worker=1"  # rows commit in manifest order
+    proc = _start(tmp_path, ray_address, out, manifest, 0.0, one_at_a_time, preexec_fn=limit)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == stop.ExitStatus.IO_ERROR == 74, stderr
     lines = [ln for ln in _errors(stderr) if not ln.startswith("vcut: warning: ")]
@@ -322,6 +342,16 @@ def test_output_failures_are_told_apart_from_bugs():
     assert stop.output_failure(ValueError("a bug")) is None
 
 
+def _s3(boto3, endpoint: str):
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
 @pytest.mark.slow
 def test_object_store_gone_mid_job(ray_address, tmp_path, monkeypatch):
     """The S3 endpoint stops answering after a few commits: exit 74, one line naming the cause;
@@ -333,8 +363,8 @@ def test_object_store_gone_mid_job(ray_address, tmp_path, monkeypatch):
     with moto_server() as aws:
         for name in AWS_UNSET:
             monkeypatch.delenv(name, raising=False)
-        env = _env(tmp_path, **aws)
-        s3 = boto3.client("s3", endpoint_url=aws["AWS_ENDPOINT_URL"], region_name="us-east-1")
+        env = _env(tmp_path, **aws, AWS_MAX_ATTEMPTS="1")  # botocore: no retries of its own (faster)
+        s3 = _s3(boto3, aws["AWS_ENDPOINT_URL"])
         s3.create_bucket(Bucket="vcut-faults")
 
         def committed() -> list[str]:
@@ -356,7 +386,7 @@ def test_object_store_gone_mid_job(ray_address, tmp_path, monkeypatch):
     server.start()  # the store is back (on another port), with what was committed
     try:
         endpoint = f"http://127.0.0.1:{server.get_host_and_port()[1]}"
-        s3 = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
+        s3 = _s3(boto3, endpoint)
         after = committed()
         assert set(before) <= set(after)  # nothing committed was lost
         # the driver could not delete its lease while the store was gone (it expires after
