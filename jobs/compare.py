@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.storage import is_remote, local_path
 from vcut import MODES as VCUT_MODES
 from vcut import shared_weight_copy
 
@@ -108,9 +109,9 @@ def check_images(images: Sequence[str]) -> None:
     if not images:
         raise CompareError("give at least one image")
     for image in images:
-        if "://" in image and not image.startswith("file://"):
+        if is_remote(image):
             continue
-        path = image[len("file://") :] if image.startswith("file://") else image
+        path = local_path(image)
         if not os.path.isfile(path):
             raise CompareError(f"image {image!r} does not exist")
 
@@ -217,7 +218,7 @@ def run_compare(
     log: Callable[[str], None] = lambda s: print(s, file=sys.stderr),
 ) -> dict[str, Any]:
     """Render every image under every configuration (``configs[0]`` must be ``off``), write
-    the report files into ``out`` (a :class:`jobs.results.OutputDir`) and return the JSON dict."""
+    the report files into ``out`` (a :class:`jobs.output.OutputDir`) and return the JSON dict."""
     import torch
 
     from jobs.compare_report import write_reports

@@ -1,6 +1,6 @@
 """The files ``vcut compare`` writes: ``compare.json``, ``compare.md``, ``contact_sheet.png`` and
 ``psnr_per_frame.png``, each written atomically (hidden temporary name, then rename; see
-:meth:`jobs.results.OutputDir.write_bytes`).
+:meth:`jobs.output.OutputDir.write_bytes`).
 
 Contact sheet layout: one row per configuration (``off`` on top), and per image a block of
 three columns (first, middle and last frame), blocks left to right in image order. A label
@@ -286,7 +286,7 @@ def psnr_plot(data: dict[str, Any]) -> bytes:
 def write_reports(
     out: Any, meta: dict[str, Any], results: list[Any], thumb_height: int | None = None
 ) -> dict:
-    """Write the four files into ``out`` (an :class:`jobs.results.OutputDir`); return the JSON dict."""
+    """Write the four files into ``out`` (an :class:`jobs.output.OutputDir`); return the JSON dict."""
     data = build_json(meta, results)
     out.makedirs()
     out.write_bytes(out.path("compare.json"), (json.dumps(data, indent=2, allow_nan=False) + "\n").encode())

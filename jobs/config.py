@@ -72,7 +72,9 @@ class OutputConfig:
 
 @dataclass
 class WorkersConfig:
-    count: int | None = None  # None: one per GPU, else one CPU worker
+    # None: one per GPU at start (else one CPU worker); "auto": the same, then one more worker
+    # on each GPU that joins mid-job (elastic clusters, jobs/runner.py); an int: that many.
+    count: Any = None
     num_cpus: float | None = None  # per worker; None: 1 on GPU, else (CPUs - 1) / count, >= 0.25
     num_gpus: float | None = None  # None: 1 when the cluster has GPUs, else 0
     batch_size: int = 4  # rows per task: also the commit granularity
@@ -86,7 +88,13 @@ class WorkersConfig:
     window_rows: int = 1024  # manifest rows grouped by image at a time (bounded memory)
     max_attempts: int = 3  # tries of a row whose worker process died
     max_restarts: int = 8  # replacement workers over the whole job
-    start_timeout_s: float = 600.0  # model load per worker
+    start_timeout_s: float = 600.0  # model load per worker, counted from its own start
+    # A batch not back by this many seconds: its worker is killed and the batch retried like a
+    # dead worker's. None: auto, from the job's measured seconds per row (jobs.runner.batch_deadline).
+    batch_timeout_s: float | None = None
+    # A worker given a GPU on which torch sees no CUDA refuses to start, unless this is true
+    # (then it renders on the CPU).
+    allow_cpu_fallback: bool = False
 
 
 @dataclass
@@ -173,7 +181,17 @@ def check_config(cfg: DictConfig) -> None:
     checks = [
         (m.step_cache is None or m.step_cache >= 1, "model.step_cache must be >= 1 (1 or null: off)"),
         (m.step_cache_depth >= 1, "model.step_cache_depth must be >= 1"),
-        (w.count is None or w.count >= 1, "workers.count must be >= 1"),
+        (
+            w.count is None
+            or w.count == "auto"
+            or (isinstance(w.count, int) and not isinstance(w.count, bool) and w.count >= 1),
+            f"workers.count must be an integer >= 1 or auto, got {w.count!r}",
+        ),
+        (
+            w.batch_timeout_s is None or w.batch_timeout_s > 0,
+            "workers.batch_timeout_s must be > 0 (null: auto)",
+        ),
+        (w.start_timeout_s > 0, "workers.start_timeout_s must be > 0"),
         (w.num_cpus is None or w.num_cpus > 0, "workers.num_cpus must be > 0"),
         (w.num_gpus is None or w.num_gpus >= 0, "workers.num_gpus must be >= 0"),
         (w.batch_size >= 1, "workers.batch_size must be >= 1"),

@@ -26,6 +26,7 @@ import pyarrow.compute as pc
 
 from jobs import manifest as mf
 from jobs import results as rs
+from jobs.output import OutputDir
 
 BENCH_FILE = (
     Path(__file__).resolve().parents[1]
@@ -69,7 +70,7 @@ def _count(model: str, shape: tuple[int, int, int, int], guidance: bool, cfg: An
     )
 
 
-def _earlier_timings(out: rs.OutputDir) -> dict[tuple[int, int, int, int], tuple[float, int, float]]:
+def _earlier_timings(out: OutputDir) -> dict[tuple[int, int, int, int], tuple[float, int, float]]:
     """Per shape of DIR's committed ``ok`` rows: (mean seconds, rows, mean MACs or nan)."""
     if not rs._parts(out):
         return {}
@@ -120,7 +121,7 @@ def _fmt_macs(value: float) -> str:
     return f"{value:.3g} MAC"
 
 
-def dry_run(cfg: Any, manifest: str, out: rs.OutputDir, stream: TextIO) -> int:
+def dry_run(cfg: Any, manifest: str, out: OutputDir, stream: TextIO) -> int:
     """Print what ``vcut run`` would do; 0, or ManifestError for an invalid manifest."""
     from jobs.runner import resolve_params
     from jobs.shards import check_layout, scan
@@ -211,7 +212,7 @@ def dry_run(cfg: Any, manifest: str, out: rs.OutputDir, stream: TextIO) -> int:
     return 0
 
 
-def _estimate(cfg: Any, out: rs.OutputDir, shapes: Counter, macs: dict) -> tuple[float | None, str]:
+def _estimate(cfg: Any, out: OutputDir, shapes: Counter, macs: dict) -> tuple[float | None, str]:
     """Seconds for the rows to render, and which source gave them."""
     earlier = _earlier_timings(out)
     if earlier:

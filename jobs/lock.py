@@ -31,7 +31,7 @@ import uuid
 from datetime import UTC, datetime
 from typing import Any
 
-from jobs.results import OutputDir, open_output
+from jobs.output import OutputDir, open_output
 from jobs.stop import ExitStatus
 
 log = logging.getLogger("jobs")

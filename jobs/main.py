@@ -422,11 +422,26 @@ def _cmd_manifest(args: argparse.Namespace) -> int:
     return 0
 
 
+def _workers_count(text: str) -> int | str:
+    """``--workers``: a positive integer or ``auto`` (workers.count)."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or auto, got {text!r}") from None
+
+
 def _add_job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="job YAML file (merged over the defaults)")
     p.add_argument("--model", help="hub id or local model folder (model.id)")
     p.add_argument("--vcut", choices=["off", "exact", "full"], help="VCUT mode (model.vcut)")
-    p.add_argument("--workers", type=int, help="number of workers (default: one per GPU, else 1)")
+    p.add_argument(
+        "--workers",
+        type=_workers_count,
+        help="number of workers, or auto: one per GPU, also on GPUs that join mid-job "
+        "(default: one per GPU at start, else 1)",
+    )
     p.add_argument("--address", help="address of an existing Ray cluster (default: RAY_ADDRESS, else local)")
     p.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     p.add_argument("--metrics-address", help="address to serve /metrics on (default 127.0.0.1)")

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
 from pipeline.params import PARAM_RANGES
+from pipeline.storage import is_remote, local_path, url_to_fs
 
 #: Optional generation columns: (kind, lowest, highest), the one range of each parameter
 #: (``pipeline.params``: the config, the renderer and the results schema use the same).
@@ -56,16 +57,6 @@ class ManifestInfo:
     carried_schema: pa.Schema = field(default_factory=lambda: pa.schema([]))
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path
-
-
-def _url_to_fs(path: str) -> tuple[Any, str]:
-    import fsspec
-
-    return fsspec.core.url_to_fs(path)
-
-
 def open_manifest(path: str) -> ds.Dataset:
     """A pyarrow dataset over the manifest; the format follows the extension. A URI is read
     through its fsspec filesystem (s3fs, gcsfs ...), as the images and outputs are."""
@@ -82,32 +73,30 @@ def open_manifest(path: str) -> ds.Dataset:
         fmt = ds.JsonFileFormat()
     else:
         fmt = "parquet"
-    if _is_uri(path):
-        fs, fs_path = _url_to_fs(path)
-        return ds.dataset(fs_path, format=fmt, filesystem=fs)
-    return ds.dataset(path, format=fmt)
+    fs, fs_path = url_to_fs(path)
+    return ds.dataset(fs_path, format=fmt, filesystem=fs)
 
 
 def _base_dir(path: str) -> str | None:
     """The folder relative image paths resolve against: a local path, or a URI for a manifest
     given as a URI."""
-    if _is_uri(path):
-        fs, fs_path = _url_to_fs(path)
+    fs, fs_path = url_to_fs(path)
+    if fs is not None:
         fs_path = fs_path.rstrip("/")
-        folder = fs_path if fs.isdir(fs_path) else posixpath.dirname(fs_path)
-        from fsspec.implementations.local import LocalFileSystem
-
-        return os.path.abspath(folder) if isinstance(fs, LocalFileSystem) else fs.unstrip_protocol(folder)
-    path = os.path.abspath(path)
+        return fs.unstrip_protocol(fs_path if fs.isdir(fs_path) else posixpath.dirname(fs_path))
+    path = os.path.abspath(fs_path)
     return path if os.path.isdir(path) else os.path.dirname(path)
 
 
 def resolve_image(image: str, base_dir: str | None) -> str:
     """A URI or absolute path as is; a relative path against the manifest's folder (a local
     folder, or the URI of a remote one)."""
-    if "://" in image or os.path.isabs(image) or base_dir is None:
+    if is_remote(image) or base_dir is None:
         return image
-    if "://" in base_dir:
+    image = local_path(image)  # file:// is a local path
+    if os.path.isabs(image):
+        return image
+    if is_remote(base_dir):
         scheme, _, folder = base_dir.partition("://")
         return f"{scheme}://{posixpath.normpath(posixpath.join(folder, image))}"
     return os.path.normpath(os.path.join(base_dir, image))

@@ -289,19 +289,14 @@ class MetricsHook:
 
     def on_finish(self, summary: Mapping[str, Any] | None = None) -> None:
         """End of job: no worker is busy any more; push the final figures to the Pushgateway,
-        if one is configured."""
+        if one is configured, in the one group ``job=<push_job>``: each job's push replaces the
+        last one's (a group per run would pile up in the gateway, which never forgets one)."""
         self.metrics.workers_busy.set(0)
         if not self.pushgateway:
             return
-        grouping: dict[str, str] = {}
-        run_id = (summary or {}).get("run_id") or (summary or {}).get("job_id")
-        if run_id:
-            grouping["run"] = str(run_id)
         try:
-            push_to_gateway(
-                self.pushgateway, job=self.push_job, registry=self.registry, grouping_key=grouping
-            )
-            log.info("pushed final metrics to %s (job=%s %s)", self.pushgateway, self.push_job, grouping)
+            push_to_gateway(self.pushgateway, job=self.push_job, registry=self.registry)
+            log.info("pushed final metrics to %s (job=%s)", self.pushgateway, self.push_job)
         except Exception:  # the results are written; a failed push is not a failed job
             log.exception("metrics: push to Pushgateway %s failed", self.pushgateway)
 

@@ -84,9 +84,10 @@ def check_manifest(path: str) -> Any:
     """The manifest exists, is valid (every row, streaming) and has rows. Returns its ManifestInfo."""
     from jobs import manifest as mf
     from jobs import results as rs
+    from pipeline.storage import is_remote, local_path
 
-    if "://" not in path or path.startswith("file://"):
-        local = path[len("file://") :] if path.startswith("file://") else path
+    if not is_remote(path):
+        local = local_path(path)
         if not os.path.exists(local):
             raise PreflightError(
                 f"manifest {path!r} does not exist: check the path (a Parquet, CSV or JSONL file, "

@@ -30,6 +30,8 @@ import pyarrow as pa
 
 from jobs import report_svg as svg
 from jobs import results as rs
+from jobs.output import OutputDir, open_output
+from pipeline.storage import is_remote, local_path
 
 #: The results columns the report reads (those a results table lacks are treated as empty).
 COLUMNS = ["id", "status", "output", "error", "seconds", "encode_seconds", "macs", "macs_saved",
@@ -245,14 +247,14 @@ def thumbnail(path: str, fs: Any = None, height: int = THUMB_HEIGHT) -> bytes | 
             os.unlink(tmp)
 
 
-def _link(out: rs.OutputDir, output: str | None) -> str | None:
+def _link(out: OutputDir, output: str | None) -> str | None:
     """A link to a video from DIR/report.html: relative when it lies under DIR."""
     if not output:
         return None
     root = out.uri.rstrip("/") + "/" if not out.local else os.path.join(out.root, "")
     if output.startswith(root):
         return output[len(root) :].replace(os.sep, "/")
-    return output if "://" in output else "file://" + output
+    return output if is_remote(output) else "file://" + local_path(output)
 
 
 # -- HTML ------------------------------------------------------------------------------------
@@ -424,11 +426,11 @@ def build_html(
 
 
 def write_report(
-    out_dir: str | rs.OutputDir, *, sample: int = SAMPLE, thumbnailer: Callable[..., bytes | None] = thumbnail
+    out_dir: str | OutputDir, *, sample: int = SAMPLE, thumbnailer: Callable[..., bytes | None] = thumbnail
 ) -> str:
     """Build ``DIR/report.html`` from the results (and summary.json), written atomically.
     Returns where it went (a local path or a URI)."""
-    out = rs.open_output(out_dir)
+    out = open_output(out_dir)
     for attempt in range(3):  # a running job's compaction may remove a part between list and read
         try:
             table = rs.read_results(out)

@@ -1,4 +1,4 @@
-"""The results: safe output names, committed part files, resume state, compaction, summary.
+"""The results table: committed part files, resume state, compaction, summary.
 
 ``DIR/results/`` holds Parquet part files named ``part-<commit ns>-<seq>-<tag>.parquet``; the
 name order is the commit order. Each finished batch is one part, and a crash loses at most the
@@ -6,43 +6,34 @@ batches in flight and never leaves half a file under a final name. Rule: for an 
 than once (a failed row rendered again on resume, or ``--overwrite``), the last committed row
 wins; ``compact`` applies the rule on disk, so after a job each id has exactly one row.
 
-``DIR`` is a local folder or an fsspec URI (``s3://``, ``gs://``, ``file://`` ...), resolved
-once by :func:`open_output`; every results read and write goes through that filesystem.
-How a file appears complete under its final name depends on the storage:
-
-- **local**: written under a hidden temporary name (readers skip names starting with ``.``),
-  fsynced and renamed (``os.replace``);
-- **object stores** (S3, GCS, Azure, ...): serialized in memory, then written directly under
-  the final name with one upload. An object PUT, single or multipart, becomes visible only
-  once complete (a failed or killed upload leaves no object), so nothing is ever half-written
-  under the final name; a "rename" there would be a copy plus a delete, i.e. a second full
-  write and a window with two copies, for no added safety;
-- **other fsspec filesystems** (SFTP, HDFS, ...): hidden temporary name, then ``fs.mv``.
+Every read and write goes through the job's :class:`jobs.output.OutputDir` (``--out`` resolved
+once; its docstring says how a part appears complete under its final name on each storage).
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import os
 import posixpath
-import re
 import socket
 import time
 import uuid
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from jobs.manifest import GENERATION_COLUMNS, hash_ids
-from pipeline.storage import is_object_store, protocols
 
-MAX_NAME = 120
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# The output adapter lived here; re-exported while callers move to ``jobs.output``.
+from jobs.output import (  # noqa: F401
+    MAX_NAME,
+    OutputDir,
+    clean_temporaries,
+    open_output,
+    safe_name,
+    video_path,
+)
 
 #: Columns every results row has, in order; the manifest's unknown columns follow.
 RESULT_SCHEMA = pa.schema(
@@ -66,6 +57,8 @@ RESULT_SCHEMA = pa.schema(
         ("worker_pid", pa.int64()),
         ("cache_hit", pa.bool_()),
         ("node", pa.string()),
+        ("node_id", pa.string()),  # Ray node id (hex): nodes on one host share a hostname
+        ("node_ip", pa.string()),
         ("frames", pa.int64()),
         ("denoise_seconds", pa.float64()),
         ("num_inference_steps", pa.int64()),
@@ -83,158 +76,6 @@ RESULT_SCHEMA = pa.schema(
     ]
 )
 RESERVED_COLUMNS = set(RESULT_SCHEMA.names) - {"image", "id", *GENERATION_COLUMNS}
-
-
-def safe_name(row_id: str) -> str:
-    """A file name for an id that stays inside its folder: only ``[A-Za-z0-9._-]``, no leading
-    dot, at most MAX_NAME characters. When the id had to change, a hash of the original id is
-    appended so that two ids never share a file."""
-    name = _UNSAFE.sub("_", row_id).lstrip(".")
-    if name == row_id and 0 < len(name) <= MAX_NAME:
-        return name
-    digest = hashlib.sha256(row_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
-    return f"{name[: MAX_NAME - 13]}-{digest}" if name else digest
-
-
-#: Temporary names left by ``pipeline.encode`` uploads on a URI (``<name>.tmp-<12 hex>``).
-_UPLOAD_TMP = re.compile(r"\.tmp-[0-9a-f]{12}$")
-
-
-@dataclass(frozen=True)
-class OutputDir:
-    """Where a job writes, resolved once: a local folder (``fs`` is None, ``root`` an absolute
-    path) or a folder on an fsspec filesystem (``root`` the path on ``fs``, ``uri`` the same
-    folder as a URI: what other processes, such as Ray workers, are given)."""
-
-    uri: str
-    root: str
-    fs: Any = None
-
-    @property
-    def local(self) -> bool:
-        return self.fs is None
-
-    @property
-    def object_store(self) -> bool:
-        return not self.local and is_object_store(self.fs)
-
-    def path(self, *names: str) -> str:
-        """A path under the root, on ``fs`` (local: an OS path)."""
-        if self.local:
-            return os.path.join(self.root, *names)
-        return posixpath.join(self.root.rstrip("/"), *names)
-
-    def uri_of(self, *names: str) -> str:
-        """A URI under the root (local: an OS path), to hand to another process."""
-        if self.local:
-            return self.path(*names)
-        return posixpath.join(self.uri.rstrip("/"), *names)
-
-    def listdir(self, *sub: str) -> list[str]:
-        """The names in a sub-folder ([] when it does not exist), never from a stale cache."""
-        folder = self.path(*sub)
-        if self.local:
-            return os.listdir(folder) if os.path.isdir(folder) else []
-        self.fs.invalidate_cache(folder)  # other processes (the workers) write here too
-        try:
-            found = self.fs.ls(folder, detail=False)
-        except FileNotFoundError:
-            return []
-        return [posixpath.basename(p.rstrip("/")) for p in found if p.rstrip("/") != folder.rstrip("/")]
-
-    def makedirs(self, *sub: str) -> None:
-        """Create a sub-folder; nothing on object stores (no directories; s3fs would even
-        create a missing bucket)."""
-        if self.local:
-            os.makedirs(self.path(*sub), exist_ok=True)
-        elif not self.object_store:
-            try:
-                self.fs.makedirs(self.path(*sub), exist_ok=True)
-            except (OSError, NotImplementedError):
-                pass
-
-    def remove(self, path: str) -> None:
-        if self.local:
-            os.remove(path)
-        else:
-            self.fs.rm_file(path)
-
-    def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
-        return pq.read_table(path, columns=columns, filesystem=self.fs)
-
-    def read_schema(self, path: str) -> pa.Schema:
-        return pq.read_schema(path, filesystem=self.fs)
-
-    def write_table(self, table: pa.Table, path: str) -> None:
-        """Write a Parquet file that is never seen half-written under ``path``."""
-        buf = pa.BufferOutputStream()
-        pq.write_table(table, buf)
-        self.write_bytes(path, buf.getvalue().to_pybytes())
-
-    def write_bytes(self, path: str, data: bytes) -> None:
-        """Write ``data`` to ``path`` atomically (see the module docstring for how)."""
-        if self.local:
-            folder, name = os.path.split(path)
-            tmp = os.path.join(folder, f".{name}.tmp")
-            try:
-                with open(tmp, "wb") as f:
-                    f.write(data)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, path)
-            except BaseException:  # a full disk, a signal: no half-written temporary left behind
-                with contextlib.suppress(OSError):
-                    os.remove(tmp)
-                raise
-        elif self.object_store:
-            self.fs.pipe_file(path, data)  # one upload: visible only once complete
-        else:
-            folder, name = posixpath.split(path)
-            tmp = posixpath.join(folder, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
-            self.fs.pipe_file(tmp, data)
-            self.fs.mv(tmp, path)
-
-
-def open_output(out: str | os.PathLike | OutputDir) -> OutputDir:
-    """Resolve ``--out`` once: a local path (made absolute), ``file://`` (local too), or an
-    fsspec URI. Raises ValueError for a protocol fsspec does not know or that is private to
-    one process (``memory://``), ImportError when its package (s3fs, gcsfs ...) is missing.
-    Creates nothing."""
-    if isinstance(out, OutputDir):
-        return out
-    out = os.fspath(out)
-    if "://" not in out:
-        path = os.path.abspath(out)
-        return OutputDir(uri=path, root=path)
-    import fsspec
-    from fsspec.implementations.local import LocalFileSystem
-
-    fs, root = fsspec.core.url_to_fs(out)
-    if isinstance(fs, LocalFileSystem):
-        path = os.path.abspath(root)
-        return OutputDir(uri=path, root=path)
-    if "memory" in protocols(fs):
-        raise ValueError(f"{out!r}: memory:// is private to one process; Ray workers cannot write there")
-    root = root.rstrip("/")
-    if not root:
-        raise ValueError(f"{out!r} names no folder")
-    return OutputDir(uri=fs.unstrip_protocol(root), root=root, fs=fs)
-
-
-def video_path(out_dir: str | OutputDir, row_id: str, ext: str) -> str:
-    """Where a row's video goes: ``DIR/videos/<safe name>.<ext>``, a local path or a URI."""
-    out = open_output(out_dir)
-    path = out.uri_of("videos", f"{safe_name(row_id)}.{ext}")
-    parent = os.path.dirname(path) if out.local else posixpath.dirname(path)
-    assert parent == out.uri_of("videos")
-    return path
-
-
-def results_dir(out_dir: str | OutputDir) -> str:
-    """``DIR/results`` (a URI on a remote filesystem)."""
-    if isinstance(out_dir, OutputDir) or "://" in out_dir:
-        return open_output(out_dir).uri_of("results")
-    return os.path.join(out_dir, "results")
 
 
 def unify_schemas(schemas: list[pa.Schema]) -> pa.Schema:
@@ -289,7 +130,6 @@ class ResultWriter:
         self, out_dir: str | OutputDir, carried_schema: pa.Schema | None = None, merge_every: int = 256
     ):
         self.out = open_output(out_dir)
-        self.out_dir = out_dir
         self.merge_every = merge_every  # merge this writer's small parts every N commits
         self._recent: list[str] = []
         self.dir = self.out.path("results")
@@ -357,23 +197,6 @@ def _parts(out_dir: str | OutputDir) -> list[str]:
         for n in out.listdir("results")
         if n.startswith("part-") and n.endswith(".parquet")
     )
-
-
-def clean_temporaries(out_dir: str | OutputDir) -> int:
-    """Remove temporary files left by a crash (results and videos). Returns the count.
-
-    Hidden ``.<name>.tmp*`` files everywhere and, on a remote filesystem, the
-    ``<name>.tmp-<hex>`` upload names of ``pipeline.encode`` (a video name always ends in
-    ``.<format>``, so it never matches)."""
-    out = open_output(out_dir)
-    removed = 0
-    for sub in ("results", "videos", "shards"):
-        for name in out.listdir(sub):
-            hidden = name.startswith(".") and ".tmp" in name
-            if hidden or (not out.local and _UPLOAD_TMP.search(name)):
-                out.remove(out.path(sub, name))
-                removed += 1
-    return removed
 
 
 def _latest_mask(out: OutputDir, parts: list[str]) -> tuple[list[np.ndarray], list[pa.Table]]:

@@ -8,6 +8,16 @@ batches queued. A finished batch is committed at once as one results part. When 
 process dies, every batch queued on it is retried on the others and a replacement worker
 starts; a batch that keeps killing workers is split into single rows, and a row that still
 does becomes ``failed``.
+
+Workers start all at once and each gets batches as soon as its ``info()`` says it is ready
+(one ``ray.wait`` over start-ups and batches); a worker not ready ``workers.start_timeout_s``
+after its own start is killed (so it never holds a GPU that joins later). A worker whose
+oldest batch is not back by its deadline (``batch_deadline``: ``workers.batch_timeout_s``, or
+k x rows x the median seconds per row measured on this job, never below a floor) is taken for
+hung: killed, its batches retried like a dead worker's. With ``workers.count=auto`` the driver
+looks at the cluster every ``ELASTIC_PERIOD_S`` and starts a worker on each GPU that joined.
+``Runner.request_stop`` (signals, see ``jobs.stop``) stops submitting, lets the batches in
+flight finish until a grace deadline, and ends the job normally with what was committed.
 """
 
 from __future__ import annotations
@@ -16,6 +26,7 @@ import contextlib
 import json
 import logging
 import math
+import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Hashable, Iterator
@@ -62,13 +73,54 @@ class Batch:
     last_error: str = ""
 
 
+#: Seconds between two looks at the cluster's GPUs with ``workers.count=auto``.
+ELASTIC_PERIOD_S = 5.0
+#: Auto batch deadline: BATCH_DEADLINE_FACTOR x rows x median seconds per row, at least
+#: BATCH_DEADLINE_FLOOR_S; a worker's first batch (warm-up, compilation) at least start_timeout_s.
+BATCH_DEADLINE_FACTOR = 5.0
+BATCH_DEADLINE_FLOOR_S = 60.0
+
+
+def batch_deadline(
+    rows: int, per_row: list[float] | None, fixed: float | None, first_floor: float | None = None
+) -> float:
+    """Seconds a batch of ``rows`` may take on its worker before the worker is taken for hung.
+
+    ``fixed`` (``workers.batch_timeout_s``), else ``BATCH_DEADLINE_FACTOR`` x rows x the median
+    of ``per_row`` (seconds per row of the batches finished so far on this job), at least
+    ``BATCH_DEADLINE_FLOOR_S`` (and with no measurement yet, at least ``first_floor``). A
+    worker's first batch (``first_floor`` given: ``workers.start_timeout_s``) always gets at
+    least ``first_floor``: its first call may import, compile or warm up for minutes.
+    """
+    if fixed is not None:
+        return max(float(fixed), float(first_floor or 0.0))
+    floor = BATCH_DEADLINE_FLOOR_S
+    if first_floor is not None or not per_row:
+        floor = max(floor, float(first_floor or 0.0))
+    if not per_row:
+        return floor
+    return max(floor, BATCH_DEADLINE_FACTOR * rows * statistics.median(per_row))
+
+
 @dataclass
 class _Worker:
     actor: Any
     label: str
-    inflight: set = field(default_factory=set)
+    started_at: float = field(default_factory=time.monotonic)
+    inflight: dict = field(default_factory=dict)  # ref -> monotonic time it was submitted, in order
     alive: bool = True
     ready: bool = False  # its info() came back without a start-up error: it may get batches
+    last_done: float = 0.0  # when its last batch came back (or it became ready)
+    batches_done: int = 0
+    info: dict = field(default_factory=dict)
+    elastic: bool = False  # started on a GPU that joined (workers.count=auto)
+
+    def oldest(self) -> tuple[Any, float] | None:
+        """Its oldest batch in flight and when that batch could start running (submitted, and
+        the worker's previous batch back: batches run one after another on a worker)."""
+        for ref, submitted in self.inflight.items():
+            return ref, max(submitted, self.last_done)
+        return None
 
 
 class NoopHook:
@@ -161,11 +213,12 @@ def size_workers(cfg: DictConfig, resources: dict[str, float]) -> tuple[int, flo
     w = cfg.workers
     cpus, gpus = float(resources.get("CPU", 1)), float(resources.get("GPU", 0))
     num_gpus = float(w.num_gpus) if w.num_gpus is not None else (1.0 if gpus >= 1 else 0.0)
+    fixed = None if w.count is None or str(w.count).lower() == "auto" else int(w.count)
     if num_gpus > 0:
-        count = int(w.count or max(1, int(gpus // num_gpus)))
+        count = fixed or max(1, int(gpus // num_gpus))
         num_cpus = float(w.num_cpus if w.num_cpus is not None else 1.0)
     else:
-        count = int(w.count or 1)
+        count = fixed or 1
         num_cpus = float(w.num_cpus) if w.num_cpus is not None else max(0.25, (cpus - 1) / count)
     if count * num_cpus > cpus or (num_gpus and count * num_gpus > gpus):
         log.warning(
@@ -216,18 +269,25 @@ class Runner:
         self._next_label = 0
         self.stopped: str | None = None  # request_stop's reason, once asked to stop
         self._stop_deadline = math.inf
+        self.per_row: deque[float] = deque(maxlen=256)  # seconds per row of finished batches
+        self.elastic = str(cfg.workers.count).lower() == "auto"
+        self._next_elastic_check = 0.0
+        self._elastic_warned = False
+        self._failed_starts = 0
+        self.num_cpus, self.num_gpus = 1.0, 0.0
 
     def request_stop(self, reason: str, grace_s: float) -> None:
         """Stop the job early (a signal, see ``jobs.stop``): no new batch is submitted, the
         batches in flight may finish for ``grace_s`` seconds and are committed; then the job
         ends as usual (compaction, summary with ``stopped``), and rows not committed render on
-        the next run. Safe to call from a signal handler; a second call only shortens the grace."""
+        the next run. Safe to call from a signal handler or a hook; a second call only
+        shortens the grace period."""
         self.stopped = self.stopped or reason
         self._stop_deadline = min(self._stop_deadline, time.monotonic() + max(0.0, float(grace_s)))
 
     # -- workers -----------------------------------------------------------------------
 
-    def _start_worker(self) -> _Worker:
+    def _start_worker(self, elastic: bool = False) -> _Worker:
         import ray
 
         label = f"worker-{self._next_label}"
@@ -242,7 +302,7 @@ class Runner:
         threads = max(1, math.floor(self.num_cpus))
         log_dir = self.out.path("logs") if self.out.local else None
         actor = remote.remote(self.cfg_dict, label, self.renderer_factory, self.encoder, threads, log_dir)
-        worker = _Worker(actor, label)
+        worker = _Worker(actor, label, elastic=elastic)
         self.workers.append(worker)
         self.starting[actor.info.remote()] = worker
         return worker
@@ -253,9 +313,21 @@ class Runner:
 
         if info is not None and "error" not in info:
             worker.ready = True
-            log.info("%s ready on %s (pid %s, %s)", worker.label, info["node"], info["pid"], info["device"])
+            worker.info = info
+            worker.last_done = time.monotonic()
+            log.info(
+                "%s ready after %.1f s on %s (ip %s, node %s, pid %s, %s)",
+                worker.label,
+                worker.last_done - worker.started_at,
+                info["node"],
+                info.get("node_ip"),
+                str(info.get("node_id") or "?")[:8],
+                info["pid"],
+                info["device"],
+            )
             return
         worker.alive = False
+        self._failed_starts += 1
         if info is not None:
             cause, node, detail = info["error"], info["node"], info["traceback"]
         else:
@@ -280,20 +352,72 @@ class Runner:
         """One line per distinct start-up failure: the cause, then which workers and where."""
         return [f"{cause} [{'; '.join(where)}]" for cause, where in self.start_failures.items()]
 
-    def _start_pool(self, count: int) -> None:
+    def _check_start_timeouts(self, now: float) -> None:
+        """Give up on workers not ready ``workers.start_timeout_s`` after their own start: kill
+        them (``_started``), so that a node joining later does not hand them a GPU they hold unused."""
+        timeout = float(self.cfg.workers.start_timeout_s)
+        for ref, worker in list(self.starting.items()):
+            if now - worker.started_at > timeout:
+                del self.starting[ref]
+                error = TimeoutError(f"not ready within workers.start_timeout_s={timeout:g} s")
+                self._started(worker, None, error)
+
+    def _check_deadlines(self, now: float) -> None:
+        """A worker whose oldest batch is past its deadline (``batch_deadline``) is taken for hung:
+        killed, and its batches retried like a dead worker's."""
+        fixed = self.cfg.workers.batch_timeout_s
+        first = float(self.cfg.workers.start_timeout_s)
+        floor = float(fixed) if fixed is not None else BATCH_DEADLINE_FLOOR_S  # no deadline is shorter
+        for worker in self.workers:
+            oldest = worker.oldest() if worker.alive else None
+            if oldest is None or now - oldest[1] <= floor:
+                continue
+            ref, since = oldest
+            rows = len(self.inflight[ref][1].rows)
+            deadline = batch_deadline(
+                rows, list(self.per_row), fixed, first if worker.batches_done == 0 else None
+            )
+            if now - since > deadline:
+                node = worker.info.get("node_ip") or worker.info.get("node") or "?"
+                log.warning(
+                    "%s (pid %s on %s) has not returned a batch of %d row(s) in %.0f s (deadline %.0f s): "
+                    "taken for hung, killed",
+                    worker.label,
+                    worker.info.get("pid", "?"),
+                    node,
+                    rows,
+                    now - since,
+                    deadline,
+                )
+                self._worker_died(worker, TimeoutError(f"batch deadline of {deadline:.0f} s passed"))
+
+    def _check_elastic(self, now: float) -> None:
+        """``workers.count=auto``: start a worker on each GPU the cluster gained (up to one per
+        GPU; not counted against ``workers.max_restarts``). Stops after more failed starts than
+        ``workers.max_restarts`` (a node whose GPUs cannot start a worker is not retried forever)."""
         import ray
 
-        for _ in range(count):
-            self._start_worker()
-        for ref, worker in list(self.starting.items()):
-            try:
-                info = ray.get(ref, timeout=float(self.cfg.workers.start_timeout_s))
-                self._started(worker, info, None)
-            except Exception as exc:
-                self._started(worker, None, exc)
-            del self.starting[ref]
-        if not any(w.ready for w in self.workers):
-            raise JobError("no worker could start", self.start_failure_lines())
+        if not self.elastic or self.num_gpus <= 0 or now < self._next_elastic_check or self.stopped:
+            return
+        self._next_elastic_check = now + ELASTIC_PERIOD_S
+        if self._failed_starts > int(self.cfg.workers.max_restarts):
+            if not self._elastic_warned:
+                self._elastic_warned = True
+                log.warning(
+                    "%d workers failed to start: no more workers on GPUs that join", self._failed_starts
+                )
+            return
+        try:
+            total = float(ray.cluster_resources().get("GPU", 0))
+            free = float(ray.available_resources().get("GPU", 0))
+        except Exception as exc:
+            log.warning("could not read the cluster's resources: %s", _death_line(exc))
+            return
+        live = sum(w.alive for w in self.workers)
+        new = min(int(total // self.num_gpus) - live, int(free // self.num_gpus))
+        for _ in range(max(0, new)):
+            worker = self._start_worker(elastic=True)
+            log.info("started %s on a GPU that joined (%g GPU(s) in the cluster)", worker.label, total)
 
     def _worker_died(self, worker: _Worker, exc: BaseException) -> None:
         import ray
@@ -302,7 +426,7 @@ class Runner:
             return
         worker.alive = False
         log.warning(
-            "%s died (%s); retrying its %d batch(es)", worker.label, type(exc).__name__, len(worker.inflight)
+            "%s died (%s); retrying its %d batch(es)", worker.label, _death_line(exc), len(worker.inflight)
         )
         for ref in list(worker.inflight):
             _, batch = self.inflight.pop(ref)
@@ -373,6 +497,7 @@ class Runner:
             return bool(self.inflight) and time.monotonic() < self._stop_deadline
         per_worker = int(self.cfg.workers.inflight_per_worker)
         exhausted = False
+        now = time.monotonic()
         for worker in self.workers:
             while worker.alive and worker.ready and len(worker.inflight) < per_worker:
                 batch = self.retry.popleft() if self.retry else next(batches, None)
@@ -380,7 +505,7 @@ class Runner:
                     exhausted = True
                     break
                 ref = worker.actor.render_batch.remote([self._task(r) for r in batch.rows])
-                worker.inflight.add(ref)
+                worker.inflight[ref] = now
                 self.inflight[ref] = (worker, batch)
         return not exhausted or bool(self.inflight) or bool(self.retry)
 
@@ -409,17 +534,27 @@ class Runner:
                 if isinstance(exc.cause, BaseException) and not isinstance(exc.cause, Exception):
                     self._worker_died(worker, exc)
                     continue
-                del self.inflight[ref]
-                worker.inflight.discard(ref)
+                self._done(worker, ref, None)
                 error = f"{type(exc.cause).__name__}: {exc.cause}"
                 self._commit(batch, [{"status": "failed", "error": error} for _ in batch.rows])
                 continue
             except Exception as exc:  # the actor's process is gone
                 self._worker_died(worker, exc)
                 continue
-            del self.inflight[ref]
-            worker.inflight.discard(ref)
+            self._done(worker, ref, len(batch.rows))
             self._commit(batch, results)
+
+    def _done(self, worker: _Worker, ref: Any, rows: int | None) -> None:
+        """A batch came back from ``worker``: forget it; with ``rows``, measure seconds per row
+        (from when it could start running to now) for the auto batch deadline."""
+        now = time.monotonic()
+        oldest = worker.oldest()
+        since = max(worker.inflight.pop(ref), worker.last_done)
+        if rows and oldest is not None and oldest[0] == ref:
+            self.per_row.append((now - since) / rows)
+        worker.last_done = now
+        worker.batches_done += 1
+        del self.inflight[ref]
 
     def run(self) -> dict[str, Any]:
         """The job; returns its summary. ``--out`` failing (disk full, read-only, object store
@@ -490,6 +625,9 @@ class Runner:
         if self.cfg.output.overwrite:
             done = np.zeros(0, dtype=np.uint64)
         count, self.num_cpus, self.num_gpus = size_workers(self.cfg, ray.cluster_resources())
+        if self.elastic and self.num_gpus <= 0:
+            log.info("workers.count=auto follows GPUs only: %d CPU worker(s), none added mid-job", count)
+        self._next_elastic_check = time.monotonic() + ELASTIC_PERIOD_S
         self.restarts_left = int(self.cfg.workers.max_restarts)
         chunks = mf.iter_manifest(self.manifest_path, int(self.cfg.workers.window_rows))
         batch_size = rows_per_task(self.cfg)
@@ -513,13 +651,20 @@ class Runner:
             first = next(batches, None)  # nothing left to render: no worker, no model load
             if first is not None:
                 self.retry.append(first)
-                self._start_pool(count)
+                for _ in range(0 if self.stopped else count):  # each gets batches once ready
+                    self._start_worker()
             while first is not None and self._submit(batches):
-                if not any(w.alive for w in self.workers):
+                now = time.monotonic()
+                self._check_start_timeouts(now)
+                self._check_deadlines(now)
+                self._check_elastic(now)
+                if not any(w.alive for w in self.workers) and not self.stopped:
+                    if not any(w.ready for w in self.workers):
+                        raise JobError("no worker could start", self.start_failure_lines())
                     raise JobError(
                         "every worker died and the restart budget is spent", self.start_failure_lines()
                     )
-                self._collect(timeout=min(1.0, max(0.0, self._stop_deadline - time.monotonic())))
+                self._collect(timeout=min(1.0, max(0.0, self._stop_deadline - now)))
                 self.progress.skipped = self.counters["skipped"]
                 self.progress.update()  # a log line every interval, even between commits
                 self.hook.on_pending(info.num_rows - self.progress.done)
@@ -577,7 +722,7 @@ class Runner:
 
 
 #: Where ``--out`` is read and written: an exception through these files is the output's.
-_OUTPUT_CODE = ("jobs/results.py", "jobs/shards.py", "pipeline/storage.py")
+_OUTPUT_CODE = ("jobs/output.py", "jobs/results.py", "jobs/shards.py", "pipeline/storage.py")
 
 
 def _from_output_code(exc: BaseException) -> bool:

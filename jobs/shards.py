@@ -9,10 +9,9 @@ result; the driver appends the sample to the open shard's spool file (bounded me
 sample is on disk as soon as it arrives) and publishes the shard once it holds
 ``output.shard_size`` samples, or at the end of the job. Publishing, in this order:
 
-1. the tar under its final name, atomically (local: hidden ``.NNNNN.tar.tmp`` in
-   ``DIR/shards/``, fsynced, renamed; object store: the spool is a local temporary file,
-   uploaded once under the final name, visible only when complete; other fsspec
-   filesystems: hidden temporary name, then ``mv``);
+1. the tar under its final name, atomically (local: the spool is a hidden temporary in
+   ``DIR/shards/``, fsynced, renamed; elsewhere the spool is a local temporary file, put with
+   ``pipeline.storage.put_atomic``: one upload under the final name on an object store);
 2. the shard's Parquet and stats files (each atomic, as results parts are);
 3. the shard's rows as one results part, with ``shard`` = N: **this is the commit point**.
 
@@ -41,7 +40,6 @@ import re
 import tarfile
 import tempfile
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -52,6 +50,8 @@ import pyarrow.compute as pc
 
 from jobs import results as rs
 from jobs.manifest import ManifestError, hash_ids
+from jobs.output import MAX_NAME, OutputDir, open_output, safe_name
+from pipeline.storage import is_temporary, put_atomic, temporary_name
 
 log = logging.getLogger("jobs")
 
@@ -65,14 +65,14 @@ def shard_file(number: int, suffix: str) -> str:
 
 
 def sample_key(row_id: str) -> str:
-    """A WebDataset key for an id: its safe file name (``results.safe_name``) without dots
+    """A WebDataset key for an id: its safe file name (``output.safe_name``) without dots
     (a loader splits a member name at the first dot); a hash of the id is appended when a dot
     had to go, so two ids never share a key."""
-    name = rs.safe_name(row_id)
+    name = safe_name(row_id)
     if "." not in name:
         return name
     digest = hashlib.sha256(row_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
-    return f"{name.replace('.', '_')[: rs.MAX_NAME - 13]}-{digest}"
+    return f"{name.replace('.', '_')[: MAX_NAME - 13]}-{digest}"
 
 
 def check_layout(cfg: Any, info: Any) -> None:
@@ -92,7 +92,7 @@ class ShardState:
     removed: list[str]  # files removed (clean=True) or that would be (clean=False)
 
 
-def _latest_ok_shards(out: rs.OutputDir) -> tuple[list[str], list[int | None], set[int]]:
+def _latest_ok_shards(out: OutputDir) -> tuple[list[str], list[int | None], set[int]]:
     """(ids, shard) of the latest committed rows that are ok, and every shard number any
     committed row names."""
     parts = rs._parts(out)
@@ -111,10 +111,10 @@ def _latest_ok_shards(out: rs.OutputDir) -> tuple[list[str], list[int | None], s
     return ids, shards, named
 
 
-def scan(out: rs.OutputDir, *, clean: bool) -> ShardState:
+def scan(out: OutputDir, *, clean: bool) -> ShardState:
     """The resume state of a webdataset job; with ``clean``, remove temporaries and every
     shard file that is not part of a published shard (see the module docstring)."""
-    out = rs.open_output(out)
+    out = open_output(out)
     names = out.listdir(SUBDIR)
     ids, shards, named = _latest_ok_shards(out)
     referenced = {s for s in shards if s is not None}
@@ -124,7 +124,7 @@ def scan(out: rs.OutputDir, *, clean: bool) -> ShardState:
         m = _SHARD_FILE.match(name)
         if m:
             files.setdefault(int(m.group(1)), []).append(name)
-        elif name.startswith(".") and ".tmp" in name:
+        elif is_temporary(name):
             removed.append(name)
     tars = {n for n, group in files.items() if shard_file(n, ".tar") in group}
     published = tars & referenced
@@ -156,7 +156,7 @@ class ShardWriter:
 
     def __init__(
         self,
-        out: rs.OutputDir,
+        out: OutputDir,
         *,
         first_number: int,
         shard_size: int,
@@ -186,7 +186,7 @@ class ShardWriter:
     def _open(self) -> None:
         name = shard_file(self.number, ".tar")
         if self.out.local:  # beside its final name: the rename is atomic
-            self._spool = self.out.path(SUBDIR, f".{name}.tmp")
+            self._spool = self.out.path(SUBDIR, temporary_name(name))
         else:  # object stores: one upload from a local file at publish time
             fd, self._spool = tempfile.mkstemp(prefix=f"vcut-shard-{self.number:05d}-", suffix=".tar")
             os.close(fd)
@@ -224,16 +224,6 @@ class ShardWriter:
         if len(self.rows) >= self.shard_size:
             self.publish()
 
-    def _upload(self, local: str, final: str) -> None:
-        fs = self.out.fs
-        if self.out.object_store:
-            fs.put_file(local, final)  # one upload: visible only once complete
-        else:
-            folder, name = final.rsplit("/", 1)
-            tmp = f"{folder}/.{name}.tmp-{uuid.uuid4().hex[:12]}"
-            fs.put_file(local, tmp)
-            fs.mv(tmp, final)
-
     def publish(self) -> None:
         """Publish the open shard (tar, Parquet, stats), then commit its rows."""
         if self._tar is None or not self.rows:
@@ -248,7 +238,7 @@ class ShardWriter:
             os.replace(self._spool, final)
         else:
             try:
-                self._upload(self._spool, final)
+                put_atomic(self.out.fs, final, self._spool)
             finally:
                 os.remove(self._spool)
         self._tar = self._file = self._spool = None

@@ -11,6 +11,10 @@ the seed render N at a time in one pipeline call (``Renderer.generate_batch``). 
 are loaded one by one first, so a bad image fails only its row; a call that fails is retried
 row by row, so an error fails only the rows that fail alone. Results, MACs and encoding stay
 per row.
+
+A worker that Ray gave a GPU on which torch sees no CUDA refuses to start (``cuda_refusal``:
+one line with CUDA_VISIBLE_DEVICES and the cause) unless ``workers.allow_cpu_fallback``: a GPU
+job silently rendering on CPUs would run for days. Results carry the Ray node id and IP.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import sys
 import tempfile
 import threading
 import time
@@ -126,6 +131,55 @@ def _log_to_file(log_dir: str, label: str) -> str | None:
     return path
 
 
+def _ray_placement() -> tuple[str | None, str | None]:
+    """(Ray node id hex, node IP) of this process; (None, None) outside a Ray worker. Rows
+    carry both: on one host every node has the same hostname."""
+    if "ray" not in sys.modules:
+        return None, None
+    import ray
+
+    try:
+        return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
+    except Exception:
+        return None, None
+
+
+def _assigned_gpus() -> list[str]:
+    """The GPU ids Ray gave this process (empty outside Ray or without ``num_gpus``)."""
+    if "ray" not in sys.modules:
+        return []
+    import ray
+
+    try:
+        return [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
+    except Exception:
+        return []
+
+
+def cuda_refusal(gpus: list[str]) -> str | None:
+    """Why a worker given ``gpus`` by Ray cannot use CUDA (one line), or None when torch sees a
+    GPU. A GPU worker that silently rendered on the CPU would be hundreds of times slower."""
+    if not gpus:
+        return None
+    import torch
+
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    where = f"Ray gave this worker GPU {','.join(gpus)} (CUDA_VISIBLE_DEVICES={visible!r})"
+    if torch.version.cuda is None:
+        reason = f"torch {torch.__version__} is a CPU build (torch.version.cuda is None)"
+    elif torch.cuda.is_available():
+        return None
+    else:
+        try:
+            torch.cuda.init()
+            detail = f"torch.cuda.device_count() = {torch.cuda.device_count()}"
+        except Exception as exc:
+            detail = _error_line(exc)
+        build = f"torch {torch.__version__} (CUDA {torch.version.cuda})"
+        reason = f"{build} sees no CUDA device: {detail} (check the NVIDIA driver)"
+    return f"{where} but {reason}; set workers.allow_cpu_fallback=true to render on the CPU"
+
+
 class RenderWorker:
     """Plain class (Ray wraps it as an actor in ``jobs.runner``).
 
@@ -144,6 +198,7 @@ class RenderWorker:
     ):
         self.label = label
         self.node = socket.gethostname()
+        self.node_id, self.node_ip = _ray_placement()
         self.log_file = _log_to_file(log_dir, label) if log_dir else None
         quiet_library_notices()
         self.output = cfg["output"]
@@ -157,6 +212,12 @@ class RenderWorker:
                 import torch
 
                 torch.set_num_threads(torch_threads)
+            gpus = _assigned_gpus()
+            refusal = cuda_refusal(gpus)
+            if refusal and not cfg["workers"].get("allow_cpu_fallback"):
+                raise RuntimeError(refusal)
+            if refusal:
+                log.warning("%s renders on the CPU (workers.allow_cpu_fallback): %s", label, refusal)
             self.renderer = (renderer_factory or load_renderer)(cfg["model"], cfg["cache"])
         except Exception as exc:
             self.startup_error = {"error": _error_line(exc), "traceback": traceback.format_exc()}
@@ -176,7 +237,14 @@ class RenderWorker:
 
     def info(self) -> dict[str, Any]:
         """Where this worker runs; with ``error`` and ``traceback`` when it could not start."""
-        info = {"worker": self.label, "node": self.node, "pid": os.getpid(), "device": str(self._device())}
+        info = {
+            "worker": self.label,
+            "node": self.node,
+            "node_id": self.node_id,
+            "node_ip": self.node_ip,
+            "pid": os.getpid(),
+            "device": str(self._device()),
+        }
         if self.log_file:
             info["log"] = self.log_file
         if self.startup_error:
@@ -194,6 +262,8 @@ class RenderWorker:
         key = (height, width, frames, steps, self.vcut_mode, guidance, self.step_cache, self.step_cache_depth)
         if key not in self._macs:
             try:
+                if getattr(self.renderer, "unet_config", None) is None:  # no import of vcut for nothing
+                    raise ValueError("the renderer has no unet_config")
                 from vcut import count_macs
 
                 report = count_macs(
@@ -225,6 +295,8 @@ class RenderWorker:
         return {
             "worker": self.label,
             "node": self.node,
+            "node_id": self.node_id,
+            "node_ip": self.node_ip,
             "worker_pid": os.getpid(),
             "vcut_mode": self.vcut_mode,
             "status": "failed",

@@ -12,23 +12,22 @@ images). The binary is chosen by :func:`pipeline.ffmpeg_bin.ffmpeg_exe`.
 yuv420p needs even dimensions: for MP4 and WebM an odd width or height is padded by one
 pixel that repeats the last row/column (nothing is cropped away).
 
-Atomic writes: ffmpeg writes to a hidden temporary name beside the final file, which is
-renamed (``os.replace``) only after ffmpeg succeeded, so a crash never leaves a truncated
-video under the final name (a killed process may leave a ``.<name>.tmp-*`` file behind;
-any failure we see removes it). For an fsspec/pyarrow URI the video is encoded to a local
-temporary file first (``+faststart`` needs a seekable output), uploaded under a temporary
-name and then moved to the final name (on object stores an upload only becomes visible
-when complete anyway).
+Atomic writes: locally, ffmpeg writes to a hidden temporary name beside the final file
+(``pipeline.storage.temporary_name``), which is renamed (``os.replace``) only after ffmpeg
+succeeded, so a crash never leaves a truncated video under the final name (a killed process
+may leave the temporary behind; any failure we see removes it). For a URI the video is
+encoded to a local temporary file first (``+faststart`` needs a seekable output), then put
+with ``pipeline.storage.put_atomic``: on an object store one upload under the final name
+(visible only once complete; nothing else is created, not even a folder), elsewhere a hidden
+temporary name and a move.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ import numpy as np
 
 from .errors import EncodeError
 from .ffmpeg_bin import ffmpeg_exe
-from .storage import is_object_store
+from .storage import put_atomic, temporary_name, url_to_fs
 
 FORMATS = ("mp4", "webm", "gif")
 X264_PRESETS = (
@@ -55,11 +54,6 @@ def __getattr__(name: str) -> Any:
 
         return ffmpeg
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def _is_remote(out: str) -> bool:
-    scheme, sep, _ = out.partition("://")
-    return bool(sep) and scheme.lower() != "file" and "/" not in scheme
 
 
 def _pad_even(frames: np.ndarray) -> np.ndarray:
@@ -159,49 +153,12 @@ def _remove_quietly(path: str | Path) -> None:
 
 def _encode_local(frames: np.ndarray, final: Path, fps: float, format: str, crf: int, preset: str) -> None:
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:12]}"
+    tmp = final.parent / temporary_name(final.name)
     try:
         _run_ffmpeg(frames, str(tmp), fps, format, crf, preset)
         os.replace(tmp, final)
     except BaseException:
         _remove_quietly(tmp)
-        raise
-
-
-def _upload(local: str, out: str, filesystem: Any) -> None:
-    """Copy ``local`` to ``out`` on a pyarrow or fsspec filesystem: temporary name, then move."""
-    if filesystem is None:
-        import fsspec
-
-        fs, path = fsspec.core.url_to_fs(out)
-    else:
-        fs, path = filesystem, out
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:12]}"
-    is_arrow = hasattr(fs, "open_output_stream")
-    # Object stores have no folders, and creating one can create the bucket (s3fs's makedirs
-    # does): never create anything there but the object itself (a missing bucket is an error).
-    store = is_object_store(fs)
-    try:
-        if is_arrow:
-            if parent and not store:
-                fs.create_dir(parent, recursive=True)
-            with open(local, "rb") as src, fs.open_output_stream(tmp) as dst:
-                shutil.copyfileobj(src, dst, 4 * 2**20)
-            fs.move(tmp, path)
-        else:
-            if parent and not store:
-                try:
-                    fs.makedirs(parent, exist_ok=True)
-                except (OSError, NotImplementedError):
-                    pass
-            fs.put_file(local, tmp)
-            fs.mv(tmp, path)
-    except BaseException:
-        try:
-            fs.delete_file(tmp) if is_arrow else fs.rm(tmp)
-        except Exception:
-            pass
         raise
 
 
@@ -218,18 +175,23 @@ def encode_video(
     """Encode uint8 ``frames`` ``(F, H, W, 3)`` to ``out`` atomically; return the seconds it took.
 
     ``out`` is a local path, a ``file://`` path, an fsspec URI (``s3://...``, ``memory://...``)
-    or, with ``filesystem`` (a ``pyarrow.fs.FileSystem`` or an fsspec filesystem), a path
-    on that filesystem. Raises ``ValueError`` for bad arguments and
-    :class:`~pipeline.errors.EncodeError` when ffmpeg or the upload fails.
+    or, with ``filesystem`` (an fsspec filesystem), a path on that filesystem. Raises
+    ``ValueError`` for bad arguments and :class:`~pipeline.errors.EncodeError` when ffmpeg or
+    the upload fails.
     """
     t0 = time.perf_counter()
     frames = _validate(frames, fps, format, crf, preset)
     target = os.fspath(out)
-    if filesystem is None and not _is_remote(target):
-        if target.lower().startswith("file://"):
-            target = target[len("file://") :]
+    if filesystem is not None:
+        fs, path = filesystem, target
+    else:
         try:
-            _encode_local(frames, Path(target), fps, format, crf, preset)
+            fs, path = url_to_fs(target)
+        except ValueError as exc:
+            raise EncodeError(f"cannot write video to {target!r}: {exc}") from exc
+    if fs is None:
+        try:
+            _encode_local(frames, Path(path), fps, format, crf, preset)
         except OSError as exc:
             raise EncodeError(f"cannot write video to {target!r}: {exc}") from exc
         return time.perf_counter() - t0
@@ -241,7 +203,7 @@ def encode_video(
         except OSError as exc:
             raise EncodeError(f"cannot run ffmpeg for {target!r}: {exc}") from exc
         try:
-            _upload(local, target, filesystem)
+            put_atomic(fs, path, local)
         except (OSError, ValueError) as exc:
             raise EncodeError(f"cannot write video to {target!r}: {exc}") from exc
     finally:

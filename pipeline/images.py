@@ -1,8 +1,8 @@
 """Input images as users really have them: read from anywhere, checked, turned into RGB.
 
 ``load_image`` accepts a local path, a URI readable through fsspec (``s3://``, ``gs://``,
-``memory://``, ``file://`` ...) or through a given pyarrow/fsspec filesystem, raw bytes,
-a binary file object, or a PIL image. It then
+``memory://``, ``file://`` ...; ``pipeline.storage`` decides which) or a path on a given
+fsspec filesystem, raw bytes, a binary file object, or a PIL image. It then
 
 - refuses empty, unreadable, non-image, truncated and oversized inputs with
   :class:`~pipeline.errors.ImageError` (one type; the message names the input and the
@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
+from .storage import url_to_fs
 
 #: Default pixel-count limit (about 50 megapixels: larger than any real photo, far below
 #: what would exhaust a worker's memory once decoded).
@@ -54,15 +55,6 @@ def describe_source(source: Any) -> str:
         return repr(os.fspath(source))
     name = getattr(source, "name", None)
     return repr(name) if isinstance(name, str) else f"<{type(source).__name__}>"
-
-
-def _is_remote_uri(path: str) -> bool:
-    scheme, sep, _ = path.partition("://")
-    return bool(sep) and scheme.lower() != "file" and "/" not in scheme
-
-
-def _strip_file_scheme(path: str) -> str:
-    return path[len("file://") :] if path.lower().startswith("file://") else path
 
 
 def _read_limited(fh: IO[bytes], name: str, max_bytes: int) -> bytes:
@@ -111,18 +103,8 @@ def _read_bytes(source: Any, name: str, filesystem: Any, max_bytes: int) -> byte
         if hasattr(source, "read"):
             return _read_limited(source, name, max_bytes)
         path = os.fspath(source)
-        if filesystem is not None:
-            if hasattr(filesystem, "open_input_stream"):  # pyarrow.fs.FileSystem
-                with filesystem.open_input_stream(path) as fh:
-                    return _read_limited(fh, name, max_bytes)
-            with filesystem.open(path, "rb") as fh:  # fsspec AbstractFileSystem
-                return _read_limited(fh, name, max_bytes)
-        if _is_remote_uri(path):
-            import fsspec
-
-            with fsspec.open(path, "rb") as fh:
-                return _read_limited(fh, name, max_bytes)
-        with open(_strip_file_scheme(path), "rb") as fh:
+        fs, path = (filesystem, path) if filesystem is not None else url_to_fs(path)
+        with fs.open(path, "rb") if fs is not None else open(path, "rb") as fh:
             return _read_limited(fh, name, max_bytes)
     except ImageError:
         raise
@@ -204,8 +186,8 @@ def load_image(
 ) -> Image.Image:
     """Read ``source`` and return an 8-bit RGB PIL image with its EXIF orientation applied.
 
-    ``filesystem`` (a ``pyarrow.fs.FileSystem`` or an fsspec filesystem) is used to open a
-    path source when given; without it, ``scheme://`` URIs go through ``fsspec.open``.
+    ``filesystem`` (an fsspec filesystem) is used to open a path source when given; without
+    it, a URI goes through its fsspec filesystem (``pipeline.storage.url_to_fs``).
     Raises :class:`ImageError` for any input that cannot be used.
     """
     name = describe_source(source)

@@ -35,6 +35,7 @@ from .model_files import (  # noqa: F401  (re-exported: the torch-free checks li
     is_local_model,
     offline_from_env,
     pickle_only_components,
+    strip_file_scheme,
 )
 
 if TYPE_CHECKING:
@@ -91,9 +92,7 @@ def load_svd_pipeline(
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    name = os.fspath(model)
-    if name.startswith("file://"):
-        name = name[len("file://") :]
+    name = strip_file_scheme(model)
     if local_files_only is None:
         local_files_only = offline_from_env()
 

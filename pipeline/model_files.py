@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 from .errors import ModelLoadError
+from .storage import local_path
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 _WEIGHT_COMPONENTS = ("unet", "vae", "image_encoder")
@@ -25,8 +26,8 @@ def offline_from_env() -> bool:
 
 
 def strip_file_scheme(model: str | os.PathLike) -> str:
-    name = os.fspath(model)
-    return name[len("file://") :] if name.startswith("file://") else name
+    """A model folder given as ``file://`` is the local folder (``pipeline.storage.local_path``)."""
+    return local_path(model)
 
 
 def is_local_model(name: str) -> bool:

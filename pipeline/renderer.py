@@ -553,7 +553,7 @@ class Renderer:
     ) -> RenderRecord:
         """Generate a video for ``image`` and write it atomically to ``out`` (path or URI).
 
-        ``filesystem`` (pyarrow or fsspec) is used for the output only; pass an input
+        ``filesystem`` (an fsspec filesystem) is used for the output only; pass an input
         filesystem through ``generate_kwargs`` as ``input_filesystem``.
         """
         if format not in FORMATS:

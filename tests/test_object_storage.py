@@ -144,3 +144,65 @@ def test_run_manifest_and_out_in_s3_then_resume(ray_with_s3_env, tiny_model_dir,
     assert (summary["rendered_this_run"], summary["skipped_already_ok"], summary["ok"]) == (0, 3, 3)
     assert {v: fs.info(v)["ETag"] + str(fs.info(v)["LastModified"]) for v in videos} == before
     assert pq.read_table(f"{BUCKET}/out/results", filesystem=fs).num_rows == 3
+
+
+#: S3 calls that write an object (or part of one): every key they name is recorded.
+_WRITES = ("put_object", "create_multipart_upload", "upload_part", "complete_multipart_upload", "copy_object")
+
+
+@pytest.fixture
+def s3_writes(s3, monkeypatch):
+    """Every object key written through s3fs (any instance) while the test runs, in order."""
+    import s3fs
+
+    keys: list[tuple[str, str]] = []
+    real = s3fs.S3FileSystem._call_s3
+
+    async def spy(self, method, *args, **kwargs):
+        if method in _WRITES:
+            keys.append((method, f"{kwargs.get('Bucket')}/{kwargs.get('Key')}"))
+        return await real(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", spy)
+    return keys
+
+
+@pytest.mark.slow
+def test_put_atomic_on_s3_is_one_upload_under_the_final_name(s3, s3_writes, tmp_path, monkeypatch):
+    from pipeline.storage import put_atomic
+
+    fs = s3
+    put_atomic(fs, f"{BUCKET}/atomic/a.bin", b"bytes")
+    src = tmp_path / "b.bin"
+    src.write_bytes(b"file" * 1000)
+    put_atomic(fs, f"{BUCKET}/atomic/b.bin", str(src))
+    assert s3_writes == [("put_object", f"{BUCKET}/atomic/a.bin"), ("put_object", f"{BUCKET}/atomic/b.bin")]
+    assert fs.cat_file(f"{BUCKET}/atomic/b.bin") == b"file" * 1000
+
+    real = type(fs)._call_s3
+
+    async def failing(self, method, *args, **kwargs):
+        if method == "put_object":
+            raise OSError("simulated upload failure")
+        return await real(self, method, *args, **kwargs)
+
+    monkeypatch.setattr(type(fs), "_call_s3", failing)
+    with pytest.raises(OSError, match="simulated"):
+        put_atomic(fs, f"{BUCKET}/atomic/c.bin", b"never")
+    fs.invalidate_cache()
+    listed = sorted(fs.ls(f"{BUCKET}/atomic", detail=False))
+    assert listed == [f"{BUCKET}/atomic/a.bin", f"{BUCKET}/atomic/b.bin"]  # no c.bin, no temporary
+
+
+@pytest.mark.slow
+def test_encode_upload_on_s3_writes_only_the_final_object(s3, s3_writes, tmp_path):
+    from pipeline import encode_video, probe_video
+
+    fs = s3
+    frames = np.zeros((3, 32, 32, 3), np.uint8)
+    encode_video(frames, f"s3://{BUCKET}/enc/videos/v.mp4", fps=7, preset="ultrafast")
+    assert s3_writes == [("put_object", f"{BUCKET}/enc/videos/v.mp4")]  # no temporary, no copy
+    fs.invalidate_cache()
+    assert fs.find(f"{BUCKET}/enc") == [f"{BUCKET}/enc/videos/v.mp4"]
+    fs.get_file(f"{BUCKET}/enc/videos/v.mp4", str(tmp_path / "v.mp4"))
+    assert probe_video(str(tmp_path / "v.mp4")).frames == 3

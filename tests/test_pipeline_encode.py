@@ -64,9 +64,8 @@ def test_webm_and_gif(tmp_path: Path, fmt: str, codec: str) -> None:
     assert (info.codec, info.width, info.height, info.frames) == (codec, 64, 64, 4)
 
 
-def test_fsspec_and_pyarrow_destinations(tmp_path: Path) -> None:
+def test_fsspec_destinations(tmp_path: Path) -> None:
     import fsspec
-    import pyarrow.fs as pafs
 
     encode_video(_frames(3), "memory://vcut-out/sub/v.mp4", fps=7, preset="ultrafast")
     mem = fsspec.filesystem("memory")
@@ -74,10 +73,12 @@ def test_fsspec_and_pyarrow_destinations(tmp_path: Path) -> None:
     assert data[4:8] == b"ftyp"
     assert mem.ls("/vcut-out/sub", detail=False) == ["/vcut-out/sub/v.mp4"]
 
-    target = tmp_path / "arrow" / "v.mp4"
-    encode_video(_frames(3), str(target), fps=7, preset="ultrafast", filesystem=pafs.LocalFileSystem())
+    target = tmp_path / "fsspec-local" / "v.mp4"  # a path on a given fsspec filesystem
+    encode_video(_frames(3), str(target), fps=7, preset="ultrafast", filesystem=fsspec.filesystem("file"))
     assert probe_video(target).frames == 3
     assert _leftovers(target.parent) == ["v.mp4"]
+    encode_video(_frames(2), f"file://{tmp_path}/file-uri/v.mp4", fps=7, preset="ultrafast")
+    assert probe_video(tmp_path / "file-uri" / "v.mp4").frames == 2
 
 
 def test_bad_arguments() -> None:
