@@ -296,9 +296,10 @@ def _run_job(args: argparse.Namespace, signals) -> int:
     from jobs.progress import format_summary
     from jobs.results import open_output
     from jobs.runner import JobError, run_job
-    from jobs.stop import ExitStatus, OutputWriteError, exit_for_signal
+    from jobs.stop import ExitStatus, OutputWriteError, exit_for_signal, quiet_orphaned_storage_errors
 
     _setup_logging(args.verbose)
+    quiet_orphaned_storage_errors()
     try:  # a local folder or an fsspec URI (s3://, gs://, file:// ...); creates nothing yet
         out = open_output(args.out)
     except (ValueError, ImportError) as exc:

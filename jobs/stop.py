@@ -180,3 +180,24 @@ def output_failure(exc: BaseException) -> tuple[str, str] | None:
         cause = f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
         return cause, "check that the object store answers (endpoint, network, credentials)"
     return None
+
+
+class _OrphanedStorageErrors(logging.Filter):
+    """asyncio logs "Task exception was never retrieved" with a traceback when an object-store
+    connection breaks in the middle of a request (aiohttp's body-writing task inside s3fs or
+    gcsfs). The request fails as well, and that failure is what the job reports (exit 74): the
+    orphan's record is lowered to DEBUG, so it stays in ``DIR/logs/vcut.log`` and leaves the
+    terminal (which shows warnings and up) to the job's own line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and any(c.__module__.startswith(_STORAGE_MODULES) for c in type(exc).__mro__):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+def quiet_orphaned_storage_errors() -> None:
+    """Install :class:`_OrphanedStorageErrors` on asyncio's logger (idempotent)."""
+    logger = logging.getLogger("asyncio")
+    if not any(isinstance(f, _OrphanedStorageErrors) for f in logger.filters):
+        logger.addFilter(_OrphanedStorageErrors())

@@ -352,6 +352,28 @@ def _s3(boto3, endpoint: str):
     )
 
 
+def test_orphaned_storage_tracebacks_leave_the_terminal():
+    """asyncio's "Task exception was never retrieved" for a broken object-store connection is
+    lowered to DEBUG (the log file keeps it); any other asyncio error stays as it is."""
+    aiohttp = pytest.importorskip("aiohttp")
+    stop.quiet_orphaned_storage_errors()
+    stop.quiet_orphaned_storage_errors()  # idempotent
+    logger = logging.getLogger("asyncio")
+    assert sum(isinstance(f, stop._OrphanedStorageErrors) for f in logger.filters) == 1
+
+    def record(exc: BaseException) -> logging.LogRecord:
+        rec = logger.makeRecord(
+            "asyncio", logging.ERROR, __file__, 1, "Task exception was never retrieved", (), None
+        )
+        rec.exc_info = (type(exc), exc, None)
+        assert logger.filter(rec)
+        return rec
+
+    broken = aiohttp.ClientConnectionResetError("Cannot write to closing transport")
+    assert record(broken).levelno == logging.DEBUG
+    assert record(ValueError("a bug")).levelno == logging.ERROR
+
+
 @pytest.mark.slow
 def test_object_store_gone_mid_job(ray_address, tmp_path, monkeypatch):
     """The S3 endpoint stops answering after a few commits: exit 74, one line naming the cause;
