@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import REPO_ROOT, RESULTS_DIR, header, machine_info, summarize, write_json
+from vcut.modes import MODES
 
 TIMINGS_ENV = "VCUT_BENCH_TIMINGS"
 _lock = threading.Lock()
@@ -316,7 +317,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rows", type=int, default=24)
     p.add_argument("--workers", default="1,2", help="comma-separated worker counts (default 1,2)")
     p.add_argument("--repeats", type=int, default=2, help="runs per worker count, alternating (default 2)")
-    p.add_argument("--vcut", choices=["off", "exact", "full"], default="full")
+    p.add_argument("--vcut", choices=MODES, default="full")
     p.add_argument("--height", type=int, default=64)
     p.add_argument("--width", type=int, default=64)
     p.add_argument("--frames", type=int, default=4)

@@ -74,6 +74,7 @@ import torch
 
 from benchmarks import unet_ab
 from benchmarks.common import REPO_ROOT, RESULTS_DIR, header, machine_info, write_json
+from vcut.modes import MODES
 
 STEPS_PER_VIDEO = 25
 
@@ -908,7 +909,7 @@ class Bench:
     def stage_eager(self) -> None:
         feats = self.result["features"]
         configs: list[tuple[str, str, dict[str, Any], tuple[int, ...]]] = [
-            (mode, mode, {}, self.steps) for mode in ("off", "exact", "full")
+            (mode, mode, {}, self.steps) for mode in MODES
         ]
         n = self.args.step_cache
         if n and feats["step_cache"]:
@@ -1097,7 +1098,7 @@ class Bench:
         if self.args.no_macs:
             return
         cache = self.args.step_cache if self.result["features"]["count_macs_step_cache"] else None
-        variants = [("off", None), ("exact", None), ("full", None)] + ([("full", cache)] if cache else [])
+        variants = [(mode, None) for mode in MODES] + ([("full", cache)] if cache else [])
         factor = self._vae_factor()
         jobs = [
             {

@@ -35,8 +35,9 @@ from PIL import Image
 
 from benchmarks.common import RESULTS_DIR, header, machine_info, rotated, summarize, write_json
 from vcut import shared_weight_copy
+from vcut.modes import MODES
 
-CONFIGS = ("off", "exact", "full", "full+cache3", "full+compile")
+CONFIGS = (*MODES, "full+cache3", "full+compile")
 
 SIZES: dict[str, dict[str, int]] = {
     # pixels of the video, frames, and the default number of denoising steps

@@ -31,6 +31,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import RESULTS_DIR
+from vcut.modes import MODES
+
+#: the modes compared with stock (``off`` is the reference)
+PATCHED_MODES = tuple(m for m in MODES if m != "off")
 
 PAPER_LATENCY_RATIO = 0.80  # "about 20% faster latency" (paper abstract); stated, not measured here
 
@@ -75,7 +79,7 @@ def ab_entries(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 f"{r['device']} {r['dtype']} {variant}"
             )
             ratios = {}
-            for mode in ("exact", "full"):
+            for mode in PATCHED_MODES:
                 if mode not in summary:
                     continue
                 paired = [
@@ -112,7 +116,7 @@ def plot_ab(results: list[dict[str, Any]], path: Path) -> Path | None:
     width = 0.36
     lo_all, hi_all = [PAPER_LATENCY_RATIO], [1.0]
     for i, e in enumerate(entries):
-        for j, mode in enumerate(("exact", "full")):
+        for j, mode in enumerate(PATCHED_MODES):
             if mode not in e["ratios"]:
                 continue
             d = e["ratios"][mode]

@@ -33,8 +33,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.storage import is_remote, local_path
-from vcut import MODES as VCUT_MODES
 from vcut import shared_weight_copy
+from vcut.modes import MODES as VCUT_MODES
 
 _CONFIG_RE = re.compile(r"^(?P<mode>[a-z]+)(?:\+cache(?P<interval>\d+))?$")
 REFERENCE = "off"

@@ -9,6 +9,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.params import PARAM_RANGES, as_float, as_int
+from vcut.modes import MODES
 
 DEFAULT_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt"
 
@@ -18,10 +19,8 @@ class Layout(str, Enum):
     webdataset = "webdataset"  # DIR/shards/NNNNN.tar (+ .parquet, _stats.json): jobs/shards.py
 
 
-class VcutMode(str, Enum):
-    off = "off"
-    exact = "exact"
-    full = "full"
+#: the VCUT modes as an omegaconf enum, built from the one list (vcut.modes, torch-free)
+VcutMode = Enum("VcutMode", {mode: mode for mode in MODES}, type=str)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from jobs import preflight as pf
+from jobs import preflight
 
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
 
@@ -30,10 +30,10 @@ def _run(check: str, fn: Callable[[], str]) -> Row:
     """A pre-flight check as a row: OK with what it found, FAIL with its one-line message."""
     try:
         return Row(check, OK, fn())
-    except pf.PreflightError as exc:
+    except preflight.PreflightError as exc:
         return Row(check, FAIL, str(exc))
     except Exception as exc:
-        return Row(check, FAIL, pf.first_line(exc))
+        return Row(check, FAIL, preflight.first_line(exc))
 
 
 def _python() -> Row:
@@ -45,13 +45,14 @@ def _torch() -> tuple[Row, Row]:
         import torch
     except Exception as exc:
         fix = "pip install torch (see README: Development)"
-        return Row("torch", FAIL, f"{pf.first_line(exc)}: {fix}"), Row("GPUs (torch)", FAIL, "no torch")
+        failed = Row("torch", FAIL, f"{preflight.first_line(exc)}: {fix}")
+        return failed, Row("GPUs (torch)", FAIL, "no torch")
     build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU-only build"
     row = Row("torch", OK, f"{torch.__version__}, {build}")
     try:
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     except Exception as exc:  # a broken driver
-        return row, Row("GPUs (torch)", WARN, f"{pf.first_line(exc)}: check the NVIDIA driver")
+        return row, Row("GPUs (torch)", WARN, f"{preflight.first_line(exc)}: check the NVIDIA driver")
     if count:
         names = ", ".join(sorted({torch.cuda.get_device_name(i) for i in range(count)}))
         return row, Row("GPUs (torch)", OK, f"{count}: {names}")
@@ -67,8 +68,8 @@ def _ray_rows(address: str | None) -> list[Row]:
     try:
         import ray
     except Exception as exc:
-        return [Row("Ray", FAIL, f"{pf.first_line(exc)}: pip install 'ray[default]'")]
-    mode = pf.auth_mode()
+        return [Row("Ray", FAIL, f"{preflight.first_line(exc)}: pip install 'ray[default]'")]
+    mode = preflight.auth_mode()
     if not address:
         gpus = _local_ray_gpus()
         status = OK if gpus else WARN
@@ -78,9 +79,9 @@ def _ray_rows(address: str | None) -> list[Row]:
             Row("GPUs (Ray)", status, detail),
         ]
     try:
-        pf.check_address(address)
-        pf.connect_ray(address)
-    except pf.PreflightError as exc:
+        preflight.check_address(address)
+        preflight.connect_ray(address)
+    except preflight.PreflightError as exc:
         return [Row("Ray", FAIL, f"{exc} (auth: {mode})"), Row("GPUs (Ray)", FAIL, "cluster not reached")]
     try:
         resources = ray.cluster_resources()
@@ -107,14 +108,14 @@ def _local_ray_gpus() -> int:
 
 
 def _ffmpeg_row() -> Row:
-    row = _run("ffmpeg", lambda: pf.check_ffmpeg("mp4"))
+    row = _run("ffmpeg", lambda: preflight.check_ffmpeg("mp4"))
     if row.status != OK:
         return row
     from pipeline.ffmpeg_bin import ffmpeg_exe
 
-    encoders = pf.ffmpeg_encoders(ffmpeg_exe())
-    have = [f"{fmt}: {enc}" for fmt, enc in pf.ENCODERS.items() if enc in encoders]
-    lacking = [f"{fmt} ({enc})" for fmt, enc in pf.ENCODERS.items() if enc not in encoders]
+    encoders = preflight.ffmpeg_encoders(ffmpeg_exe())
+    have = [f"{fmt}: {enc}" for fmt, enc in preflight.ENCODERS.items() if enc in encoders]
+    lacking = [f"{fmt} ({enc})" for fmt, enc in preflight.ENCODERS.items() if enc not in encoders]
     detail = f"{ffmpeg_exe()}; {', '.join(have)}"
     if lacking:
         return Row("ffmpeg", WARN, f"{detail}; no encoder for {', '.join(lacking)}")
@@ -128,7 +129,7 @@ def _hf_row(model: str | None) -> Row:
 
     from pipeline.model_files import is_local_model, offline_from_env, strip_file_scheme
 
-    cache = pf.hf_cache_dir()
+    cache = preflight.hf_cache_dir()
     parts = [f"cache {cache}" + ("" if os.path.isdir(cache) else " (empty)")]
     if offline_from_env():
         parts.append("HF_HUB_OFFLINE set")
@@ -142,14 +143,14 @@ def _hf_row(model: str | None) -> Row:
 
 
 def diagnose(model: str | None = None, address: str | None = None, out: str | None = None) -> list[Row]:
-    rows = [_python(), *_torch(), _ffmpeg_row(), *_ray_rows(pf.ray_address(address))]
+    rows = [_python(), *_torch(), _ffmpeg_row(), *_ray_rows(preflight.ray_address(address))]
     if model:
-        rows.append(_run("model", lambda: pf.check_model({"id": model})))
+        rows.append(_run("model", lambda: preflight.check_model({"id": model})))
     else:
         rows.append(Row("model", WARN, "not checked: pass --model (a local folder or a hub id)"))
     rows.append(_hf_row(model))
     if out:
-        rows.append(_run("output", lambda: pf.check_output(out)))
+        rows.append(_run("output", lambda: preflight.check_output(out)))
     else:
         rows.append(Row("output", WARN, "not checked: pass --out DIR (or s3://bucket/prefix)"))
     return rows

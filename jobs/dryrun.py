@@ -24,8 +24,8 @@ from typing import Any, TextIO
 import numpy as np
 import pyarrow.compute as pc
 
-from jobs import manifest as mf
-from jobs import results as rs
+from jobs import results
+from jobs.manifest import hash_ids, id_hash, iter_manifest, validate_manifest
 from jobs.output import OutputDir
 
 BENCH_FILE = (
@@ -72,10 +72,10 @@ def _count(model: str, shape: tuple[int, int, int, int], guidance: bool, cfg: An
 
 def _earlier_timings(out: OutputDir) -> dict[tuple[int, int, int, int], tuple[float, int, float]]:
     """Per shape of DIR's committed ``ok`` rows: (mean seconds, rows, mean MACs or nan)."""
-    if not rs._parts(out):
+    if not results._parts(out):
         return {}
     cols = ["status", "height", "width", "num_frames", "frames", "num_inference_steps", "seconds", "macs"]
-    table = rs.read_results(out, cols)
+    table = results.read_results(out, cols)
     table = table.filter(
         pc.and_(pc.equal(table.column("status"), "ok"), pc.is_valid(table.column("seconds")))
     )
@@ -126,7 +126,7 @@ def dry_run(cfg: Any, manifest: str, out: OutputDir, stream: TextIO) -> int:
     from jobs.runner import resolve_params
     from jobs.shards import check_layout, scan
 
-    info = mf.validate_manifest(manifest, reserved=rs.RESERVED_COLUMNS)
+    info = validate_manifest(manifest, reserved=results.RESERVED_COLUMNS)
     check_layout(cfg, info)
     layout = str(cfg.output.layout.value if hasattr(cfg.output.layout, "value") else cfg.output.layout)
     if cfg.output.overwrite:
@@ -134,7 +134,7 @@ def dry_run(cfg: Any, manifest: str, out: OutputDir, stream: TextIO) -> int:
     elif layout == "webdataset":
         done = scan(out, clean=False).done
     else:
-        done = rs.done_ids(out)
+        done = results.done_ids(out)
 
     model = _macs_model(str(cfg.model.id))
     frames_default = cfg.defaults.num_frames
@@ -149,14 +149,14 @@ def dry_run(cfg: Any, manifest: str, out: OutputDir, stream: TextIO) -> int:
     rows = skipped = 0
     images: set[int] = set()
     shapes: Counter[tuple[int, int, int, int, bool]] = Counter()
-    for chunk in mf.iter_manifest(manifest, int(cfg.workers.window_rows)):
-        skip = rs.is_done(mf.hash_ids([r["id"] for r in chunk]), done)
+    for chunk in iter_manifest(manifest, int(cfg.workers.window_rows)):
+        skip = results.is_done(hash_ids([r["id"] for r in chunk]), done)
         skipped += int(skip.sum())
         for row, skipped_row in zip(chunk, skip, strict=True):
             if skipped_row:
                 continue
             rows += 1
-            images.add(mf.id_hash(row["_image"]))
+            images.add(id_hash(row["_image"]))
             p = resolve_params(row, defaults)
             frames = int(p["num_frames"] if p["num_frames"] is not None else frames_default)
             key = (int(p["height"]), int(p["width"]), frames, int(p["num_inference_steps"]))

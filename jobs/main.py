@@ -11,6 +11,8 @@ import json
 import logging
 import sys
 
+from vcut.modes import MODES  # torch-free
+
 
 def _cmd_macs(args: argparse.Namespace) -> int:
     from vcut import count_macs
@@ -38,8 +40,10 @@ def _cmd_macs(args: argparse.Namespace) -> int:
 
 
 def _cmd_tiny_model(args: argparse.Namespace) -> int:
+    from pipeline.notices import quiet_notices
     from vcut.tiny import RANDOM_WEIGHTS_WARNING, save_tiny_pipeline
 
+    quiet_notices()  # its CLIP image processor's torchvision notice
     print(RANDOM_WEIGHTS_WARNING, file=sys.stderr)
     path = save_tiny_pipeline(args.dir, seed=args.seed)
     print(f"wrote tiny random-weight SVD pipeline to {path}")
@@ -436,7 +440,7 @@ def _workers_count(text: str) -> int | str:
 def _add_job_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="job YAML file (merged over the defaults)")
     p.add_argument("--model", help="hub id or local model folder (model.id)")
-    p.add_argument("--vcut", choices=["off", "exact", "full"], help="VCUT mode (model.vcut)")
+    p.add_argument("--vcut", choices=MODES, help="VCUT mode (model.vcut)")
     p.add_argument(
         "--workers",
         type=_workers_count,
@@ -469,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=25, help="denoising steps per video")
     p.add_argument(
         "--mode",
-        choices=["off", "exact", "full"],
+        choices=MODES,
         default="full",
         help="VCUT mode to compare (default: full)",
     )
@@ -505,10 +509,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="local SVD folder or hub id (required)")
     p.add_argument(
         "--configs",
-        default="off,exact,full",
-        help="comma-separated VCUT modes (off, exact, full), each optionally +cacheN for a step-cache "
+        default=",".join(MODES),
+        help=f"comma-separated VCUT modes ({', '.join(MODES)}), each optionally +cacheN for a step-cache "
         "interval N >= 2, e.g. off,exact,full,full+cache3; 'off' is the reference, added when missing "
-        "(default: off,exact,full)",
+        f"(default: {','.join(MODES)})",
     )
     p.add_argument("--out", help="output folder (or URI) for the report files (required)")
     p.add_argument("--height", type=int, default=576)

@@ -5,7 +5,8 @@ figures agree with the results table by construction. Each job gets its own
 :class:`~prometheus_client.CollectorRegistry`, so several jobs in one process (tests,
 notebooks) never clash, and nothing leaks into the process-global registry.
 
-The driver uses it as::
+The driver uses it as a :class:`jobs.hooks.JobHook`, through :class:`jobs.hooks.SafeHook`
+(which logs a failing method once and never lets it stop the job)::
 
     hook = make_metrics_hook(cfg.metrics)   # serves /metrics if cfg.metrics.port is set
     hook.on_pending(n)                       # rows still to render
@@ -229,12 +230,17 @@ class JobMetrics:
         self.last_progress.set(time.time())
 
 
+class PushError(RuntimeError):
+    """The final push to the Pushgateway failed (the message names the gateway)."""
+
+
 class MetricsHook:
-    """The object the job driver calls; see the module docstring.
+    """The job's :class:`jobs.hooks.JobHook`; see the module docstring.
 
     Construction raises ``OSError`` if ``port`` cannot be bound (better at the start than a
-    blank dashboard hours later); after that no method raises: a metrics problem must never
-    stop a render job (it is logged).
+    blank dashboard hours later). The ``on_*`` methods may raise (a Pushgateway that does not
+    answer is a :class:`PushError`): the driver calls them through :class:`jobs.hooks.SafeHook`,
+    the one place where a hook's failure is logged and kept from stopping the job.
     """
 
     def __init__(
@@ -269,23 +275,14 @@ class MetricsHook:
         return None if self.port is None else f"http://{self.address}:{self.port}/metrics"
 
     def on_result(self, row: Mapping[str, Any]) -> None:
-        try:
-            self.metrics.record(row)
-        except Exception:
-            log.exception("metrics: could not record result row %r", row.get("id"))
+        self.metrics.record(row)
 
     def on_pending(self, n: int) -> None:
-        try:
-            self.metrics.rows_pending.set(max(0, int(n)))
-        except Exception:
-            log.exception("metrics: bad pending count %r", n)
+        self.metrics.rows_pending.set(max(0, int(n)))
 
     def on_workers(self, alive: int, busy: int) -> None:
-        try:
-            self.metrics.workers_alive.set(max(0, int(alive)))
-            self.metrics.workers_busy.set(max(0, int(busy)))
-        except Exception:
-            log.exception("metrics: bad worker counts %r/%r", alive, busy)
+        self.metrics.workers_alive.set(max(0, int(alive)))
+        self.metrics.workers_busy.set(max(0, int(busy)))
 
     def on_finish(self, summary: Mapping[str, Any] | None = None) -> None:
         """End of job: no worker is busy any more; push the final figures to the Pushgateway,
@@ -297,8 +294,8 @@ class MetricsHook:
         try:
             push_to_gateway(self.pushgateway, job=self.push_job, registry=self.registry)
             log.info("pushed final metrics to %s (job=%s)", self.pushgateway, self.push_job)
-        except Exception:  # the results are written; a failed push is not a failed job
-            log.exception("metrics: push to Pushgateway %s failed", self.pushgateway)
+        except Exception as exc:  # SafeHook logs it: the results are written, the job did not fail
+            raise PushError(f"push to Pushgateway {self.pushgateway} failed: {exc}") from exc
 
     def close(self) -> None:
         """Stop serving, after ``linger_seconds`` so a scraper sees the final values. Idempotent."""

@@ -392,8 +392,9 @@ def connect_ray(address: str | None, *, verbose: bool = False) -> None:
 
     import ray
 
-    if not verbose:  # the local instance's notice that token auth is on is not the user's to act on
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+    from pipeline.notices import quiet_notices
+
+    quiet_notices()  # the local instance's token-auth banner (pipeline.notices says why)
     try:
         ray.init(
             address=address,

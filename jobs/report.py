@@ -28,8 +28,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from jobs import report_svg as svg
-from jobs import results as rs
+from jobs import report_svg, results
 from jobs.output import OutputDir, open_output
 from pipeline.storage import is_remote, local_path
 
@@ -340,7 +339,7 @@ def build_html(
     if tp["series"]:
         unit = tp["unit"]
         out.append(
-            svg.bars(
+            report_svg.bars(
                 tp["edges"],
                 tp["per_hour"],
                 xlabel=f"{unit} since the first start",
@@ -349,7 +348,7 @@ def build_html(
             )
         )
         out.append(
-            svg.lines(
+            report_svg.lines(
                 tp["series"],
                 xlabel=f"{unit} since the first start",
                 ylabel="ok videos (cumulative)",
@@ -377,7 +376,7 @@ def build_html(
             f"p95 {hist['p95']:.2f} s (render, without encoding).</p>"
         )
         out.append(
-            svg.bars(
+            report_svg.bars(
                 hist["edges"],
                 hist["counts"],
                 xlabel="seconds per video",
@@ -433,7 +432,7 @@ def write_report(
     out = open_output(out_dir)
     for attempt in range(3):  # a running job's compaction may remove a part between list and read
         try:
-            table = rs.read_results(out)
+            table = results.read_results(out)
             break
         except FileNotFoundError:
             if attempt == 2:

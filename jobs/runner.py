@@ -38,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from jobs import manifest as mf
 from jobs import results as rs
+from jobs.hooks import SafeHook
 from jobs.progress import Progress
 from jobs.shards import ShardWriter, check_layout, scan
 from jobs.stop import OutputWriteError, StopSignals, output_failure
@@ -121,36 +122,6 @@ class _Worker:
         for ref, submitted in self.inflight.items():
             return ref, max(submitted, self.last_done)
         return None
-
-
-class NoopHook:
-    def on_result(self, row: dict) -> None: ...
-    def on_pending(self, n: int) -> None: ...
-    def on_workers(self, alive: int, busy: int) -> None: ...
-    def on_finish(self, summary: dict) -> None: ...
-
-
-class SafeHook:
-    """Calls the hook's methods that exist; a hook that raises is logged, never fatal."""
-
-    def __init__(self, hook: Any):
-        self.hook = hook
-        self.warned: set[str] = set()
-
-    def __getattr__(self, name: str) -> Callable[..., None]:
-        method = getattr(self.hook, name, None)
-
-        def call(*args: Any) -> None:
-            if method is None:
-                return
-            try:
-                method(*args)
-            except Exception as exc:
-                if name not in self.warned:
-                    self.warned.add(name)
-                    log.warning("metrics hook %s failed: %s: %s", name, type(exc).__name__, exc)
-
-        return call
 
 
 def resolve_params(row: dict[str, Any], generation: dict[str, Any]) -> dict[str, Any]:
@@ -255,7 +226,7 @@ class Runner:
         # Resolved once; the workers get URIs (strings), never this filesystem object.
         self.out = rs.open_output(out_dir)
         self.out_dir = self.out.uri
-        self.hook = SafeHook(hook or NoopHook())
+        self.hook = SafeHook(hook)  # any object with some JobHook methods; its errors never stop the job
         self.renderer_factory = renderer_factory
         self.encoder = encoder
         self.progress_stream = progress_stream

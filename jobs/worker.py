@@ -31,6 +31,8 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from pipeline.notices import quiet_notices
+
 log = logging.getLogger(__name__)
 
 GENERATE_KEYS = (
@@ -94,22 +96,6 @@ def _error_line(exc: BaseException) -> str:
     """The exception's own message, one line (its first)."""
     text = str(exc).strip()
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
-
-
-class _DropNotices(logging.Filter):
-    """Library notices that are not the user's to act on (e.g. transformers' torchvision fallback)."""
-
-    NOTICES = ("requires torchvision (not installed)",)
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not any(n in record.getMessage() for n in self.NOTICES)
-
-
-def quiet_library_notices() -> None:
-    """Drop the CLIP image processor's torchvision notice where it is logged (idempotent)."""
-    logger = logging.getLogger("transformers.utils.import_utils")
-    if not any(isinstance(f, _DropNotices) for f in logger.filters):
-        logger.addFilter(_DropNotices())
 
 
 def _log_to_file(log_dir: str, label: str) -> str | None:
@@ -200,7 +186,7 @@ class RenderWorker:
         self.node = socket.gethostname()
         self.node_id, self.node_ip = _ray_placement()
         self.log_file = _log_to_file(log_dir, label) if log_dir else None
-        quiet_library_notices()
+        quiet_notices()  # before pipeline.svd imports diffusers' SVD module (pipeline.notices says why)
         self.output = cfg["output"]
         self.renderer: Any = None
         # A start-up failure (the model does not load, CUDA out of memory ...) is kept, not

@@ -1,15 +1,17 @@
 """A bounded LRU cache of CLIP image embeddings, one per renderer.
 
 Rows of a manifest often share an image (several seeds, motion buckets or fps per image).
-SVD conditions on the CLIP embedding of the image, which depends only on the (fitted)
-pixels and the model, so the renderer keys it by a content hash of those pixels and skips
-the image encoder on a hit.
+SVD conditions on the CLIP embedding of the image, which depends only on the pixels the
+image encoder sees and the model, so the renderer keys it by a content hash of those pixels
+(the encoder's input, after diffusers' own resizing and normalisation) and skips the image
+encoder on a hit (see :mod:`pipeline.svd`).
 
-What is cached is the raw embedding ``(1, 1, D)``, before the classifier-free-guidance
-concatenation. The VCUT constants derived from it (``to_out(to_v(e))`` of every spatial
-cross-attention, the "one-time linear") are cached *inside* vcut's attention processors,
-keyed by the embedding's content; since a hit returns the very same embedding values,
-a hit also reuses those constants, and gives exactly the frames a miss gives.
+What is cached is the encoder's raw ``image_embeds`` row ``(1, D)``, before diffusers adds
+the token axis and the classifier-free-guidance zeros. The VCUT constants derived from it
+(``to_out(to_v(e))`` of every spatial cross-attention, the "one-time linear") are cached
+*inside* vcut's attention processors, keyed by the embedding's content; since a hit returns
+the very same embedding values, a hit also reuses those constants, and gives exactly the
+frames a miss gives.
 
 The cache is bounded both by entries and by bytes; the least recently used entries are
 evicted first. Counters ``hits``/``misses`` are cumulative for the jobs layer to export.
@@ -26,9 +28,15 @@ import torch
 from PIL import Image
 
 
-def image_key(img: Image.Image) -> str:
-    """SHA-256 of a PIL image's mode, size and pixel bytes (its content, not its source)."""
+def image_key(img: Image.Image | torch.Tensor) -> str:
+    """SHA-256 of an image's content, not its source: a PIL image's mode, size and pixel bytes,
+    or a tensor's dtype, shape and values (copied to the host first; any dtype, bfloat16 too)."""
     h = hashlib.sha256()
+    if isinstance(img, torch.Tensor):
+        t = img.detach().to("cpu").contiguous()
+        h.update(f"{t.dtype}:{tuple(t.shape)}:".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
     h.update(f"{img.mode}:{img.width}x{img.height}:".encode())
     h.update(img.tobytes())
     return h.hexdigest()

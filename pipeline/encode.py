@@ -139,6 +139,7 @@ def _run_ffmpeg(frames: np.ndarray, path: str, fps: float, format: str, crf: int
         raise
     finally:
         drain.join(timeout=10)
+        proc.stderr.close()  # else a ResourceWarning (unclosed file) per video
     if rc != 0:
         msg = b"".join(err_chunks).decode(errors="replace").strip()[-2000:]
         raise EncodeError(f"ffmpeg ({exe}) failed with status {rc} encoding {format}: {msg}")

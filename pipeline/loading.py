@@ -37,6 +37,7 @@ from .model_files import (  # noqa: F401  (re-exported: the torch-free checks li
     pickle_only_components,
     strip_file_scheme,
 )
+from .notices import quiet_notices
 
 if TYPE_CHECKING:
     from diffusers import StableVideoDiffusionPipeline
@@ -88,6 +89,7 @@ def load_svd_pipeline(
     Returns ``(pipe, device, dtype)`` with the pipeline moved to ``device`` in ``dtype``.
     Raises :class:`ModelLoadError` with a message naming ``model`` on every failure.
     """
+    quiet_notices()  # the feature extractor's torchvision notice (pipeline.notices says why)
     from diffusers import StableVideoDiffusionPipeline
 
     dev = resolve_device(device)

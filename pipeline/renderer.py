@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vcut import MODES as VCUT_MODES
+from vcut.modes import MODES as VCUT_MODES
 from vcut.step_cache import check_step_cache_args
 
 from .cache import EmbeddingCache
@@ -251,7 +251,8 @@ class Renderer:
         torch_dtype = render_pipe.unet.dtype
         render_pipe.cache_namespace = f"{model_id}|{torch_dtype}"
         unet_config = dict(render_pipe.unet.config)
-        report = apply_vcut(render_pipe, vcut)
+        # The removed weights are freed (nothing will call remove_vcut on a renderer's UNet).
+        report = apply_vcut(render_pipe, vcut, keep_removed=False)
         # Order: VCUT, then the step cache, then compile.
         cache_report = apply_step_cache(render_pipe, interval, step_cache_depth)
         compile_report = None

@@ -1,17 +1,21 @@
 """``RenderPipeline``: diffusers' SVD pipeline with small hooks, nothing else changed.
 
-``StableVideoDiffusionPipeline.__call__`` is used as is, so ``vcut="off"`` stays
-bit-faithful to stock diffusers. Only methods that ``__call__`` calls are wrapped:
+``StableVideoDiffusionPipeline.__call__`` and ``_encode_image`` are used as they are, so
+``vcut="off"`` stays bit-faithful to stock diffusers and no diffusers code is copied:
 
-- ``_encode_image`` consults the renderer's :class:`~pipeline.cache.EmbeddingCache`
-  (key: model namespace + content hash of the PIL image) and runs the CLIP image encoder
-  only on a miss. It uses no randomness, so the generator stream, and therefore the
-  video, is the same on a hit and on a miss. The tail that diffusers applies to the raw
-  embedding (repeat per video, zeros for the unconditional half of CFG) is reproduced
-  exactly; the raw embedding itself comes from diffusers' own code on a miss. A list of
-  images (a batch of rows) is looked up image by image, hits and misses mixed; each miss
-  is encoded on its own, so a cached embedding never depends on which batch computed it.
-  ``last_cache_hits`` holds one flag per image.
+- The image encoder carries :class:`EmbeddingCacheHook`, registered in diffusers' own hook
+  registry (``diffusers.hooks.HookRegistry``, under :data:`EMBEDDING_CACHE_HOOK`; a
+  ``ModelHook`` whose ``new_forward`` replaces the encoder's forward, which torch's forward
+  hooks cannot skip). It sees the encoder's input after diffusers' own preprocessing, one
+  row per image, and consults the renderer's :class:`~pipeline.cache.EmbeddingCache` row by
+  row (key: model namespace + content hash of the row's pixels, :func:`~pipeline.cache.image_key`);
+  only the misses run the CLIP encoder, each on its own, so a cached embedding never depends
+  on which batch computed it (diffusers' preprocessing is per image, hence the same pixels
+  alone or in a batch). It uses no randomness, so the generator stream, and therefore the
+  video, is the same on a hit and on a miss. ``last_cache_hits`` holds one flag per image.
+  The pipeline gets its own encoder module sharing the weights of the one it is built from
+  (:func:`vcut.shared_weight_copy`), so that pipeline, and other renderers built from it,
+  stay stock.
 - ``prepare_latents`` (the last step before the denoising loop) and ``decode_latents``
   record timestamps, from which the renderer derives the conditioning / denoise / decode
   timings.
@@ -32,14 +36,87 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
-import PIL.Image
 import torch
 from diffusers import StableVideoDiffusionPipeline
+from diffusers.hooks import HookRegistry, ModelHook
+from torch import nn
+from transformers.models.clip.modeling_clip import CLIPVisionModelOutput
 
 from .cache import EmbeddingCache, image_key
 
 logger = logging.getLogger(__name__)
+
+#: the name of the embedding-cache hook in the image encoder's ``HookRegistry``
+EMBEDDING_CACHE_HOOK = "vcut_render.embedding_cache"
+
+
+class EmbeddingCacheHook(ModelHook):
+    """Skips the CLIP image encoder for rows whose pixels it has embedded before.
+
+    Installed on a pipeline's ``image_encoder`` by :class:`RenderPipeline`. Called as
+    ``image_encoder(pixel_values)`` (diffusers' call: ``(batch, 3, 224, 224)``, already on
+    the device and in the encoder's dtype), it returns the encoder's output with
+    ``image_embeds`` assembled row by row from the cache and from one encoder call per miss.
+    Any other call, or no cache, runs the encoder unchanged.
+    """
+
+    def __init__(self, cache: EmbeddingCache | None = None, namespace: str = "") -> None:
+        super().__init__()
+        self.cache = cache
+        self.namespace = namespace
+        self.last_hits: list[bool] = []  # one flag per row of the last call
+
+    def new_forward(self, module: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        forward = self.fn_ref.original_forward
+        if len(args) == 1 and not kwargs:
+            x = args[0]  # diffusers' call: image_encoder(pixel_values)
+        else:
+            x = kwargs["pixel_values"] if not args and set(kwargs) == {"pixel_values"} else None
+        if self.cache is None or not isinstance(x, torch.Tensor) or x.ndim != 4:
+            self.last_hits = [False] * (len(x) if isinstance(x, torch.Tensor) and x.ndim else 1)
+            return forward(*args, **kwargs)
+        rows, hits, out = [], [], None
+        for i in range(x.shape[0]):
+            key = (self.namespace, image_key(x[i : i + 1]))
+            embeds = self.cache.get(key)
+            hits.append(embeds is not None)
+            if embeds is None:
+                out = forward(x[i : i + 1])
+                embeds = out.image_embeds
+                self.cache.put(key, embeds)
+            rows.append(embeds.to(x.device))
+        self.last_hits = hits
+        if len(rows) == 1 and out is not None:
+            return out  # one image, encoded now: the encoder's own output
+        return CLIPVisionModelOutput(image_embeds=torch.cat(rows))
+
+
+def _own_copy(image_encoder: nn.Module) -> nn.Module:
+    """A weight-sharing copy of ``image_encoder`` (its cache hook, if any, copied without the cache)."""
+    from vcut import shared_weight_copy
+
+    registry = getattr(image_encoder, "_diffusers_hook", None)
+    hook = registry.get_hook(EMBEDDING_CACHE_HOOK) if isinstance(registry, HookRegistry) else None
+    if hook is None:
+        return shared_weight_copy(image_encoder)
+    cache, hook.cache = hook.cache, None  # a cache holds a lock: never copied (nor shared)
+    try:
+        return shared_weight_copy(image_encoder)
+    finally:
+        hook.cache = cache
+
+
+def install_embedding_cache_hook(image_encoder: nn.Module) -> EmbeddingCacheHook:
+    """Register a fresh :class:`EmbeddingCacheHook` on ``image_encoder`` (replacing one that
+    is already there: never two) and return it."""
+    registry = HookRegistry.check_if_exists_or_initialize(image_encoder)
+    if registry.get_hook(EMBEDDING_CACHE_HOOK) is not None:
+        registry.remove_hook(EMBEDDING_CACHE_HOOK, recurse=False)
+    hook = EmbeddingCacheHook()
+    registry.register_hook(hook, EMBEDDING_CACHE_HOOK)
+    return hook
 
 
 class RenderPipeline(StableVideoDiffusionPipeline):
@@ -50,6 +127,8 @@ class RenderPipeline(StableVideoDiffusionPipeline):
     """
 
     def __init__(self, vae, image_encoder, unet, scheduler, feature_extractor) -> None:
+        # Its own encoder module (same weights): the hook must not reach the pipeline it came from.
+        image_encoder = _own_copy(image_encoder)
         super().__init__(
             vae=vae,
             image_encoder=image_encoder,
@@ -57,13 +136,38 @@ class RenderPipeline(StableVideoDiffusionPipeline):
             scheduler=scheduler,
             feature_extractor=feature_extractor,
         )
-        self.embedding_cache: EmbeddingCache | None = None
-        self.cache_namespace: str = ""
+        self.embedding_hook = install_embedding_cache_hook(self.image_encoder)
         self.marks: dict[str, float] = {}
-        self.last_cache_hit: bool = False  # every image of the last call was a hit
-        self.last_cache_hits: list[bool] = []  # one per image of the last call
         self.last_decode_chunk_size: int | None = None
         self.last_decode_retries: int = 0
+
+    # -- embedding cache (the image encoder's hook holds it) ---------------------------------
+    @property
+    def embedding_cache(self) -> EmbeddingCache | None:
+        return self.embedding_hook.cache
+
+    @embedding_cache.setter
+    def embedding_cache(self, cache: EmbeddingCache | None) -> None:
+        self.embedding_hook.cache = cache
+
+    @property
+    def cache_namespace(self) -> str:
+        """Part of every cache key: the model and dtype (the same pixels embed differently)."""
+        return self.embedding_hook.namespace
+
+    @cache_namespace.setter
+    def cache_namespace(self, namespace: str) -> None:
+        self.embedding_hook.namespace = namespace
+
+    @property
+    def last_cache_hits(self) -> list[bool]:
+        """One flag per image of the last call: its embedding came from the cache."""
+        return self.embedding_hook.last_hits
+
+    @property
+    def last_cache_hit(self) -> bool:
+        """Every image of the last call was a hit."""
+        return bool(self.last_cache_hits) and all(self.last_cache_hits)
 
     # -- timing -----------------------------------------------------------------------------
     def mark(self, name: str) -> None:
@@ -72,38 +176,7 @@ class RenderPipeline(StableVideoDiffusionPipeline):
             torch.cuda.synchronize(self._execution_device)
         self.marks[name] = time.perf_counter()
 
-    # -- hooks ------------------------------------------------------------------------------
-    def _encode_image(self, image, device, num_videos_per_prompt, do_classifier_free_guidance):
-        images = image if isinstance(image, list) else [image]
-        if not all(isinstance(img, PIL.Image.Image) for img in images):  # tensors: diffusers' own path
-            rows = image.shape[0] if isinstance(image, torch.Tensor) and image.ndim == 4 else len(images)
-            self.last_cache_hits = [False] * rows
-            self.last_cache_hit = False
-            return super()._encode_image(image, device, num_videos_per_prompt, do_classifier_free_guidance)
-        cache = self.embedding_cache
-        rows, hits = [], []
-        for img in images:  # one at a time: a repeated image in the batch is a hit
-            key = (self.cache_namespace, image_key(img))
-            embedding = cache.get(key) if cache is not None else None
-            hits.append(embedding is not None)
-            if embedding is None:
-                # diffusers' own preprocessing + CLIP encoder; with 1 video and no CFG the tail is identity.
-                embedding = super()._encode_image(img, device, 1, False)
-                if cache is not None:
-                    cache.put(key, embedding)
-            rows.append(embedding.to(device))
-        self.last_cache_hits = hits
-        self.last_cache_hit = all(hits)
-        embeddings = torch.cat(rows) if len(rows) > 1 else rows[0]
-
-        # Same tail as diffusers' _encode_image: (batch, 1, dim), zeros in front for CFG.
-        bs_embed, seq_len, _ = embeddings.shape
-        embeddings = embeddings.repeat(1, num_videos_per_prompt, 1)
-        embeddings = embeddings.view(bs_embed * num_videos_per_prompt, seq_len, -1)
-        if do_classifier_free_guidance:
-            embeddings = torch.cat([torch.zeros_like(embeddings), embeddings])
-        return embeddings
-
+    # -- timing marks and decode back-off ------------------------------------------------
     def prepare_latents(self, *args, **kwargs):
         latents = super().prepare_latents(*args, **kwargs)
         self.mark("conditioning_end")

@@ -89,18 +89,22 @@ def test_exact_batch_equals_stock_diffusers_rows(renderers, tiny_model_dir: Path
     assert max(diffs) <= 1, diffs
 
 
-def test_embedding_cache_per_image_in_a_batch(renderers, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_embedding_cache_per_image_in_a_batch(renderers) -> None:
     r = renderers["off"]
     a, b = _image(21), _image(22)
     r.cache.clear()
     first = r.generate(a, seed=5, **SMALL)
     assert not first.cache_hit
     calls: list[int] = []
-    encoder = r.pipe.image_encoder
-    real_forward = encoder.forward
-    monkeypatch.setattr(encoder, "forward", lambda x, *k, **kw: calls.append(x.shape[0]) or real_forward(x))
+    vision = r.pipe.image_encoder.vision_model  # the CLIP tower, inside the encoder's cache hook
+    handle = vision.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["pixel_values"].shape[0]), with_kwargs=True
+    )
     before = r.cache_stats()
-    gens = r.generate_batch([a, b, a], seeds=[5, 6, 7], **SMALL)
+    try:
+        gens = r.generate_batch([a, b, a], seeds=[5, 6, 7], **SMALL)
+    finally:
+        handle.remove()
     after = r.cache_stats()
     assert [g.cache_hit for g in gens] == [True, False, True]
     assert (after["hits"] - before["hits"], after["misses"] - before["misses"]) == (2, 1)

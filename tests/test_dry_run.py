@@ -18,8 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import dryrun
-from jobs import results as rs
+from jobs import dryrun, results
 from jobs.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -80,7 +79,7 @@ def test_dry_run_cli_starts_no_ray_and_uses_the_benchmark(tiny_model_dir, tmp_pa
 def test_dry_run_after_earlier_results_and_without_timings(tiny_model_dir, tmp_path, capsys, monkeypatch):
     manifest, out = _manifest(tmp_path / "in"), tmp_path / "out"
     # an earlier job committed r0..r2 (64x64x4, 2 steps: 2.0 s each) and r3 failed
-    writer = rs.ResultWriter(str(out))
+    writer = results.ResultWriter(str(out))
     common = {"height": 64, "num_frames": 4, "frames": 4, "num_inference_steps": 2, "seconds": 2.0}
     writer.commit([{"id": f"r{i}", "status": "ok", "width": 64, "macs": 10**9, **common} for i in range(3)])
     writer.commit([{"id": "r3", "status": "failed", "width": 64, **common}])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -121,7 +122,8 @@ def test_mixed_manifest_statuses_cache_hits_escapes_and_resume(ray_address, tiny
 
 
 class _KillOnce:
-    """Metrics-style hook that SIGKILLs the worker process of the first committed row."""
+    """Metrics-style hook that SIGKILLs the worker process of the first committed row, and then
+    raises in every call (a broken user hook): neither may cost a row or stop the job."""
 
     def __init__(self) -> None:
         self.rows: list[dict] = []
@@ -133,15 +135,22 @@ class _KillOnce:
         if self.killed is None:
             self.killed = row["worker_pid"]
             os.kill(self.killed, signal.SIGKILL)
+        raise RuntimeError("hook broke in on_result")
 
-    def on_pending(self, n: int) -> None: ...
-    def on_workers(self, alive: int, busy: int) -> None: ...
+    def on_pending(self, n: int) -> None:
+        raise RuntimeError("hook broke in on_pending")
+
+    def on_workers(self, alive: int, busy: int) -> None:
+        raise RuntimeError("hook broke in on_workers")
 
     def on_finish(self, summary: dict) -> None:
         self.finished = summary
+        raise RuntimeError("hook broke in on_finish")
 
 
-def test_killed_worker_loses_no_rows(ray_address, tiny_model_dir, tmp_path):
+def test_killed_worker_loses_no_rows_and_a_raising_hook_is_logged_once(
+    ray_address, tiny_model_dir, tmp_path, caplog
+):
     from jobs.config import load_config
     from jobs.runner import run_job
 
@@ -161,6 +170,11 @@ def test_killed_worker_loses_no_rows(ray_address, tiny_model_dir, tmp_path):
     assert sorted(r["id"] for r in hook.rows) == sorted(table["id"].to_pylist())
     retried = [r for r in table.to_pylist() if r["attempts"] > 1]
     assert retried and all(r["worker_pid"] != hook.killed for r in retried)
+    # each of the hook's four methods raised on every call: one warning line per method
+    hook_lines = sorted(r.getMessage() for r in caplog.records if "job hook" in r.getMessage())
+    assert [line.split(" failed")[0] for line in hook_lines] == [
+        f"job hook _KillOnce.{m}" for m in ("on_finish", "on_pending", "on_result", "on_workers")
+    ]
 
 
 def test_driver_sigkill_then_rerun_completes(ray_address, tiny_model_dir, tmp_path):
@@ -200,11 +214,25 @@ def test_driver_sigkill_then_rerun_completes(ray_address, tiny_model_dir, tmp_pa
     assert summary["rendered_this_run"] == len(rows) - len(ok_before)
 
 
+#: The only lines `vcut run` writes to a stderr that is not a terminal: the job's own INFO lines
+#: (start, workers ready, progress, report), no library's and no warning.
+JOB_LINE = re.compile(r"\d{4}-\d\d-\d\d [\d:,]+ INFO jobs: ")
+
+
 def test_example_manifest_renders(ray_address, tiny_model_dir, tmp_path):
-    """The README's main command, on the committed example manifest."""
+    """The README's main command, on the committed example manifest; the first run is a real
+    `vcut run --verbose` process: its stderr holds the job's own lines and nothing else (no
+    library notice, banner or warning, from the driver or, streamed by --verbose, the workers)."""
     manifest, out = ROOT / "examples" / "manifest.parquet", tmp_path / "out"
     rows = pq.read_metadata(manifest).num_rows
-    assert main(_run_args(manifest, out, tiny_model_dir)) == 0
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    args = _run_args(manifest, out, tiny_model_dir, "--address", ray_address, "--verbose")
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.main", *args], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "manifest rows" in proc.stdout and f"progress: {rows}/{rows} rows" in proc.stderr
+    assert [ln for ln in proc.stderr.splitlines() if not JOB_LINE.match(ln)] == []
     _check_outputs(out, rows)
     # again: nothing to do, no worker started; with --overwrite: everything again, no duplicates
     assert main(_run_args(manifest, out, tiny_model_dir)) == 0

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 import os
+import re
+import sys
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import manifest as mf
-from jobs import results as rs
+from jobs import manifest, results
 from jobs.config import load_config
 from jobs.main import main
 from jobs.progress import Progress, format_summary
@@ -32,44 +34,44 @@ def test_validate_reports_column_and_row(tmp_path):
         tmp_path / "m.parquet",
         pa.table({"image": ["a.png", "b.png", "c.png"], "fps": [7, 7, 0], "seed": [0, 1, 2]}),
     )
-    with pytest.raises(mf.ManifestError) as err:
-        mf.validate_manifest(path)
+    with pytest.raises(manifest.ManifestError) as err:
+        manifest.validate_manifest(path)
     assert "'fps'" in str(err.value) and "row 2" in str(err.value)
 
 
 def test_validate_missing_image_and_wrong_types(tmp_path):
-    with pytest.raises(mf.ManifestError, match="missing required column 'image'"):
-        mf.validate_manifest(_write(tmp_path / "a.parquet", pa.table({"path": ["a.png"]})))
+    with pytest.raises(manifest.ManifestError, match="missing required column 'image'"):
+        manifest.validate_manifest(_write(tmp_path / "a.parquet", pa.table({"path": ["a.png"]})))
     csv = tmp_path / "m.csv"
     csv.write_text("image,seed,noise_aug_strength\na.png,1,0.1\nb.png,two,0.2\n")
-    with pytest.raises(mf.ManifestError) as err:
-        mf.validate_manifest(str(csv))
+    with pytest.raises(manifest.ManifestError) as err:
+        manifest.validate_manifest(str(csv))
     assert "'seed'" in str(err.value) and "'two' at row 1" in str(err.value)
     path = _write(tmp_path / "f.parquet", pa.table({"image": ["a", "b"], "num_frames": [4.0, 2.5]}))
-    with pytest.raises(mf.ManifestError, match="'num_frames' expects an integer, got 2.5 at row 1"):
-        mf.validate_manifest(path)
+    with pytest.raises(manifest.ManifestError, match="'num_frames' expects an integer, got 2.5 at row 1"):
+        manifest.validate_manifest(path)
     path = _write(tmp_path / "n.parquet", pa.table({"image": ["a", "b"], "num_frames": [4, 1]}))
-    with pytest.raises(mf.ManifestError, match=r"'num_frames' is out of range \[2, 1024\]: 1 at row 1"):
-        mf.validate_manifest(path)
+    with pytest.raises(manifest.ManifestError, match=r"'num_frames' is out of range \[2, 1024\]: 1 at row 1"):
+        manifest.validate_manifest(path)
 
 
 def test_validate_duplicates_reserved_and_guidance(tmp_path):
     path = _write(tmp_path / "d.parquet", pa.table({"image": ["a", "b", "c"], "id": ["x", "y", "x"]}))
-    with pytest.raises(mf.ManifestError, match="duplicate 'x' at rows 0, 2"):
-        mf.validate_manifest(path)
+    with pytest.raises(manifest.ManifestError, match="duplicate 'x' at rows 0, 2"):
+        manifest.validate_manifest(path)
     # a default id (stem-row) colliding with a given id is a duplicate too
     path = _write(tmp_path / "e.parquet", pa.table({"image": ["a.png", "b.png"], "id": [None, "a-0"]}))
-    with pytest.raises(mf.ManifestError, match="duplicate 'a-0'"):
-        mf.validate_manifest(path)
+    with pytest.raises(manifest.ManifestError, match="duplicate 'a-0'"):
+        manifest.validate_manifest(path)
     path = _write(tmp_path / "r.parquet", pa.table({"image": ["a"], "status": ["x"]}))
-    with pytest.raises(mf.ManifestError, match="'status' is reserved"):
-        mf.validate_manifest(path, reserved=rs.RESERVED_COLUMNS)
+    with pytest.raises(manifest.ManifestError, match="'status' is reserved"):
+        manifest.validate_manifest(path, reserved=results.RESERVED_COLUMNS)
     path = _write(
         tmp_path / "g.parquet",
         pa.table({"image": ["a", "b"], "min_guidance_scale": [1.0, 4.0], "max_guidance_scale": [3.0, 3.0]}),
     )
-    with pytest.raises(mf.ManifestError, match="above 'max_guidance_scale' at row 1"):
-        mf.validate_manifest(path)
+    with pytest.raises(manifest.ManifestError, match="above 'max_guidance_scale' at row 1"):
+        manifest.validate_manifest(path)
 
 
 def test_iter_manifest_streams_resolved_rows(tmp_path):
@@ -81,9 +83,9 @@ def test_iter_manifest_streams_resolved_rows(tmp_path):
     ]
     lines += [{"image": "s3://bucket/k.png"}]
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in lines))
-    info = mf.validate_manifest(str(jsonl))
+    info = manifest.validate_manifest(str(jsonl))
     assert info.num_rows == 3 and info.carried == ["note"]
-    chunks = list(mf.iter_manifest(str(jsonl), chunk_rows=2))
+    chunks = list(manifest.iter_manifest(str(jsonl), chunk_rows=2))
     assert [len(c) for c in chunks] == [2, 1]
     rows = [r for c in chunks for r in c]
     assert [r["id"] for r in rows] == ["i-0", "custom", "k-2"]
@@ -107,7 +109,7 @@ def test_build_manifest_cartesian_product(tmp_path):
     assert len(table) == 8
     assert table[0] == {"id": "a-s0-m10", "image": "../imgs/a.png", "seed": 0, "motion_bucket_id": 10}
     assert len({r["id"] for r in table}) == 8
-    assert mf.validate_manifest(str(out)).num_rows == 8
+    assert manifest.validate_manifest(str(out)).num_rows == 8
     assert main(["manifest", str(tmp_path / "empty*"), "-o", str(out)]) == 2
 
 
@@ -146,16 +148,16 @@ def test_config_precedence(tmp_path, capsys):
     "bad", ["../x", "../../etc/passwd", "/abs/path", "a/../../b", "nul\x00byte", "x" * 1000, ".", ".."]
 )
 def test_ids_cannot_escape(tmp_path, bad):
-    path = rs.video_path(str(tmp_path / "out"), bad, "mp4")
+    path = results.video_path(str(tmp_path / "out"), bad, "mp4")
     assert os.path.dirname(path) == str(tmp_path / "out" / "videos")
     name = os.path.basename(path)
     assert "\x00" not in name and "/" not in name and not name.startswith(".") and len(name) <= 130
 
 
 def test_safe_names_are_distinct_and_stable():
-    assert rs.safe_name("cat-0") == "cat-0"
-    names = {rs.safe_name(i) for i in ["a/b", "a_b", "a?b", "x" * 300, "x" * 301]}
-    assert len(names) == 5 and rs.safe_name("a/b") == rs.safe_name("a/b")
+    assert results.safe_name("cat-0") == "cat-0"
+    names = {results.safe_name(i) for i in ["a/b", "a_b", "a?b", "x" * 300, "x" * 301]}
+    assert len(names) == 5 and results.safe_name("a/b") == results.safe_name("a/b")
 
 
 def _row(row_id: str, status: str) -> dict:
@@ -165,28 +167,29 @@ def _row(row_id: str, status: str) -> dict:
 def test_commit_resume_and_last_row_wins(tmp_path):
     out = str(tmp_path)
     carried = pa.schema([("note", pa.string())])
-    writer = rs.ResultWriter(out, carried)
+    writer = results.ResultWriter(out, carried)
     writer.commit([_row("a", "ok"), _row("b", "failed")])
     writer.commit([_row("c", "failed")])
-    done = rs.done_ids(out)
-    assert rs.is_done(mf.hash_ids(["a", "b", "c", "d"]), done).tolist() == [True, False, False, False]
+    done = results.done_ids(out)
+    hashes = manifest.hash_ids(["a", "b", "c", "d"])
+    assert results.is_done(hashes, done).tolist() == [True, False, False, False]
     # a later run renders the failed rows again: its rows win
-    writer2 = rs.ResultWriter(out, carried)
+    writer2 = results.ResultWriter(out, carried)
     writer2.commit([_row("b", "ok")])
     writer2.commit([_row("c", "failed")])
     (tmp_path / "results" / ".part-x.parquet.tmp").write_bytes(b"half")  # a crash's leftover
-    table = rs.read_results(out)
+    table = results.read_results(out)
     assert sorted(zip(table["id"].to_pylist(), table["status"].to_pylist(), strict=True)) == [
         ("a", "ok"),
         ("b", "ok"),
         ("c", "failed"),
     ]
-    assert rs.compact(out) == 2
+    assert results.compact(out) == 2
     on_disk = pq.read_table(tmp_path / "results")
     assert sorted(on_disk["id"].to_pylist()) == ["a", "b", "c"]
-    assert rs.clean_temporaries(out) == 1
-    assert rs.compact(out) == 0
-    summary = rs.summarize(out, manifest_rows=3, rendered=2, skipped=1, wall_seconds=2.0)
+    assert results.clean_temporaries(out) == 1
+    assert results.compact(out) == 0
+    summary = results.summarize(out, manifest_rows=3, rendered=2, skipped=1, wall_seconds=2.0)
     assert (summary["ok"], summary["failed"], summary["videos_per_second"]) == (2, 1, 1.0)
     assert "manifest rows" in format_summary(summary)
 
@@ -197,7 +200,7 @@ def test_commit_resume_and_last_row_wins(tmp_path):
 def test_plan_batches_groups_shared_images_and_skips_done():
     rows = [{"id": f"r{i}", "_image": img} for i, img in enumerate("abacbaddd")]
     counters = {"skipped": 0}
-    done = np.sort(mf.hash_ids(["r8"]))
+    done = np.sort(manifest.hash_ids(["r8"]))
     batches = list(plan_batches(iter([rows[:6], rows[6:]]), done, 3, counters))
     ids = [[r["id"] for r in b.rows] for b in batches]
     assert counters["skipped"] == 1
@@ -213,46 +216,108 @@ def test_size_workers_never_reserves_every_cpu():
     assert size_workers(load_config(), {"CPU": 16, "GPU": 4}) == (4, 1.0, 1.0)
 
 
-def test_progress_log_lines():
-    stream = io.StringIO()
-    progress = Progress(10, interval_s=0, stream=stream)
+def test_progress_log_lines(caplog):
+    caplog.set_level(logging.INFO, logger="jobs")
+    stream = io.StringIO()  # not a terminal: log lines every interval, no bar
+    progress = Progress(10, interval_s=3600, stream=stream)
     progress.skipped = 2
-    progress.update(ok=3, failed=1)
-    assert "6/10 rows" in progress.line() and "1 failed" in progress.line()
+    progress.update(ok=3, failed=1)  # the first update logs; the next ones wait for the interval
+    progress.update(ok=1)
+    progress.close()  # and one line at the end
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and lines[0].startswith("progress: 6/10 rows") and "1 failed" in lines[0]
+    assert lines[1].startswith("progress: 7/10 rows") and "2 already ok" in lines[1]
+    assert stream.getvalue() == ""
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_on_a_terminal_is_tqdm_with_the_counts(monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    root = logging.getLogger()
+    console = logging.StreamHandler(sys.stderr)  # what `vcut run` installs, on the same terminal
+    monkeypatch.setattr(root, "handlers", [*root.handlers, console])
+    progress = Progress(10, stream=terminal)
+    assert progress.bar is not None
+    progress.skipped = 2  # found already ok as the manifest streams by: not in the rate
+    progress.bar.start_t -= 8  # 8 s ago
+    progress.update(ok=3, failed=1, force=True)
+    frame = terminal.getvalue().split("\r")[-1]
+    assert frame.startswith("vcut:  60%|") and "6/10 rows" in frame
+    # 4 rows rendered in 8 s: 0.50 videos/s, and the 4 rows left take 8 s more
+    assert "[00:08<00:08,  0.50 videos/s, 3 ok, 1 failed, 2 already ok]" in frame
+    logging.getLogger("jobs").warning("worker-1 died")  # written above the bar, not into it
+    assert re.search(r"\r *\r[^\r]*worker-1 died\n\rvcut:", terminal.getvalue())  # bar cleared, line, bar
+    assert console not in root.handlers  # the redirection (tqdm.contrib.logging) is on
+    progress.close()
+    assert console in root.handlers and terminal.getvalue().endswith("\n")
 
 
 def test_writer_merges_small_parts_keeping_commit_order(tmp_path):
     out = str(tmp_path)
-    writer = rs.ResultWriter(out, merge_every=3)
+    writer = results.ResultWriter(out, merge_every=3)
     for i in range(7):
         writer.commit([_row(f"r{i}", "failed" if i == 1 else "ok")])
     writer.commit([_row("r1", "ok")])  # the row rendered again later wins over the merged one
     assert len(os.listdir(tmp_path / "results")) == 4  # two merged parts + two fresh ones
-    table = rs.read_results(out)
+    table = results.read_results(out)
     assert table.num_rows == 7 and set(table["status"].to_pylist()) == {"ok"}
-    rs.compact(out)
+    results.compact(out)
     assert len(os.listdir(tmp_path / "results")) == 1
     assert sorted(pq.read_table(tmp_path / "results")["id"].to_pylist()) == [f"r{i}" for i in range(7)]
 
 
-def test_failing_metrics_hook_is_not_fatal(caplog):
-    from jobs.runner import SafeHook
+def test_a_hook_that_raises_everywhere_is_logged_once_per_method(caplog):
+    from jobs.hooks import SafeHook
 
     class Broken:
-        def on_result(self, row: dict) -> None:
-            raise RuntimeError("boom")
+        calls = 0
+
+        def __getattr__(self, name: str):
+            def fail(*args: object) -> None:
+                Broken.calls += 1
+                raise RuntimeError(f"boom in {name}")
+
+            return fail
 
     hook = SafeHook(Broken())
-    hook.on_result({})
-    hook.on_result({})
-    hook.on_finish({})  # missing methods are skipped
-    assert caplog.text.count("boom") == 1
+    for _ in range(3):  # the driver keeps calling it: a later call may succeed
+        hook.on_pending(5)
+        hook.on_workers(2, 1)
+        hook.on_result({"id": "a"})
+        hook.on_finish({})
+    assert Broken.calls == 12
+    messages = sorted(r.getMessage() for r in caplog.records)
+    methods = ("on_finish", "on_pending", "on_result", "on_workers")
+    assert len(messages) == len(methods), messages
+    for message, method in zip(messages, methods, strict=True):
+        assert message.startswith(f"job hook Broken.{method} failed") and f"boom in {method}" in message
+
+
+def test_a_missing_hook_or_method_is_skipped(caplog):
+    from jobs.hooks import SafeHook
+
+    class OnlyResults:
+        rows: list = []
+
+        def on_result(self, row: dict) -> None:
+            self.rows.append(row)
+
+    partial = SafeHook(OnlyResults())
+    partial.on_result({"id": "a"})
+    partial.on_finish({})  # not defined: skipped
+    SafeHook(None).on_pending(3)  # no hook at all
+    assert OnlyResults.rows == [{"id": "a"}] and not caplog.records
 
 
 def test_out_uri_resolves_once_and_bad_protocols_exit_2(tmp_path, capsys):
-    local = rs.open_output(f"file://{tmp_path}/o")
+    local = results.open_output(f"file://{tmp_path}/o")
     assert local.local and local.root == local.uri == str(tmp_path / "o")
-    assert rs.video_path(local, "a", "mp4") == str(tmp_path / "o" / "videos" / "a.mp4")
+    assert results.video_path(local, "a", "mp4") == str(tmp_path / "o" / "videos" / "a.mp4")
     good = _write(tmp_path / "g.parquet", pa.table({"image": ["a.png"]}))
     # memory:// lives in one process (the workers could not write there); unknown protocols
     assert main(["run", good, "--out", "memory://out"]) == 2
@@ -270,7 +335,7 @@ def _memory_output(tmp_name: str):
 
     fs = MemoryFileSystem()
     root = f"/{tmp_name}/out"
-    return rs.OutputDir(uri=f"memory://{root}", root=root, fs=fs)
+    return results.OutputDir(uri=f"memory://{root}", root=root, fs=fs)
 
 
 def test_results_through_an_fsspec_filesystem(request):
@@ -278,24 +343,25 @@ def test_results_through_an_fsspec_filesystem(request):
     fs = out.fs
     try:
         for bad in ["../x", "../../etc/passwd", "/abs/path", "a/../../b", ".", ".."]:
-            path = rs.video_path(out, bad, "mp4")
+            path = results.video_path(out, bad, "mp4")
             assert path.startswith(out.uri + "/videos/") and "/" not in path[len(out.uri + "/videos/") :]
-        writer = rs.ResultWriter(out, pa.schema([("note", pa.string())]), merge_every=3)
+        writer = results.ResultWriter(out, pa.schema([("note", pa.string())]), merge_every=3)
         for i in range(4):
             writer.commit([_row(f"r{i}", "failed" if i == 1 else "ok")])
         writer.commit([_row("r1", "ok")])
-        assert rs.is_done(mf.hash_ids(["r0", "r1", "r9"]), rs.done_ids(out)).tolist() == [True, True, False]
+        hashes = manifest.hash_ids(["r0", "r1", "r9"])
+        assert results.is_done(hashes, results.done_ids(out)).tolist() == [True, True, False]
         fs.pipe_file(out.path("results", ".part-x.parquet.tmp"), b"half")  # a crash's leftovers
         fs.pipe_file(out.path("videos", "v.mp4.tmp-0123456789ab"), b"half")
         fs.pipe_file(out.path("videos", "v.tmp-0123456789ab.mp4"), b"a video")  # a real video name
-        assert rs.clean_temporaries(out) == 2
+        assert results.clean_temporaries(out) == 2
         assert out.listdir("videos") == ["v.tmp-0123456789ab.mp4"]
-        rs.compact(out)
+        results.compact(out)
         assert len(out.listdir("results")) == 1
-        table = rs.read_results(out)
+        table = results.read_results(out)
         assert sorted(table["id"].to_pylist()) == [f"r{i}" for i in range(4)]
         assert set(table["status"].to_pylist()) == {"ok"} and set(table["note"].to_pylist()) == {"n"}
-        summary = rs.summarize(out, manifest_rows=4, rendered=5, skipped=0, wall_seconds=1.0)
+        summary = results.summarize(out, manifest_rows=4, rendered=5, skipped=0, wall_seconds=1.0)
         assert (summary["ok"], summary["failed"]) == (4, 0)
     finally:
         fs.rm(out.root, recursive=True)

@@ -12,7 +12,8 @@ from types import SimpleNamespace
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from jobs import metrics as jm
+from jobs import metrics
+from jobs.hooks import SafeHook
 
 ROWS = [
     dict(id="a", status="ok", worker="w0", node="n0", frames=14, seconds=2.0, encode_seconds=0.25,
@@ -52,7 +53,7 @@ def total(samples: dict[str, list], name: str, **match: str) -> float:
 
 @pytest.fixture
 def hook():
-    h = jm.make_metrics_hook(SimpleNamespace(port=0, address="127.0.0.1", pushgateway=None))
+    h = metrics.make_metrics_hook(SimpleNamespace(port=0, address="127.0.0.1", pushgateway=None))
     yield h
     h.close()
 
@@ -107,8 +108,8 @@ def test_metric_names_follow_conventions_and_match_exposition(hook):
     s = scrape(hook.url)
     exposed = {re.sub(r"_(bucket|sum|count|created)$", "", n) for n in s}
     exposed |= {n for n in s if n.endswith("_total")}
-    assert jm.METRIC_NAMES <= exposed, jm.METRIC_NAMES - exposed
-    for name, (kind, labels) in jm.METRICS.items():
+    assert metrics.METRIC_NAMES <= exposed, metrics.METRIC_NAMES - exposed
+    for name, (kind, labels) in metrics.METRICS.items():
         assert name.startswith("vcut_")
         assert re.fullmatch(r"[a-z_][a-z0-9_]*", name)
         if kind == "counter":
@@ -121,22 +122,25 @@ def test_metric_names_follow_conventions_and_match_exposition(hook):
             assert set(labels_seen) == set(labels), name
 
 
-def test_bad_rows_do_not_raise(hook, caplog):
+def test_bad_rows_count_as_zero_and_bad_counts_are_logged_once(hook, caplog):
     hook.on_result({"status": "ok", "frames": "not a number", "macs": -5, "seconds": float("nan")})
     hook.on_result({})  # nothing at all
-    hook.on_pending("x")  # type: ignore[arg-type]
+    safe = SafeHook(hook)  # as the driver calls it: a bad count is logged, not raised
+    safe.on_pending("x")  # type: ignore[arg-type]
+    safe.on_pending("y")  # type: ignore[arg-type]
     s = scrape(hook.url)
     assert total(s, "vcut_videos_total") == 2
     assert total(s, "vcut_macs_total") == 0
+    assert caplog.text.count("MetricsHook.on_pending failed") == 1
 
 
 def test_separate_registries_and_port_reuse():
-    a = jm.make_metrics_hook(SimpleNamespace(port=0))
+    a = metrics.make_metrics_hook(SimpleNamespace(port=0))
     port = a.port
     a.on_result(ROWS[0])
     a.close()
     a.close()  # idempotent
-    b = jm.make_metrics_hook({"port": port, "address": "127.0.0.1"})  # the same port is free again
+    b = metrics.make_metrics_hook({"port": port, "address": "127.0.0.1"})  # the same port is free again
     try:
         s = scrape(b.url)
         assert total(s, "vcut_videos_total") == 0  # nothing from job a
@@ -147,7 +151,7 @@ def test_separate_registries_and_port_reuse():
 
 
 def test_no_port_serves_nothing():
-    h = jm.make_metrics_hook(None)
+    h = metrics.make_metrics_hook(None)
     assert h.port is None and h.url is None
     h.on_result(ROWS[0])
     h.on_finish({})
@@ -158,7 +162,7 @@ def test_omegaconf_config_and_linger(monkeypatch):
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.create({"port": 0, "address": "127.0.0.1", "pushgateway": None, "linger_seconds": 0.3})
-    h = jm.make_metrics_hook(cfg)
+    h = metrics.make_metrics_hook(cfg)
     assert h.linger_seconds == pytest.approx(0.3)
     url = h.url
     # close() lingers with time.sleep: replaced by a wait on events, so that the scrape below
@@ -171,7 +175,8 @@ def test_omegaconf_config_and_linger(monkeypatch):
         lingering.set()
         assert scraped.wait(30)
 
-    monkeypatch.setattr(jm, "time", SimpleNamespace(sleep=linger, monotonic=time.monotonic, time=time.time))
+    fake_time = SimpleNamespace(sleep=linger, monotonic=time.monotonic, time=time.time)
+    monkeypatch.setattr(metrics, "time", fake_time)
     t = threading.Thread(target=h.close)
     t.start()
     try:
@@ -204,7 +209,7 @@ def test_pushgateway_push_on_finish():
     thread.start()
     _PushSink.received.clear()
     try:
-        h = jm.make_metrics_hook({"pushgateway": f"http://127.0.0.1:{server.server_port}"})
+        h = metrics.make_metrics_hook({"pushgateway": f"http://127.0.0.1:{server.server_port}"})
         for row in ROWS:
             h.on_result(row)
         h.on_finish({})
@@ -222,18 +227,20 @@ def test_pushgateway_push_on_finish():
     assert pushed["vcut_macs_saved_total"] == 400
 
 
-def test_push_failure_is_logged_not_raised(caplog):
-    h = jm.make_metrics_hook({"pushgateway": "http://127.0.0.1:9"})  # nothing listens on port 9
-    h.on_finish({})
+def test_push_failure_names_the_gateway_and_is_logged_by_the_driver(caplog):
+    h = metrics.make_metrics_hook({"pushgateway": "http://127.0.0.1:9"})  # nothing listens on port 9
+    with pytest.raises(metrics.PushError, match="push to Pushgateway http://127.0.0.1:9 failed"):
+        h.on_finish({})
+    SafeHook(h).on_finish({})  # the driver's call: one warning line, no exception
     h.close()
-    assert "push to Pushgateway" in caplog.text
+    assert caplog.text.count("push to Pushgateway http://127.0.0.1:9 failed") == 1
 
 
 def test_hook_from_the_real_job_config():
     from jobs.config import load_config
 
     cfg = load_config(dotlist=["metrics.port=0"])  # read-only, struct-mode DictConfig
-    h = jm.make_metrics_hook(cfg.metrics)
+    h = metrics.make_metrics_hook(cfg.metrics)
     try:
         assert h.port and h.address == "127.0.0.1" and h.pushgateway is None
         assert h.linger_seconds == float(getattr(cfg.metrics, "linger_seconds", 0.0))
@@ -241,4 +248,4 @@ def test_hook_from_the_real_job_config():
         assert total(scrape(h.url), "vcut_videos_total") == 1
     finally:
         h.close()
-    assert jm.make_metrics_hook(load_config().metrics).port is None  # no port: nothing served
+    assert metrics.make_metrics_hook(load_config().metrics).port is None  # no port: nothing served

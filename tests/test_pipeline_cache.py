@@ -57,3 +57,13 @@ def test_image_key_is_content_not_identity() -> None:
     arr[0, 0, 0] ^= 1
     assert image_key(Image.fromarray(arr)) != image_key(a)
     assert image_key(a) != image_key(a.resize((8, 4)))
+
+
+def test_image_key_of_tensors_is_content_dtype_and_shape() -> None:
+    t = torch.arange(12, dtype=torch.float32).reshape(1, 3, 2, 2)
+    assert image_key(t) == image_key(t.clone()) != image_key(t.to(torch.float16))
+    assert image_key(t) != image_key(t.reshape(1, 3, 4, 1))
+    assert image_key(t.to(torch.bfloat16)) != image_key(t.to(torch.float16))  # bfloat16 hashes too
+    u = t.clone()
+    u[0, 0, 0, 0] = 0.5
+    assert image_key(u) != image_key(t)

@@ -49,6 +49,18 @@ def test_mp4_decodes_to_requested_frames_size_fps(tmp_path: Path) -> None:
     assert np.abs(decoded.astype(int) - _frames(5).astype(int)).mean() < 3
 
 
+def test_encoding_leaves_no_open_pipe(tmp_path: Path) -> None:
+    """ffmpeg's stderr pipe is closed after each video (a ResourceWarning per video otherwise)."""
+    import gc
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        encode_video(_frames(2), tmp_path / "v.mp4", fps=7, preset="ultrafast")
+        gc.collect()
+    assert [str(w.message) for w in caught if w.category is ResourceWarning] == []
+
+
 def test_mp4_odd_dimensions_are_padded_to_even(tmp_path: Path) -> None:
     out = tmp_path / "odd.mp4"
     encode_video(_frames(3, 33, 47), out, fps=10, preset="ultrafast")

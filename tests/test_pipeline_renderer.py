@@ -78,14 +78,47 @@ def test_cache_hit_gives_exactly_the_frames_of_a_miss(renderers, mode: str) -> N
     assert r.generate(buf.getvalue(), seed=5, **SMALL).cache_hit
 
 
-def test_cache_skips_the_image_encoder(renderers, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cache_skips_the_image_encoder(renderers) -> None:
     r = renderers["off"]
     img = _image(11)
     r.generate(img, seed=0, **SMALL)
     calls = []
-    encoder = r.pipe.image_encoder
-    monkeypatch.setattr(encoder, "forward", lambda *a, **k: calls.append(1) or pytest.fail("encoder ran"))
-    assert r.generate(img, seed=0, **SMALL).cache_hit and not calls
+    vision = r.pipe.image_encoder.vision_model  # the CLIP tower, inside the encoder's cache hook
+    handle = vision.register_forward_pre_hook(
+        lambda module, args, kwargs: calls.append(kwargs["pixel_values"].shape[0]), with_kwargs=True
+    )
+    try:
+        assert r.generate(img, seed=0, **SMALL).cache_hit and not calls
+        assert not r.generate(_image(12), seed=0, **SMALL).cache_hit and calls == [1]
+    finally:
+        handle.remove()
+
+
+def test_cache_hook_is_registered_once_and_leaves_the_source_pipeline_stock(stock) -> None:
+    from diffusers.hooks import HookRegistry
+
+    from pipeline.svd import EMBEDDING_CACHE_HOOK, RenderPipeline
+
+    r = Renderer.from_pipe(stock, vcut="off", model_id="hook-test")
+    hook = HookRegistry.check_if_exists_or_initialize(r.pipe.image_encoder).get_hook(EMBEDDING_CACHE_HOOK)
+    assert hook is r.pipe.embedding_hook and hook.cache is r.cache
+    # the encoder it was built from has no hook and no instance forward: stock diffusers still
+    assert not hasattr(stock.image_encoder, "_diffusers_hook") and "forward" not in vars(stock.image_encoder)
+    assert r.pipe.image_encoder is not stock.image_encoder
+    pairs = zip(r.pipe.image_encoder.parameters(), stock.image_encoder.parameters(), strict=True)
+    assert all(a is b for a, b in pairs)  # the same weights
+    # a pipeline built from a RenderPipeline's components gets one hook, its own
+    again = RenderPipeline(**r.pipe.components)
+    registry = again.image_encoder._diffusers_hook
+    assert registry._hook_order == [EMBEDDING_CACHE_HOOK]
+    assert registry.get_hook(EMBEDDING_CACHE_HOOK) is not hook
+    img = fit_image(_image(13), 64, 64)
+    ref = stock._encode_image(img, torch.device("cpu"), 1, True)
+    again.embedding_cache = r.cache
+    r.cache.clear()
+    for hit in (False, True):
+        assert torch.equal(again._encode_image(img, torch.device("cpu"), 1, True), ref)
+        assert again.last_cache_hits == [hit]
 
 
 def test_same_seed_same_video_whatever_came_before(renderers, tiny_model_dir: Path) -> None:

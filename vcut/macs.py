@@ -29,7 +29,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from vcut.patch import MODES, apply_vcut
+from vcut.modes import MODES
+from vcut.patch import apply_vcut
 from vcut.step_cache import apply_step_cache, check_step_cache_args
 
 #: The published SVD UNets share one architecture, which is diffusers' default config
@@ -313,7 +314,7 @@ def count_macs(
     Per-call counts are cached per (config, shape, mode, guidance, depth) in this process.
     """
     if mode not in MODES:
-        raise ValueError(f"unknown VCUT mode {mode!r}; expected off, exact or full")
+        raise ValueError(f"unknown VCUT mode {mode!r}; expected one of {', '.join(MODES)}")
     if height <= 0 or width <= 0 or height % 8 or width % 8:
         raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
     if num_inference_steps < 1:

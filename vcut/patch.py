@@ -14,6 +14,17 @@ is. VCUT uses that in two ways:
 
 Only diffusers' extension points are used (attention processors and module replacement);
 no diffusers forward function is copied.
+
+Everything :func:`apply_vcut` changes is recorded in one :class:`VCUTState` on the UNet
+(:func:`vcut_state`): the two UNet hooks' ``RemovableHandle`` objects, the original processors and
+the modules taken out of the tree. :func:`remove_vcut` puts them all back (tomesd's
+``remove_patch``), after which the UNet computes exactly what stock diffusers computes.
+
+Why torch's own hooks and not diffusers' ``HookRegistry``: the registry installs its hooks by
+replacing ``unet.forward`` on the instance, but the renderer compiles ``unet.forward`` in place
+(:func:`pipeline.compile.compile_module`) so that these hooks, which take Python-side
+decisions, run eagerly around the compiled graph; ``nn.Module`` hooks stay outside
+``forward`` by construction, and their handles remove them by id.
 """
 
 from __future__ import annotations
@@ -25,11 +36,12 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
-MODES = ("off", "exact", "full")
+from vcut.modes import MODES
 
-_REPORT_ATTR = "_vcut_report"
-_KEYS_ATTR = "_vcut_keys"
+#: the one attribute apply_vcut sets on a UNet: its VCUTState (see vcut_state)
+_STATE_ATTR = "_vcut_state"
 
 
 class VCUTError(RuntimeError):
@@ -121,9 +133,30 @@ class ConditioningKeys:
             self._entries.popitem(last=False)
         return token
 
+    def check_processors(self, unet: nn.Module) -> None:
+        """Raise :class:`VCUTError` when a patched attention no longer has VCUT's processor.
+
+        ``unet.set_attn_processor(...)`` after :func:`apply_vcut` would hand diffusers' own
+        processor a cross-attention without ``to_q``/``to_k`` (``TypeError: 'NoneType' object
+        is not callable`` deep in the attention); this says what happened and what to do.
+        """
+        for attn, processor in self._attentions:
+            if attn.processor is not processor:
+                name = next((n for n, m in unet.named_modules() if m is attn), "a spatial cross-attention")
+                state = vcut_state(unet)
+                mode = state.report.mode if state is not None else "exact"
+                raise VCUTError(
+                    f"the attention processor of {name} was replaced after apply_vcut (it is now "
+                    f"{type(attn.processor).__name__}); VCUT removed that cross-attention's to_q and to_k, "
+                    "so another processor cannot run it. Call vcut.apply_vcut(unet, "
+                    f"{mode!r}) again to put VCUT's processors back, or call vcut.remove_vcut(unet) "
+                    "before changing attention processors (it restores the original modules)."
+                )
+
     @torch.compiler.disable
     def before_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         self.current = None
+        self.check_processors(module)
         for _, processor in self._attentions:
             processor.value = None
         e = kwargs.get("encoder_hidden_states", args[2] if len(args) > 2 else None)
@@ -261,7 +294,32 @@ def _count(*modules: nn.Module | None) -> int:
     return sum(p.numel() for m in modules if m is not None for p in m.parameters())
 
 
-def apply_vcut(obj: object, mode: str = "full", *, cache_entries: int = 4) -> VCUTReport:
+@dataclass
+class VCUTState:
+    """Everything :func:`apply_vcut` changed on one UNet, so that it can be found and undone.
+
+    ``handles`` are the ``RemovableHandle`` objects of the UNet's forward pre-hook and forward hook
+    (``keys.before_forward`` / ``keys.after_forward``); ``processors`` pairs every patched
+    attention with the processor it had before; ``removed`` lists ``(parent, name, module)``
+    for every submodule taken out of the tree (``to_q``, ``to_k``, ``norm2``, temporal
+    ``attn2``), or is None when they were released (``keep_removed=False``).
+    """
+
+    report: VCUTReport
+    keys: ConditioningKeys
+    handles: list[RemovableHandle]
+    processors: list[tuple[nn.Module, object]]
+    removed: list[tuple[nn.Module, str, nn.Module | None]] | None
+
+    def removed_parameters(self) -> list[nn.Parameter]:
+        """The parameters of the modules kept for :func:`remove_vcut` (not in the UNet's tree)."""
+        mods = [m for _, _, m in self.removed or () if m is not None]
+        return [p for m in mods for p in itertools.chain(m.parameters(), m.buffers())]
+
+
+def apply_vcut(
+    obj: object, mode: str = "full", *, cache_entries: int = 4, keep_removed: bool = True
+) -> VCUTReport:
     """Patch a Stable Video Diffusion pipeline or UNet with VCUT, in place.
 
     Args that matter:
@@ -276,22 +334,35 @@ def apply_vcut(obj: object, mode: str = "full", *, cache_entries: int = 4) -> VC
         cache_entries: conditioning embeddings whose constants are remembered (LRU). One
             suffices for one video at a time (both halves of classifier-free guidance travel
             in one batch); more keep the constants of recently repeated images.
+        keep_removed: keep the modules taken out of the UNet (outside its module tree:
+            ``parameters()`` and ``state_dict()`` no longer list them) so that
+            :func:`remove_vcut` can put them back. ``False`` drops them, which frees their
+            memory (``params_removed``) when nothing else holds them; the patch is then final.
 
     Returns:
         A :class:`VCUTReport` (``params_removed`` and friends). Applying the same mode
-        again is a no-op that returns the first report; a different mode on a patched
-        model raises :class:`VCUTError`, since the removed weights cannot come back.
+        again returns the first report and adds no hook; it also puts back VCUT's processors
+        where something replaced them. A different mode on a patched model raises
+        :class:`VCUTError`: call :func:`remove_vcut` first.
     """
     if mode not in MODES:
         raise ValueError(f"unknown VCUT mode {mode!r}; expected one of {', '.join(MODES)}")
     unet = _resolve_unet(obj)
-    previous: VCUTReport | None = getattr(unet, _REPORT_ATTR, None)
+    previous = vcut_state(unet)
     if previous is not None:
-        if previous.mode == mode:
-            return previous
+        if previous.report.mode == mode:
+            for attn, processor in previous.keys._attentions:
+                if attn.processor is not processor:
+                    attn.set_processor(processor)
+            return previous.report
+        how = (
+            "call vcut.remove_vcut first"
+            if previous.removed is not None
+            else "the removed weights are gone (keep_removed=False): load the model again"
+        )
         raise VCUTError(
-            f"this UNet is already patched with VCUT mode {previous.mode!r}; cannot switch to {mode!r} "
-            "(the removed weights are gone): load the model again to use another mode"
+            f"this UNet is already patched with VCUT mode {previous.report.mode!r}; "
+            f"cannot switch to {mode!r}: {how}"
         )
 
     params_before = _count(unet)
@@ -300,9 +371,13 @@ def apply_vcut(obj: object, mode: str = "full", *, cache_entries: int = 4) -> VC
 
     spatial = temporal = 0
     keys = ConditioningKeys(max_entries=cache_entries)
+    processors: list[tuple[nn.Module, object]] = []
+    removed: list[tuple[nn.Module, str, nn.Module | None]] = []
     for block, temporal_block in _spatio_temporal_blocks(unet):
         attn = block.attn2
         if attn is not None and attn.is_cross_attention:
+            processors.append((attn, attn.processor))
+            removed += [(attn, "to_q", attn.to_q), (attn, "to_k", attn.to_k), (block, "norm2", block.norm2)]
             processor = SpatialCrossAttnLinearProcessor(keys)
             attn.set_processor(processor)
             keys.register(attn, processor)
@@ -311,19 +386,57 @@ def apply_vcut(obj: object, mode: str = "full", *, cache_entries: int = 4) -> VC
             block.norm2 = nn.Identity()
             spatial += 1
         if mode == "full" and temporal_block.attn2 is not None:
+            removed += [
+                (temporal_block, "attn2", temporal_block.attn2),
+                (temporal_block, "norm2", temporal_block.norm2),
+            ]
             temporal_block.attn2 = None
             temporal_block.norm2 = None
             temporal += 1
     if spatial == 0:
         raise VCUTError("found no spatial cross-attention to patch: is this an SVD UNet?")
 
-    unet.register_forward_pre_hook(keys.before_forward, with_kwargs=True)
-    unet.register_forward_hook(keys.after_forward, with_kwargs=True, always_call=True)
-    setattr(unet, _KEYS_ATTR, keys)
+    handles = [
+        unet.register_forward_pre_hook(keys.before_forward, with_kwargs=True),
+        unet.register_forward_hook(keys.after_forward, with_kwargs=True, always_call=True),
+    ]
     params_after = _count(unet)
     report = VCUTReport(mode, params_before, params_after, params_before - params_after, spatial, temporal)
-    setattr(unet, _REPORT_ATTR, report)
+    state = VCUTState(report, keys, handles, processors, removed if keep_removed else None)
+    setattr(unet, _STATE_ATTR, state)
     return report
+
+
+def remove_vcut(obj: object) -> None:
+    """Undo :func:`apply_vcut` in place: the original modules and processors come back and
+    VCUT's hooks go (a no-op on an unpatched UNet).
+
+    The UNet then computes exactly what it computed before the patch. Remove before compiling
+    (a compiled ``forward`` keeps the graph it traced). Raises :class:`VCUTError` when the
+    patch was applied with ``keep_removed=False`` (the weights are gone).
+    """
+    unet = _resolve_unet(obj)
+    state = vcut_state(unet)
+    if state is None:
+        return
+    if state.removed is None:
+        raise VCUTError(
+            "this UNet was patched with apply_vcut(..., keep_removed=False): the removed weights are "
+            "gone, so VCUT cannot be removed; load the model again"
+        )
+    for handle in state.handles:
+        handle.remove()
+    for attn, processor in state.processors:
+        attn.set_processor(processor)
+    for parent, name, module in state.removed:
+        setattr(parent, name, module)
+    state.keys.clear()
+    delattr(unet, _STATE_ATTR)
+
+
+def vcut_state(obj: object) -> VCUTState | None:
+    """The :class:`VCUTState` of a patched pipeline or UNet (None when unpatched or ``"off"``)."""
+    return getattr(_resolve_unet(obj), _STATE_ATTR, None)
 
 
 def shared_weight_copy(module: nn.Module) -> nn.Module:
@@ -332,22 +445,24 @@ def shared_weight_copy(module: nn.Module) -> nn.Module:
     :func:`apply_vcut` (and step caching, compilation) change a module in place and cannot be
     undone: patch such a copy to compare modes in one process without a second set of weights.
     """
-    memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    tensors = itertools.chain(module.parameters(), module.buffers())
+    kept = (s.removed_parameters() for m in module.modules() if (s := getattr(m, _STATE_ATTR, None)))
+    memo = {id(t): t for t in itertools.chain(tensors, *kept)}  # also what remove_vcut would put back
     return copy.deepcopy(module, memo)
 
 
 def vcut_mode(obj: object) -> str:
     """The VCUT mode a pipeline or UNet is patched with (``"off"`` when unpatched)."""
-    report = getattr(_resolve_unet(obj), _REPORT_ATTR, None)
-    return report.mode if report is not None else "off"
+    state = vcut_state(obj)
+    return state.report.mode if state is not None else "off"
 
 
 def clear_vcut_cache(obj: object) -> None:
     """Forget every cached ``to_out(to_v(e))`` (frees memory; results do not depend on it)."""
     unet = _resolve_unet(obj)
-    keys = getattr(unet, _KEYS_ATTR, None)
-    if keys is not None:
-        keys.clear()
+    state = vcut_state(unet)
+    if state is not None:
+        state.keys.clear()
     for processor in unet.attn_processors.values():
         if isinstance(processor, SpatialCrossAttnLinearProcessor):
             processor.clear()

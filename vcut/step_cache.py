@@ -41,6 +41,10 @@ video (a full step, the stored feature dropped) when any of these holds:
 Nothing is kept between videos: a new video starts with a full step and drops the stored
 feature before it runs.
 
+Removal: the state records the handles of its two UNet hooks and the blocks it wrapped
+(``step_cache_state(unet).handles`` / ``.wrapped``); :func:`remove_step_cache` removes exactly
+those, and applying the same settings twice installs nothing new.
+
 Compile: compile ``unet.forward`` (the hooks then run eagerly around it), after this patch.
 A forward hook copies the stored feature out of the compiled call after each full step (one
 copy per full step), so CUDA graphs (``mode="reduce-overhead"``) cannot overwrite it.
@@ -54,6 +58,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from vcut.patch import VCUTError, tensor_version
 
@@ -89,6 +94,10 @@ class StepCacheState:
         self.videos = 0
         self._last: tuple | None = None  # what identifies the last call's video
         self.report: StepCacheReport | None = None
+        #: what apply_step_cache installed, for remove_step_cache: the UNet hooks' handles and
+        #: the modules whose ``forward`` is wrapped on the instance
+        self.handles: list[RemovableHandle] = []
+        self.wrapped: list[nn.Module] = []
 
     def reset(self) -> None:
         """Forget the current video: the next UNet call is a full step of a new video."""
@@ -280,9 +289,12 @@ def apply_step_cache(obj: object, interval: int | None, depth: int = 1) -> StepC
     for _, module, forward in wrapped:
         setattr(module, _STATE_ATTR, state)
         module.forward = types.MethodType(forward, module)
+        state.wrapped.append(module)
 
-    unet.register_forward_pre_hook(state.before_forward, with_kwargs=True)
-    unet.register_forward_hook(state.after_forward, with_kwargs=True)
+    state.handles = [
+        unet.register_forward_pre_hook(state.before_forward, with_kwargs=True),
+        unet.register_forward_hook(state.after_forward, with_kwargs=True),
+    ]
     setattr(unet, _STATE_ATTR, state)
     names = tuple(name for name, _, _ in wrapped)
     state.report = StepCacheReport(
@@ -297,26 +309,20 @@ def apply_step_cache(obj: object, interval: int | None, depth: int = 1) -> StepC
 
 
 def remove_step_cache(obj: object) -> None:
-    """Undo :func:`apply_step_cache` (a no-op on a UNet without it)."""
+    """Undo :func:`apply_step_cache` in place: the UNet hooks go (by their handles) and the
+    wrapped blocks get their class's ``forward`` back (a no-op on a UNet without it)."""
     unet = _resolve_unet(obj)
     state: StepCacheState | None = getattr(unet, _STATE_ATTR, None)
     if state is None:
         return
-    for key, hook in list(unet._forward_pre_hooks.items()):
-        if getattr(hook, "__self__", None) is state:  # found by value: also right on a deepcopy
-            del unet._forward_pre_hooks[key]
-            unet._forward_pre_hooks_with_kwargs.pop(key, None)
-    for key, hook in list(unet._forward_hooks.items()):
-        if getattr(hook, "__self__", None) is state:
-            del unet._forward_hooks[key]
-            unet._forward_hooks_with_kwargs.pop(key, None)
-    for module in unet.modules():
-        if getattr(module, _STATE_ATTR, None) is state:
-            if module is not unet:
-                del module.forward
-            delattr(module, _STATE_ATTR)
-            if hasattr(module, "_vcut_step_cache_residuals"):
-                del module._vcut_step_cache_residuals
+    for handle in state.handles:
+        handle.remove()
+    for module in state.wrapped:
+        del module.forward
+        delattr(module, _STATE_ATTR)
+        if hasattr(module, "_vcut_step_cache_residuals"):
+            del module._vcut_step_cache_residuals
+    delattr(unet, _STATE_ATTR)
     state.reset()
 
 
