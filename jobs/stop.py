@@ -28,8 +28,6 @@ from collections.abc import Callable
 from enum import IntEnum
 from typing import Any
 
-log = logging.getLogger("jobs")
-
 
 class ExitStatus(IntEnum):
     """Every exit status of ``vcut run``. The sysexits(3) numbers are the conventional ones for
