@@ -70,13 +70,18 @@ def torch_one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def ray_address() -> Iterator[str]:
-    """A local Ray instance (2 CPUs) for a test module; yields its GCS address."""
+    """A local Ray instance (2 CPUs) for a test module; yields its GCS address. ``ray.init``
+    turns token auth on by setting ``RAY_AUTH_MODE=token`` in this process's environment (Ray
+    2.60's default for a new local instance); it is restored afterwards, or every later Ray
+    of the session (e.g. ``ray start`` nodes with their own mode) would inherit it."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("RAY_AUTH_MODE", raising=False)  # restored on exit, whatever ray.init set
+        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+        try:
+            yield ray.get_runtime_context().gcs_address
+        finally:
+            ray.shutdown()
 
 
 @contextlib.contextmanager

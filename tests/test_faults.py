@@ -85,6 +85,7 @@ def ray_address():
     ray = pytest.importorskip("ray")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.delenv("RAY_AUTH_MODE", raising=False)  # ray.init sets it: restored on exit (conftest)
         ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
         try:
             yield ray.get_runtime_context().gcs_address
