@@ -81,6 +81,9 @@ class WorkersConfig:
     # image and seed). A task holds max(batch_size, render_batch) rows.
     render_batch: int = 1
     inflight_per_worker: int = 2  # queued batches per worker, so it never idles
+    # SIGINT / SIGTERM: seconds the batches in flight may take to finish (and be committed)
+    # before the job ends; a second signal ends it at once (jobs/stop.py).
+    stop_grace_s: float = 30.0
     window_rows: int = 1024  # manifest rows grouped by image at a time (bounded memory)
     max_attempts: int = 3  # tries of a row whose worker process died
     max_restarts: int = 8  # replacement workers over the whole job
@@ -197,6 +200,7 @@ def check_config(cfg: DictConfig) -> None:
         ),
         (w.inflight_per_worker >= 1, "workers.inflight_per_worker must be >= 1"),
         (w.window_rows >= 1, "workers.window_rows must be >= 1"),
+        (w.stop_grace_s >= 0, "workers.stop_grace_s must be >= 0"),
         (w.max_attempts >= 1, "workers.max_attempts must be >= 1"),
         (w.max_restarts >= 0, "workers.max_restarts must be >= 0"),
         (cfg.output.format.isalnum(), "output.format must be a plain extension such as mp4"),

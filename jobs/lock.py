@@ -32,14 +32,15 @@ from datetime import UTC, datetime
 from typing import Any
 
 from jobs.output import OutputDir, open_output
+from jobs.stop import ExitStatus
 
 log = logging.getLogger("jobs")
 
 LOCK_NAME = ".vcut.lock"
 LEASE_NAME = ".vcut.lease"
 #: Exit status of ``vcut run`` when another driver holds ``--out`` (sysexits' EX_TEMPFAIL:
-#: try again later).
-EXIT_LOCKED = 75
+#: try again later; every status is in ``jobs.stop.ExitStatus``).
+EXIT_LOCKED = int(ExitStatus.LOCKED)
 
 
 class OutputLockedError(RuntimeError):

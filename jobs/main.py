@@ -195,6 +195,17 @@ def _setup_logging(verbose: bool) -> None:
     root.setLevel(logging.INFO)
 
 
+class _QuietFileHandler(logging.FileHandler):
+    """``DIR/logs/vcut.log``. A disk that fills up (or turns read-only) mid-job fails the log
+    file too: one warning on the terminal and the file is given up, instead of logging's
+    traceback for every record (the job's own error line says what failed)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        error = sys.exc_info()[1]
+        logging.getLogger().removeHandler(self)
+        print(f"vcut: warning: {self.baseFilename} no longer written: {error}", file=sys.stderr)
+
+
 def _log_to_out(out) -> str | None:
     """Everything the driver logs also goes to ``DIR/logs/vcut.log`` (local DIR only)."""
     if not out.local:
@@ -207,7 +218,7 @@ def _log_to_out(out) -> str | None:
         handler.close()
     try:
         os.makedirs(out.path("logs"), exist_ok=True)
-        handler = logging.FileHandler(out.path("logs", "vcut.log"))
+        handler = _QuietFileHandler(out.path("logs", "vcut.log"))
     except OSError:
         return None
     handler._vcut_file = True  # type: ignore[attr-defined]
@@ -236,16 +247,52 @@ def _load_config(args: argparse.Namespace):
         return None
 
 
+def _left(summary: dict) -> str:
+    ok = summary.get("ok")
+    return str(max(0, int(summary["manifest_rows"]) - ok)) if isinstance(ok, int) else "an unknown number"
+
+
+def _stopped_line(reason: str, summary: dict | None) -> str:
+    """The last line of a job stopped by a signal (``summary``: None when stopped at once)."""
+    if summary is None:
+        return (
+            f"vcut: stopped by {reason}: the rows committed so far are kept (no summary was written); "
+            "rerun the same command to resume"
+        )
+    return (
+        f"vcut: stopped by {reason}: {summary.get('rendered_this_run', 0)} rows committed this run, "
+        f"{_left(summary)} left; rerun the same command to resume"
+    )
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    from jobs.lock import EXIT_LOCKED, OutputLockedError
+    from jobs.stop import ExitStatus, Interrupted, StopSignals, exit_for_signal
+
+    try:  # Ctrl-C / SIGTERM: before the job's runner exists, Interrupted; then a graceful stop
+        with StopSignals() as signals:
+            return _run_job(args, signals)
+    except Interrupted as exc:
+        print(_stopped_line(exc.reason, None), file=sys.stderr)
+        return exit_for_signal(exc.signum)
+    except KeyboardInterrupt:  # before the handlers were installed
+        print(_stopped_line("SIGINT", None), file=sys.stderr)
+        return ExitStatus.SIGINT
+
+
+def _run_job(args: argparse.Namespace, signals) -> int:
+    """``vcut run`` under ``signals`` (``jobs.stop.StopSignals``): each way a job ends is one
+    line and one exit status of ``jobs.stop.ExitStatus``."""
+    from jobs.lock import OutputLockedError
     from jobs.manifest import ManifestError
     from jobs.metrics import make_metrics_hook
-    from jobs.preflight import PreflightError, run_preflight
+    from jobs.preflight import ClusterUnavailableError, PreflightError, run_preflight
     from jobs.progress import format_summary
     from jobs.results import open_output
     from jobs.runner import JobError, run_job
+    from jobs.stop import ExitStatus, OutputWriteError, exit_for_signal, quiet_orphaned_storage_errors
 
     _setup_logging(args.verbose)
+    quiet_orphaned_storage_errors()
     try:  # a local folder or an fsspec URI (s3://, gs://, file:// ...); creates nothing yet
         out = open_output(args.out)
     except (ValueError, ImportError) as exc:
@@ -253,6 +300,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     cfg = _load_config(args)
     if cfg is None:
         return 2
+    signals.grace_s = float(cfg.workers.stop_grace_s)
     if args.dry_run:  # what would run: no Ray, no model, nothing written
         from jobs.dryrun import dry_run
 
@@ -263,6 +311,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             return 2
     try:  # manifest, output, model, ffmpeg, cluster address: before Ray starts
         info = run_preflight(cfg, args.manifest, out)
+    except ClusterUnavailableError as exc:  # --address: nothing answers, not Ray, token auth
+        _fail(str(exc))
+        return ExitStatus.UNAVAILABLE
     except PreflightError as exc:
         return _fail(str(exc))
     except ManifestError as exc:  # one line per problem, each naming column and row
@@ -271,12 +322,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     log_file = _log_to_out(out)
     hook = make_metrics_hook(cfg.metrics)
     try:
-        summary = run_job(cfg, args.manifest, out, hook=hook, info=info, verbose=args.verbose)
+        summary = run_job(
+            cfg, args.manifest, out, hook=hook, info=info, verbose=args.verbose, signals=signals
+        )
     except OutputLockedError as exc:  # another driver runs on this --out
         _fail(str(exc))
-        return EXIT_LOCKED
-    except PreflightError as exc:  # the cluster: auth, too few GPUs
+        return ExitStatus.LOCKED
+    except ClusterUnavailableError as exc:  # joining the cluster failed after all
+        _fail(str(exc))
+        return ExitStatus.UNAVAILABLE
+    except PreflightError as exc:  # the cluster has too few GPUs
         return _fail(str(exc))
+    except OutputWriteError as exc:  # disk full, read-only, object store gone: what is kept
+        print(format_summary(exc.summary))
+        _fail(
+            f"{exc}; {exc.summary.get('rendered_this_run', 0)} rows committed this run are kept, "
+            f"{_left(exc.summary)} left: rerun the same command to resume"
+        )
+        return ExitStatus.IO_ERROR
     except ManifestError as exc:
         print(f"vcut: error: {exc}", file=sys.stderr)
         return 2
@@ -284,11 +347,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
         logs = f"; details in {out.uri_of('logs')}" if (exc.causes or log_file) else ""
         for cause in exc.causes or [""]:
             print(f"vcut: error: {exc}{': ' + cause if cause else ''}{logs}", file=sys.stderr)
-        return 1
+        return ExitStatus.NO_WORKER
     finally:
         hook.close()
     print(format_summary(summary))
-    return 0 if summary["failed"] == 0 else 3
+    if summary.get("stopped"):
+        print(_stopped_line(summary["stopped"], summary), file=sys.stderr)
+        return exit_for_signal(summary["stopped"])
+    return ExitStatus.OK if summary["failed"] == 0 else ExitStatus.FAILED_ROWS
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -481,12 +547,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_tiny_model)
 
+    from jobs.stop import EXIT_HELP
+
     p = sub.add_parser(
         "run",
-        help="render every row of a manifest to a video (resumes; exit 0 all ok, 3 some failed, 2 bad input, "
-        "75 --out in use by another driver)",
+        help="render every row of a manifest to a video (resumes; exit 0 all ok, 3 some failed; "
+        "every exit status: vcut run --help)",
         epilog="Trailing key=value arguments override config keys, e.g. defaults.num_frames=14.\n\n"
-        + _defaults_help(),
+        + _defaults_help()
+        + "\n\n"
+        + EXIT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument(
@@ -561,7 +631,11 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     if getattr(args, "accepts_overrides", False):
         args.overrides = extra
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C in any command: a line, not a traceback
+        print(f"vcut: interrupted ({args.command})", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ import os
 import re
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import uuid
@@ -35,6 +36,19 @@ class PreflightError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))  # always one line
+
+
+class ClusterUnavailableError(PreflightError):
+    """The Ray cluster at ``--address`` cannot be joined (nothing listens, not a Ray GCS, token
+    authentication): ``vcut run`` exits 69 (EX_UNAVAILABLE), not 2, since the input may be
+    right and the cluster down, and not 1 ("no worker could run")."""
+
+
+#: What a driver of a cluster with token authentication needs (Ray 2.60's own variables).
+TOKEN_HINT = (
+    "set RAY_AUTH_MODE=token and the cluster's token in RAY_AUTH_TOKEN (or a file named by "
+    "RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token), here and on every node"
+)
 
 
 def first_line(exc: BaseException) -> str:
@@ -329,11 +343,46 @@ def check_address(address: str | None) -> str:
             pass
     except OSError as exc:
         reason = exc.strerror or first_line(exc)
-        raise PreflightError(
+        raise ClusterUnavailableError(
             f"--address {address!r}: no Ray cluster answers there ({reason}): start one "
             "(`ray start --head`), fix the address, or leave --address out to run locally"
         ) from exc
-    return address
+    if address.startswith("ray://"):  # the Ray Client protocol: ray.init says the rest
+        return address
+    _probe_gcs(address)
+    return f"{address} (Ray GCS answers; auth mode {auth_mode()})"
+
+
+#: Joins the GCS at argv[1] as ``ray.init`` would (same token sources); run in a child process
+#: so that Ray's C++ retry lines stay out of this terminal and a hung probe can be killed.
+_GCS_PROBE = "import sys\nfrom ray._raylet import GcsClient\nGcsClient(address=sys.argv[1])\n"
+
+
+def _probe_gcs(address: str) -> None:
+    """Ask the GCS at ``address`` for its cluster id with the token ``ray.init`` would send,
+    within seconds: a token-auth refusal or a port that is not a Ray GCS is one line now,
+    instead of ``ray.init``'s 20 s of retries and a ConnectionError."""
+    limit = 2 * NETWORK_TIMEOUT_S  # the child imports Ray's core (about a second) first
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-c", _GCS_PROBE, address], capture_output=True, text=True, timeout=limit
+        )
+    except subprocess.TimeoutExpired as exc:  # accepts TCP connections, but no GCS answers
+        raise ClusterUnavailableError(
+            f"--address {address!r} accepts connections but no Ray GCS answers there within "
+            f"{limit:.0f} s: give the head's GCS address (port 6379 by default; 8265 is the "
+            "dashboard, ray://HOST:10001 the Ray Client)"
+        ) from exc
+    if proc.returncode == 0:
+        return
+    text = proc.stderr
+    if "AuthenticationError" in text or "Unauthenticated" in text or "InvalidAuthToken" in text:
+        raise ClusterUnavailableError(
+            f"--address {address!r}: the cluster uses token authentication and refuses this driver's "
+            f"token (auth mode here: {auth_mode()}): {TOKEN_HINT}"
+        )
+    last = next((ln.strip() for ln in reversed(text.splitlines()) if ln.strip()), f"exit {proc.returncode}")
+    raise ClusterUnavailableError(f"--address {address!r}: the Ray GCS there does not answer: {last}")
 
 
 def connect_ray(address: str | None, *, verbose: bool = False) -> None:
@@ -357,12 +406,15 @@ def connect_ray(address: str | None, *, verbose: bool = False) -> None:
     except Exception as exc:
         text = str(exc)
         if "uthentication" in text or type(exc).__name__ == "AuthenticationError":
-            raise PreflightError(
+            raise ClusterUnavailableError(
                 f"--address {address!r}: the cluster uses token authentication and {first_line(exc)}: "
-                "set RAY_AUTH_MODE=token and the cluster's token (RAY_AUTH_TOKEN or ~/.ray/auth_token)"
+                f"{TOKEN_HINT}"
             ) from exc
         if address:
-            raise PreflightError(f"--address {address!r}: cannot connect to Ray: {first_line(exc)}") from exc
+            raise ClusterUnavailableError(
+                f"--address {address!r}: cannot connect to Ray ({first_line(exc)}): check that the "
+                f"cluster is up (`ray status`) and the address; with token authentication, {TOKEN_HINT}"
+            ) from exc
         raise
 
 

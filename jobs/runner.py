@@ -22,6 +22,7 @@ flight finish until a grace deadline, and ends the job normally with what was co
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -40,6 +41,7 @@ from jobs import results as rs
 from jobs.hooks import SafeHook
 from jobs.progress import Progress
 from jobs.shards import ShardWriter, check_layout, scan
+from jobs.stop import OutputWriteError, StopSignals, output_failure
 from jobs.worker import RenderWorker
 from pipeline.params import BATCH_PARAMS, ROW_PARAMS
 
@@ -527,10 +529,53 @@ class Runner:
         del self.inflight[ref]
 
     def run(self) -> dict[str, Any]:
+        """The job; returns its summary. ``--out`` failing (disk full, read-only, object store
+        gone) raises :class:`jobs.stop.OutputWriteError` with what is committed so far."""
+        started = time.monotonic()
+        try:
+            return self._run()
+        except Exception as exc:
+            failure = output_failure(exc)
+            if failure is None or not _from_output_code(exc):
+                raise
+            if self.shards is not None:  # its spool cannot be published: no temporary left
+                self.shards.abort()
+            raise OutputWriteError(self.out.uri, *failure, self._summary_after(exc, started)) from exc
+
+    def _summary_after(self, exc: BaseException, started: float) -> dict[str, Any]:
+        """What is committed after ``--out`` failed: read back when it still can be (a full
+        disk reads), else this run's counts only; ``summary.json`` too, when it can be written."""
+        manifest_rows = self.info.num_rows if self.info is not None else 0
+        counts = {
+            "manifest_rows": manifest_rows,
+            "rendered": self.counters["rendered"],
+            "skipped": self.counters["skipped"],
+            "wall_seconds": time.monotonic() - started,
+        }
+        try:
+            summary = rs.summarize(self.out, **counts)
+        except Exception:
+            return {
+                "manifest_rows": manifest_rows,
+                "ok": "unknown (the results cannot be read either)",
+                "failed": "unknown",
+                "rendered_this_run": counts["rendered"],
+                "skipped_already_ok": counts["skipped"],
+                "wall_seconds": round(counts["wall_seconds"], 3),
+            }
+        summary["stopped"] = f"output error: {output_failure(exc)[0]}"  # type: ignore[index]
+        try:
+            _write_json(self.out, summary)
+        except Exception as write_exc:
+            log.info("summary.json not written either: %s", type(write_exc).__name__)
+        return summary
+
+    def _run(self) -> dict[str, Any]:
         import ray
 
         started = time.monotonic()
         info = self.info or mf.validate_manifest(self.manifest_path, reserved=rs.RESERVED_COLUMNS)
+        self.info = info
         webdataset = self.cfg_dict["output"]["layout"] == "webdataset"
         self.out.makedirs("shards" if webdataset else "videos")
         rs.clean_temporaries(self.out)
@@ -648,6 +693,18 @@ class Runner:
         return summary
 
 
+#: Where ``--out`` is read and written: an exception through these files is the output's.
+_OUTPUT_CODE = ("jobs/output.py", "jobs/results.py", "jobs/shards.py", "pipeline/storage.py")
+
+
+def _from_output_code(exc: BaseException) -> bool:
+    """``exc`` came through the output's code (not, say, a manifest read on the same store)."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    return any(f.filename.replace("\\", "/").endswith(_OUTPUT_CODE) for f in frames)
+
+
 def _write_json(out: rs.OutputDir, data: dict) -> None:
     """``DIR/summary.json``, atomically (local: temporary + rename; object store: one upload)."""
     text = json.dumps(data, indent=2, default=str) + "\n"
@@ -670,6 +727,7 @@ def run_job(
     out_dir: str | rs.OutputDir,
     *,
     verbose: bool = False,
+    signals: StopSignals | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Run a job on the connected Ray cluster, or on a local Ray instance started (and shut
@@ -678,7 +736,9 @@ def run_job(
     A cluster that cannot be joined or lacks the GPUs the config asks for raises
     ``PreflightError`` before any worker starts, and an output folder another driver holds
     raises ``jobs.lock.OutputLockedError`` (see ``jobs.lock``); ``verbose`` streams the workers' output to
-    this terminal (they always log to ``DIR/logs/`` when DIR is local)."""
+    this terminal (they always log to ``DIR/logs/`` when DIR is local). SIGINT and SIGTERM
+    stop the job gracefully (``jobs.stop``: ``signals``, else handlers installed here); the
+    summary then has ``stopped``."""
     import ray
 
     from jobs.lock import OutputLock
@@ -689,14 +749,20 @@ def run_job(
     out_dir = rs.open_output(out_dir)  # an unknown protocol or a missing s3fs/gcsfs: before Ray
     # One driver per output folder (raises OutputLockedError), held until the job ends: only
     # its holder cleans temporaries, so a second driver never deletes the first one's files.
-    with OutputLock(out_dir):
+    grace_s = float(cfg.workers.stop_grace_s)
+    stop = StopSignals(grace_s) if signals is None else contextlib.nullcontext(signals)
+    with OutputLock(out_dir), stop as sig:
         own = not ray.is_initialized()
         address = ray_address(cfg.ray_address)
-        if own:
-            connect_ray(address, verbose=verbose)
         try:
+            if own:
+                connect_ray(address, verbose=verbose)
+                sig.install()  # again: ray.init sets its own SIGTERM handler
             check_gpus(cfg, ray.cluster_resources(), address)
-            return Runner(cfg, manifest_path, out_dir, info=info, **kwargs).run()
+            runner = Runner(cfg, manifest_path, out_dir, info=info, **kwargs)
+            sig.target = runner.request_stop  # from now on a signal stops the job gracefully
+            return runner.run()
         finally:
+            sig.target = None
             if own:
                 ray.shutdown()

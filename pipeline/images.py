@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import warnings
 from typing import IO, Any
 
@@ -63,6 +64,34 @@ def _read_limited(fh: IO[bytes], name: str, max_bytes: int) -> bytes:
     return data
 
 
+def _unreachable(exc: BaseException) -> str | None:
+    """Why an ``http(s)://`` image "not found" is not a 404: fsspec's HTTP filesystem raises
+    FileNotFoundError for every failure, the real one being its cause (a refused connection,
+    an unknown host, a timeout, another HTTP status). None when it is a 404 (or 410)."""
+    seen: list[BaseException] = []
+    cause = exc.__cause__ or exc.__context__
+    while cause is not None and cause not in seen:
+        seen.append(cause)
+        cause = cause.__cause__ or cause.__context__
+    for err in seen:
+        status = getattr(err, "status", None)
+        if isinstance(status, int):
+            if status in (404, 410):
+                return None
+            return f"the server answered HTTP {status} {getattr(err, 'message', '')}".rstrip()
+    for err in seen:
+        if isinstance(err, ConnectionRefusedError):
+            return f"connection refused (nothing listens there): {err.strerror or err}"
+        if isinstance(err, socket.gaierror):
+            return f"host unknown (DNS: {err.strerror or err})"
+        if isinstance(err, TimeoutError):
+            return "unreachable: no answer in time (timeout)"
+    for err in seen:
+        if isinstance(err, OSError):
+            return f"unreachable ({type(err).__name__}: {err})"
+    return None
+
+
 def _read_bytes(source: Any, name: str, filesystem: Any, max_bytes: int) -> bytes:
     """Read the encoded bytes of ``source``; every OS-level failure becomes an ImageError."""
     try:
@@ -80,6 +109,9 @@ def _read_bytes(source: Any, name: str, filesystem: Any, max_bytes: int) -> byte
     except ImageError:
         raise
     except FileNotFoundError as exc:
+        unreachable = _unreachable(exc)
+        if unreachable:
+            raise ImageError(f"image {name} cannot be read: {unreachable}") from exc
         raise ImageError(f"image {name} not found") from exc
     except IsADirectoryError as exc:
         raise ImageError(f"image {name} is a directory, not a file") from exc

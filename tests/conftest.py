@@ -13,7 +13,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -64,13 +70,18 @@ def torch_one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def ray_address() -> Iterator[str]:
-    """A local Ray instance (2 CPUs) for a test module; yields its GCS address."""
+    """A local Ray instance (2 CPUs) for a test module; yields its GCS address. ``ray.init``
+    turns token auth on by setting ``RAY_AUTH_MODE=token`` in this process's environment (Ray
+    2.60's default for a new local instance); it is restored afterwards, or every later Ray
+    of the session (e.g. ``ray start`` nodes with their own mode) would inherit it."""
     ray = pytest.importorskip("ray")
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
-    try:
-        yield ray.get_runtime_context().gcs_address
-    finally:
-        ray.shutdown()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("RAY_AUTH_MODE", raising=False)  # restored on exit, whatever ray.init set
+        ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+        try:
+            yield ray.get_runtime_context().gcs_address
+        finally:
+            ray.shutdown()
 
 
 @contextlib.contextmanager
@@ -104,3 +115,57 @@ def moto_server() -> Iterator[dict[str, str]]:
 
 #: AWS variables a test against ``moto_server`` must not inherit.
 AWS_UNSET = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def ray_head_node(**env: str) -> Iterator[str]:
+    """``ray start --head --block`` on loopback with its own temp dir and free ports, one CPU, no
+    GPU; ``env`` adds variables (``RAY_AUTH_MODE`` is ``disabled`` unless given). Yields its
+    address; stopped by killing the process group of the process started here (and only it)."""
+    ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+    if not os.path.exists(ray_cli):
+        pytest.skip("the ray CLI is not installed beside this Python")
+    temp = tempfile.mkdtemp(prefix="vrd", dir="/tmp")  # short: Ray's socket paths have a length limit
+    port = free_port()
+    ports = {
+        "--node-manager-port": free_port(),
+        "--object-manager-port": free_port(),
+        "--runtime-env-agent-port": free_port(),
+        "--dashboard-agent-listen-port": free_port(),
+        "--metrics-export-port": free_port(),
+    }
+    cmd = [ray_cli, "start", "--head", "--block"]
+    cmd += ["--node-ip-address", "127.0.0.1", "--port", str(port), "--temp-dir", temp]
+    cmd += ["--num-cpus", "1", "--num-gpus", "0", "--include-dashboard", "false", "--disable-usage-stats"]
+    cmd += [f"{k}={v}" for k, v in ports.items()]
+    child_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    child_env.update({"RAY_AUTH_MODE": "disabled", **env})
+    log = os.path.join(temp, "ray-start.log")
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            cmd, env=child_env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    try:
+        # `ray start` prints this once its raylet has registered with the GCS (Ray's Node() waits
+        # for the node's entry in the GCS): the cluster then has its node, no fixed sleep needed.
+        deadline = time.monotonic() + 60
+        while "Ray runtime started" not in (text := open(log, errors="replace").read()):
+            assert proc.poll() is None, f"ray start --head exited:\n{text[-2000:]}"
+            assert time.monotonic() < deadline, f"ray start --head did not start in 60 s:\n{text[-2000:]}"
+            time.sleep(0.2)
+        yield f"127.0.0.1:{port}"
+    finally:
+        # SIGKILL to the group of the process started here (and only it): SIGTERM makes Ray
+        # drain for 30 s first. Its GCS, raylet and workers are in that group.
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+        shutil.rmtree(temp, ignore_errors=True)

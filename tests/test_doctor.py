@@ -9,16 +9,14 @@ may run on this machine).
 from __future__ import annotations
 
 import os
-import shutil
-import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
+from conftest import ray_head_node
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,46 +108,9 @@ def test_doctor_fails_rows_with_their_fix(tmp_path):
 
 @pytest.fixture
 def ray_head():
-    """``ray start --head --block`` on loopback with its own temp dir and free ports; yields its
-    address; stopped by killing its process group."""
-    if shutil.which("ray", path=os.path.dirname(sys.executable)) is None:
-        pytest.skip("the ray CLI is not installed beside this Python")
-    temp = tempfile.mkdtemp(prefix="vrd", dir="/tmp")  # short: Ray's socket paths have a length limit
-    port = free_port()
-    ports = {
-        "--node-manager-port": free_port(),
-        "--object-manager-port": free_port(),
-        "--runtime-env-agent-port": free_port(),
-        "--dashboard-agent-listen-port": free_port(),
-        "--metrics-export-port": free_port(),
-    }
-    cmd = [os.path.join(os.path.dirname(sys.executable), "ray"), "start", "--head", "--block"]
-    cmd += ["--node-ip-address", "127.0.0.1", "--port", str(port), "--temp-dir", temp]
-    cmd += ["--num-cpus", "1", "--num-gpus", "0", "--include-dashboard", "false", "--disable-usage-stats"]
-    cmd += [f"{k}={v}" for k, v in ports.items()]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env["RAY_AUTH_MODE"] = "disabled"
-    log = Path(temp) / "ray-start.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        # `ray start` prints this once its raylet has registered with the GCS (Ray's Node() waits
-        # for the node's entry in the GCS): the cluster then has its node, no fixed sleep needed.
-        deadline = time.monotonic() + 60
-        while "Ray runtime started" not in (text := log.read_text(errors="replace")):
-            assert proc.poll() is None, f"ray start --head exited:\n{text[-2000:]}"
-            assert time.monotonic() < deadline, f"ray start --head did not start in 60 s:\n{text[-2000:]}"
-            time.sleep(0.2)
-        yield f"127.0.0.1:{port}"
-    finally:
-        # SIGKILL to the group of the process this test started (and only it): SIGTERM makes
-        # Ray drain for 30 s first. Its GCS, raylet and workers are in that group.
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=30)
-        shutil.rmtree(temp, ignore_errors=True)
+    """A ``ray start --head`` node of its own (``conftest.ray_head_node``); yields its address."""
+    with ray_head_node() as address:
+        yield address
 
 
 def test_doctor_against_a_ray_start_cluster(tmp_path, tiny_model_dir, ray_head):

@@ -52,9 +52,9 @@ def env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def vcut_error(args: list[str], env: dict[str, str], tmp_path: Path, expect: str) -> str:
+def vcut_error(args: list[str], env: dict[str, str], tmp_path: Path, expect: str, code: int = 2) -> str:
     """Run ``vcut ARGS``: exactly one stderr line ``vcut: error: ...`` containing ``expect``,
-    exit 2, within a few seconds, and Ray never started. Returns the line."""
+    exit ``code``, within a few seconds, and Ray never started. Returns the line."""
     start = time.monotonic()
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.main", *args],
@@ -66,7 +66,7 @@ def vcut_error(args: list[str], env: dict[str, str], tmp_path: Path, expect: str
     )
     elapsed = time.monotonic() - start
     lines = proc.stderr.splitlines()
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == code, proc.stderr
     assert len(lines) == 1 and lines[0].startswith("vcut: error: "), proc.stderr
     assert expect in lines[0], lines[0]
     assert elapsed < 10, f"{elapsed:.1f} s"
@@ -120,7 +120,8 @@ def test_unknown_vcut_mode(env, tmp_path, tiny_model_dir, how):
 @pytest.mark.slow
 def test_address_nobody_listens_on(env, tmp_path, tiny_model_dir):
     address = f"127.0.0.1:{free_port()}"
-    line = vcut_error(run_args(str(tiny_model_dir), "--address", address), env, tmp_path, address)
+    args = run_args(str(tiny_model_dir), "--address", address)
+    line = vcut_error(args, env, tmp_path, address, code=69)  # EX_UNAVAILABLE, not 2 or 1
     assert "no Ray cluster answers there" in line
 
 
