@@ -8,6 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from pipeline.compile_modes import COMPILE_MODES
 from pipeline.params import GENERATION_PARAMS, check_generation
 from vcut.modes import MODES
 
@@ -156,7 +157,6 @@ def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg)
 
 
-COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead")
 _COMPILE_ALIASES = {"true": "default", "yes": "default", "on": "default", "false": "off", "no": "off"}
 
 

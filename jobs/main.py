@@ -93,7 +93,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
         for module, package in (("skimage", "scikit-image"), ("matplotlib", "matplotlib")):
             if importlib.util.find_spec(module) is None:
                 raise CompareError(f"vcut compare needs {package}: pip install 'vcut-render[compare]'")
-        from jobs.results import open_output
+        from jobs.output import open_output
 
         try:
             out = open_output(args.out)
@@ -285,9 +285,9 @@ def _run_job(args: argparse.Namespace, signals) -> int:
     from jobs.lock import OutputLockedError
     from jobs.manifest import ManifestError
     from jobs.metrics import make_metrics_hook
+    from jobs.output import open_output
     from jobs.preflight import ClusterUnavailableError, PreflightError, run_preflight
     from jobs.progress import format_summary
-    from jobs.results import open_output
     from jobs.runner import JobError, run_job
     from jobs.stop import ExitStatus, OutputWriteError, exit_for_signal, quiet_orphaned_storage_errors
 
@@ -358,8 +358,8 @@ def _run_job(args: argparse.Namespace, signals) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
+    from jobs.output import open_output
     from jobs.report import write_report
-    from jobs.results import open_output
 
     try:
         out = open_output(args.dir)

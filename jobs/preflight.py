@@ -82,8 +82,7 @@ def with_deadline(fn: Callable[[], T], seconds: float, what: str) -> T:
 
 def check_manifest(path: str) -> Any:
     """The manifest exists, is valid (every row, streaming) and has rows. Returns its ManifestInfo."""
-    from jobs import manifest as mf
-    from jobs import results as rs
+    from jobs import manifest, results
     from pipeline.storage import is_remote, local_path
 
     if not is_remote(path):
@@ -93,7 +92,7 @@ def check_manifest(path: str) -> Any:
                 f"manifest {path!r} does not exist: check the path (a Parquet, CSV or JSONL file, "
                 "or an s3:// / gs:// URI; `vcut manifest IMAGES -o FILE` writes one)"
             )
-    info = mf.validate_manifest(path, reserved=rs.RESERVED_COLUMNS)  # ManifestError: its own lines
+    info = manifest.validate_manifest(path, reserved=results.RESERVED_COLUMNS)  # ManifestError: its own lines
     if info.num_rows == 0:
         raise PreflightError(f"manifest {path!r} has no rows: nothing to render (check how it was built)")
     return info
@@ -106,7 +105,7 @@ def check_output(out: str | Any) -> str:
     """``--out`` can be written: a probe file (local: in the deepest folder that exists, so that
     nothing is created) or a probe object (object stores: this also finds a missing bucket;
     a bucket is never created), removed again. Returns where it was probed."""
-    from jobs.results import open_output
+    from jobs.output import open_output
 
     try:
         od = open_output(out)

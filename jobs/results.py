@@ -24,16 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs.manifest import hash_ids
-
-# The output adapter lived here; re-exported while callers move to ``jobs.output``.
-from jobs.output import (  # noqa: F401
-    MAX_NAME,
-    OutputDir,
-    clean_temporaries,
-    open_output,
-    safe_name,
-    video_path,
-)
+from jobs.output import OutputDir, open_output
 from pipeline.params import ROW_PARAMS, arrow_fields
 
 #: Columns every results row has, in order; the manifest's unknown columns follow.

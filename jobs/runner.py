@@ -36,9 +36,8 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from jobs import manifest as mf
-from jobs import results as rs
-from jobs.hooks import SafeHook
+from jobs import manifest, output, results
+from jobs.hooks import JobHook, SafeHook
 from jobs.progress import Progress
 from jobs.shards import ShardWriter, check_layout, scan
 from jobs.stop import OutputWriteError, StopSignals, output_failure
@@ -146,7 +145,7 @@ def plan_batches(
     current: list[dict[str, Any]] = []
     current_key: Hashable = None
     for chunk in chunks:
-        skip = rs.is_done(mf.hash_ids([r["id"] for r in chunk]), done)
+        skip = results.is_done(manifest.hash_ids([r["id"] for r in chunk]), done)
         counters["skipped"] += int(skip.sum())
         groups: dict[Hashable, dict[str, list[dict[str, Any]]]] = {}
         for row, skipped in zip(chunk, skip, strict=True):
@@ -212,21 +211,20 @@ class Runner:
         self,
         cfg: DictConfig,
         manifest_path: str,
-        out_dir: str | rs.OutputDir,
+        out_dir: str | output.OutputDir,
         *,
-        hook: Any = None,
+        hook: JobHook | None = None,
         renderer_factory: Callable | None = None,
         encoder: Callable | None = None,
         progress_stream: Any = None,
-        info: mf.ManifestInfo | None = None,
+        info: manifest.ManifestInfo | None = None,
     ):
         self.cfg = cfg
         self.info = info
         self.cfg_dict = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
         self.manifest_path = manifest_path
         # Resolved once; the workers get URIs (strings), never this filesystem object.
-        self.out = rs.open_output(out_dir)
-        self.out_dir = self.out.uri
+        self.out = output.open_output(out_dir)
         self.hook = SafeHook(hook)  # any object with some JobHook methods; its errors never stop the job
         self.renderer_factory = renderer_factory
         self.encoder = encoder
@@ -431,14 +429,14 @@ class Runner:
         return {
             "id": row["id"],
             "image": row["_image"],
-            "output": None if self.shards else rs.video_path(self.out, row["id"], self.cfg.output.format),
+            "output": None if self.shards else output.video_path(self.out, row["id"], self.cfg.output.format),
             "params": resolve_params(row, self.cfg_dict["defaults"]),
         }
 
     def _commit(self, batch: Batch, results: list[dict[str, Any]]) -> None:
         rows = []
         for row, result in zip(batch.rows, results, strict=True):
-            out = {k: v for k, v in row.items() if k not in mf.PRIVATE_KEYS}  # `_x` columns too
+            out = {k: v for k, v in row.items() if k not in manifest.PRIVATE_KEYS}  # `_x` columns too
             out.update(resolve_params(row, self.cfg_dict["defaults"]))
             out.setdefault("vcut_mode", self.cfg_dict["model"]["vcut"])
             video = result.pop("video", None)
@@ -553,7 +551,7 @@ class Runner:
             "wall_seconds": time.monotonic() - started,
         }
         try:
-            summary = rs.summarize(self.out, **counts)
+            summary = results.summarize(self.out, **counts)
         except Exception:
             return {
                 "manifest_rows": manifest_rows,
@@ -574,12 +572,12 @@ class Runner:
         import ray
 
         started = time.monotonic()
-        info = self.info or mf.validate_manifest(self.manifest_path, reserved=rs.RESERVED_COLUMNS)
+        info = self.info or manifest.validate_manifest(self.manifest_path, reserved=results.RESERVED_COLUMNS)
         self.info = info
         webdataset = self.cfg_dict["output"]["layout"] == "webdataset"
         self.out.makedirs("shards" if webdataset else "videos")
-        rs.clean_temporaries(self.out)
-        self.writer = rs.ResultWriter(self.out, info.carried_schema)
+        output.clean_temporaries(self.out)
+        self.writer = results.ResultWriter(self.out, info.carried_schema)
         if webdataset:  # resume at shard granularity: rows in a published shard are done
             state = scan(self.out, clean=True)
             done = state.done
@@ -593,7 +591,7 @@ class Runner:
                 caption_column=self.cfg.output.caption_column,
             )
         else:
-            done = np.zeros(0, dtype=np.uint64) if self.cfg.output.overwrite else rs.done_ids(self.out)
+            done = np.zeros(0, dtype=np.uint64) if self.cfg.output.overwrite else results.done_ids(self.out)
         if self.cfg.output.overwrite:
             done = np.zeros(0, dtype=np.uint64)
         count, self.num_cpus, self.num_gpus = size_workers(self.cfg, ray.cluster_resources())
@@ -601,7 +599,7 @@ class Runner:
             log.info("workers.count=auto follows GPUs only: %d CPU worker(s), none added mid-job", count)
         self._next_elastic_check = time.monotonic() + ELASTIC_PERIOD_S
         self.restarts_left = int(self.cfg.workers.max_restarts)
-        chunks = mf.iter_manifest(self.manifest_path, int(self.cfg.workers.window_rows))
+        chunks = manifest.iter_manifest(self.manifest_path, int(self.cfg.workers.window_rows))
         batch_size = rows_per_task(self.cfg)
         if batch_size > int(self.cfg.workers.batch_size):
             log.info("workers.batch_size raised to workers.render_batch=%d (rows per task)", batch_size)
@@ -665,10 +663,10 @@ class Runner:
             )
         if self.shards is not None:
             self.shards.publish()  # the last, partial shard
-        rs.compact(self.out)
+        results.compact(self.out)
         if self.shards is not None:  # shards whose rows were all rendered again (--overwrite)
             scan(self.out, clean=True)
-        summary = rs.summarize(
+        summary = results.summarize(
             self.out,
             manifest_rows=info.num_rows,
             rendered=self.counters["rendered"],
@@ -705,13 +703,13 @@ def _from_output_code(exc: BaseException) -> bool:
     return any(f.filename.replace("\\", "/").endswith(_OUTPUT_CODE) for f in frames)
 
 
-def _write_json(out: rs.OutputDir, data: dict) -> None:
+def _write_json(out: output.OutputDir, data: dict) -> None:
     """``DIR/summary.json``, atomically (local: temporary + rename; object store: one upload)."""
     text = json.dumps(data, indent=2, default=str) + "\n"
     out.write_bytes(out.path("summary.json"), text.encode())
 
 
-def _write_report(out: rs.OutputDir) -> None:
+def _write_report(out: output.OutputDir) -> None:
     """``DIR/report.html`` (``jobs.report``); a failure is a warning, never the job's."""
     try:
         from jobs.report import write_report
@@ -724,7 +722,7 @@ def _write_report(out: rs.OutputDir) -> None:
 def run_job(
     cfg: DictConfig,
     manifest_path: str,
-    out_dir: str | rs.OutputDir,
+    out_dir: str | output.OutputDir,
     *,
     verbose: bool = False,
     signals: StopSignals | None = None,
@@ -744,9 +742,10 @@ def run_job(
     from jobs.lock import OutputLock
     from jobs.preflight import check_gpus, connect_ray, ray_address
 
-    info = kwargs.pop("info", None) or mf.validate_manifest(manifest_path, reserved=rs.RESERVED_COLUMNS)
+    info = kwargs.pop("info", None)
+    info = info or manifest.validate_manifest(manifest_path, reserved=results.RESERVED_COLUMNS)
     check_layout(cfg, info)
-    out_dir = rs.open_output(out_dir)  # an unknown protocol or a missing s3fs/gcsfs: before Ray
+    out_dir = output.open_output(out_dir)  # an unknown protocol or a missing s3fs/gcsfs: before Ray
     # One driver per output folder (raises OutputLockedError), held until the job ends: only
     # its holder cleans temporaries, so a second driver never deletes the first one's files.
     grace_s = float(cfg.workers.stop_grace_s)

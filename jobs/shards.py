@@ -48,7 +48,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs import results as rs
+from jobs import results
 from jobs.manifest import ManifestError, hash_ids
 from jobs.output import MAX_NAME, OutputDir, open_output, safe_name
 from pipeline.storage import is_temporary, put_atomic, temporary_name
@@ -95,8 +95,8 @@ class ShardState:
 def _latest_ok_shards(out: OutputDir) -> tuple[list[str], list[int | None], set[int]]:
     """(ids, shard) of the latest committed rows that are ok, and every shard number any
     committed row names."""
-    parts = rs._parts(out)
-    masks, tables = rs._latest_mask(out, parts)
+    parts = results._parts(out)
+    masks, tables = results._latest_mask(out, parts)
     ids: list[str] = []
     shards: list[int | None] = []
     named: set[int] = set()

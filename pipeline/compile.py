@@ -37,10 +37,10 @@ from typing import Any
 import torch
 from torch import nn
 
+from pipeline.compile_modes import COMPILE_MODES
+
 logger = logging.getLogger(__name__)
 
-#: Values of the renderer's ``compile`` setting: ``off`` or a ``torch.compile`` mode.
-COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead")
 
 _COMPILED_ATTR = "_vcut_compiled"
 

@@ -68,15 +68,27 @@ def torch_one_thread() -> Iterator[None]:
     enforce()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def ray_without_token_auth() -> Iterator[None]:
+    """Every Ray this test process starts or joins runs without token auth. Ray 2.60 turns
+    token auth on for a new local instance (``ray.init`` sets ``RAY_AUTH_MODE=token``) and its
+    core worker keeps that token for the life of the process: a later ``ray.init`` to a
+    cluster without auth (``tests/test_cluster.py``'s ``ray start`` nodes) then connects, but
+    every actor it creates dies unscheduled ("all references to the actor were removed").
+    Token auth itself is tested against ``ray start`` nodes in child processes
+    (``tests/test_faults.py``)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_AUTH_MODE", "disabled")
+        yield
+
+
 @pytest.fixture(scope="module")
 def ray_address() -> Iterator[str]:
-    """A local Ray instance (2 CPUs) for a test module; yields its GCS address. ``ray.init``
-    turns token auth on by setting ``RAY_AUTH_MODE=token`` in this process's environment (Ray
-    2.60's default for a new local instance); it is restored afterwards, or every later Ray
-    of the session (e.g. ``ray start`` nodes with their own mode) would inherit it."""
+    """A local Ray instance (2 CPUs) for a test module; yields its GCS address. ``RAY_AUTH_MODE``
+    is restored afterwards, whatever ``ray.init`` set (see ``ray_without_token_auth``)."""
     ray = pytest.importorskip("ray")
     with pytest.MonkeyPatch.context() as mp:
-        mp.delenv("RAY_AUTH_MODE", raising=False)  # restored on exit, whatever ray.init set
+        mp.setenv("RAY_AUTH_MODE", "disabled")  # restored on exit, whatever ray.init set
         ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
         try:
             yield ray.get_runtime_context().gcs_address

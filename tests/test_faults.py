@@ -85,7 +85,7 @@ def ray_address():
     ray = pytest.importorskip("ray")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.delenv("RAY_AUTH_MODE", raising=False)  # ray.init sets it: restored on exit (conftest)
+        mp.setenv("RAY_AUTH_MODE", "disabled")  # restored on exit (conftest: ray_without_token_auth)
         ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
         try:
             yield ray.get_runtime_context().gcs_address
@@ -316,7 +316,7 @@ def test_failed_local_write_leaves_no_temporary(tmp_path):
     """The atomic write itself: a write that fails (here: the kernel's file size limit, in a
     child process) raises the OSError and removes its hidden temporary."""
     code = (
-        "import sys\nfrom jobs.results import open_output\nout = open_output(sys.argv[1])\n"
+        "import sys\nfrom jobs.output import open_output\nout = open_output(sys.argv[1])\n"
         "try:\n    out.write_bytes(out.path('part.parquet'), b'x' * 100_000)\n"
         "except OSError as exc:\n    print(exc.errno)\n"
     )

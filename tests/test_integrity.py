@@ -20,6 +20,7 @@ import pytest
 from conftest import AWS_UNSET, moto_server
 
 from jobs import manifest as mf
+from jobs import output
 from jobs import results as rs
 from jobs.config import check_config, load_config
 from jobs.lock import EXIT_LOCKED, LEASE_NAME, LOCK_NAME, OutputLock, OutputLockedError
@@ -286,7 +287,7 @@ def test_writers_never_create_a_bucket(moto_s3, tmp_path):
     fs = moto_s3
     missing = "vcut-integrity-missing"
     assert missing not in _buckets(fs)
-    out = rs.open_output(f"s3://{missing}/renders/x")
+    out = output.open_output(f"s3://{missing}/renders/x")
     out.makedirs("results")
     out.makedirs("videos")
     writer = rs.ResultWriter(out)  # pre-flight bypassed: the writer itself must not create it
@@ -294,7 +295,7 @@ def test_writers_never_create_a_bucket(moto_s3, tmp_path):
         writer.commit([_row("a")])
     frames = np.zeros((2, 16, 16, 3), np.uint8)
     with pytest.raises(EncodeError):
-        encode_video(frames, rs.video_path(out, "a", "mp4"), fps=7)
+        encode_video(frames, output.video_path(out, "a", "mp4"), fps=7)
     with pytest.raises(OSError):
         OutputLock(out).acquire()
     assert missing not in _buckets(fs)

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs import manifest, results
+from jobs import manifest, output, results
 from jobs.config import load_config
 from jobs.main import main
 from jobs.progress import Progress, format_summary
@@ -148,16 +148,16 @@ def test_config_precedence(tmp_path, capsys):
     "bad", ["../x", "../../etc/passwd", "/abs/path", "a/../../b", "nul\x00byte", "x" * 1000, ".", ".."]
 )
 def test_ids_cannot_escape(tmp_path, bad):
-    path = results.video_path(str(tmp_path / "out"), bad, "mp4")
+    path = output.video_path(str(tmp_path / "out"), bad, "mp4")
     assert os.path.dirname(path) == str(tmp_path / "out" / "videos")
     name = os.path.basename(path)
     assert "\x00" not in name and "/" not in name and not name.startswith(".") and len(name) <= 130
 
 
 def test_safe_names_are_distinct_and_stable():
-    assert results.safe_name("cat-0") == "cat-0"
-    names = {results.safe_name(i) for i in ["a/b", "a_b", "a?b", "x" * 300, "x" * 301]}
-    assert len(names) == 5 and results.safe_name("a/b") == results.safe_name("a/b")
+    assert output.safe_name("cat-0") == "cat-0"
+    names = {output.safe_name(i) for i in ["a/b", "a_b", "a?b", "x" * 300, "x" * 301]}
+    assert len(names) == 5 and output.safe_name("a/b") == output.safe_name("a/b")
 
 
 def _row(row_id: str, status: str) -> dict:
@@ -187,7 +187,7 @@ def test_commit_resume_and_last_row_wins(tmp_path):
     assert results.compact(out) == 2
     on_disk = pq.read_table(tmp_path / "results")
     assert sorted(on_disk["id"].to_pylist()) == ["a", "b", "c"]
-    assert results.clean_temporaries(out) == 1
+    assert output.clean_temporaries(out) == 1
     assert results.compact(out) == 0
     summary = results.summarize(out, manifest_rows=3, rendered=2, skipped=1, wall_seconds=2.0)
     assert (summary["ok"], summary["failed"], summary["videos_per_second"]) == (2, 1, 1.0)
@@ -315,9 +315,9 @@ def test_a_missing_hook_or_method_is_skipped(caplog):
 
 
 def test_out_uri_resolves_once_and_bad_protocols_exit_2(tmp_path, capsys):
-    local = results.open_output(f"file://{tmp_path}/o")
+    local = output.open_output(f"file://{tmp_path}/o")
     assert local.local and local.root == local.uri == str(tmp_path / "o")
-    assert results.video_path(local, "a", "mp4") == str(tmp_path / "o" / "videos" / "a.mp4")
+    assert output.video_path(local, "a", "mp4") == str(tmp_path / "o" / "videos" / "a.mp4")
     good = _write(tmp_path / "g.parquet", pa.table({"image": ["a.png"]}))
     # memory:// lives in one process (the workers could not write there); unknown protocols
     assert main(["run", good, "--out", "memory://out"]) == 2
@@ -335,7 +335,7 @@ def _memory_output(tmp_name: str):
 
     fs = MemoryFileSystem()
     root = f"/{tmp_name}/out"
-    return results.OutputDir(uri=f"memory://{root}", root=root, fs=fs)
+    return output.OutputDir(uri=f"memory://{root}", root=root, fs=fs)
 
 
 def test_results_through_an_fsspec_filesystem(request):
@@ -343,7 +343,7 @@ def test_results_through_an_fsspec_filesystem(request):
     fs = out.fs
     try:
         for bad in ["../x", "../../etc/passwd", "/abs/path", "a/../../b", ".", ".."]:
-            path = results.video_path(out, bad, "mp4")
+            path = output.video_path(out, bad, "mp4")
             assert path.startswith(out.uri + "/videos/") and "/" not in path[len(out.uri + "/videos/") :]
         writer = results.ResultWriter(out, pa.schema([("note", pa.string())]), merge_every=3)
         for i in range(4):
@@ -354,7 +354,7 @@ def test_results_through_an_fsspec_filesystem(request):
         fs.pipe_file(out.path("results", ".part-x.parquet.tmp"), b"half")  # a crash's leftovers
         fs.pipe_file(out.path("videos", "v.mp4.tmp-0123456789ab"), b"half")
         fs.pipe_file(out.path("videos", "v.tmp-0123456789ab.mp4"), b"a video")  # a real video name
-        assert results.clean_temporaries(out) == 2
+        assert output.clean_temporaries(out) == 2
         assert out.listdir("videos") == ["v.tmp-0123456789ab.mp4"]
         results.compact(out)
         assert len(out.listdir("results")) == 1

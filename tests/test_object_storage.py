@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import AWS_UNSET, moto_server
 
-from jobs import results as rs
+from jobs import output
 from jobs.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,16 +81,18 @@ def _png(seed: int) -> bytes:
 
 
 def test_uri_out_keeps_escaping_ids_under_the_root(s3):
-    out = rs.open_output(f"s3://{BUCKET}/renders/x/")
+    out = output.open_output(f"s3://{BUCKET}/renders/x/")
     assert (out.uri, out.root, out.object_store) == (f"s3://{BUCKET}/renders/x", f"{BUCKET}/renders/x", True)
     videos = f"s3://{BUCKET}/renders/x/videos/"
     for bad in ["../x", "../../etc/passwd", "/abs/path", "a/../../b", "s3://other/x", ".", "..", "x" * 500]:
-        path = rs.video_path(out, bad, "mp4")
+        path = output.video_path(out, bad, "mp4")
         name = path[len(videos) :]
         assert path.startswith(videos) and "/" not in name and "\\" not in name
         assert not name.startswith(".") and len(name) <= 130  # never "." or "..", never hidden
         assert posixpath.dirname(posixpath.normpath(path.split("://", 1)[1])) == f"{BUCKET}/renders/x/videos"
-    assert rs.video_path(f"s3://{BUCKET}/renders/x", "../x", "mp4") == rs.video_path(out, "../x", "mp4")
+    assert output.video_path(f"s3://{BUCKET}/renders/x", "../x", "mp4") == output.video_path(
+        out, "../x", "mp4"
+    )
 
 
 @pytest.mark.slow

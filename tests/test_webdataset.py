@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 from test_object_storage import BUCKET, s3  # noqa: F401 (the moto S3 server fixture)
 
-from jobs import results as rs
+from jobs import output
 from jobs.shards import sample_key
 from pipeline.storage import is_temporary
 
@@ -132,7 +132,7 @@ def test_sample_keys_have_no_dots_and_stay_distinct():
     ids = ["a.b", "a_b", "x.y.z", "../x", "plain", "é.mp4", "." * 3, "a" * 300 + ".b"]
     keys = [sample_key(i) for i in ids]
     assert len(set(keys)) == len(ids)
-    assert all("." not in k and "/" not in k and k and len(k) <= rs.MAX_NAME for k in keys)
+    assert all("." not in k and "/" not in k and k and len(k) <= output.MAX_NAME for k in keys)
     assert sample_key("plain") == "plain" and sample_key("a_b") == "a_b"
 
 

@@ -1,0 +1,5 @@
+"""The renderer's ``compile`` setting values, torch-free (like ``vcut.modes``), so that the
+job config checks ``model.compile`` without importing torch; ``pipeline.compile`` uses them."""
+
+#: ``off`` or a ``torch.compile`` mode.
+COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead")
