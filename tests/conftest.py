@@ -82,6 +82,17 @@ def ray_without_token_auth() -> Iterator[None]:
         yield
 
 
+@pytest.fixture(scope="module", autouse=True)
+def no_ray_left_connected(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A module that leaves this process connected to Ray would break the next module's
+    ``ray.init``: disconnect, and fail the module's last test so the leak is fixed."""
+    yield
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+        pytest.fail(f"{request.module.__name__} left this process connected to Ray")
+
+
 @pytest.fixture(scope="module")
 def ray_address() -> Iterator[str]:
     """A local Ray instance (2 CPUs) for a test module; yields its GCS address. ``RAY_AUTH_MODE``

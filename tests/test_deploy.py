@@ -7,6 +7,8 @@ cluster-config schema and, where installed, Prometheus' promtool.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -21,6 +23,7 @@ import pytest
 import yaml
 from packaging.requirements import Requirement
 
+import jobs.main
 from jobs import metrics as jm
 
 if sys.version_info >= (3, 11):
@@ -337,7 +340,13 @@ def test_readme_commands_parse_with_the_real_cli():
             commands.append(m.group(0).strip())
     assert commands
     for cmd in commands:
-        _check_vcut_command(shlex.split(cmd))
+        argv = shlex.split(cmd)
+        if argv[2:] == ["--help"]:  # prints the help (parameters, exit statuses) and exits 0
+            with pytest.raises(SystemExit) as exit_info, contextlib.redirect_stdout(io.StringIO()):
+                jobs.main.build_parser().parse_args(argv[1:])
+            assert exit_info.value.code == 0
+            continue
+        _check_vcut_command(argv)
 
 
 # --- promtool (from Debian's prometheus package) ------------------------------------------

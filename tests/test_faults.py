@@ -86,6 +86,9 @@ def ray_address():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.setenv("RAY_AUTH_MODE", "disabled")  # restored on exit (conftest: ray_without_token_auth)
+        # the cluster's workers serve the subprocess drivers too, whose no-op renderer lives in
+        # benchmarks/: they inherit the raylet's environment, this process's
+        mp.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
         ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
         try:
             yield ray.get_runtime_context().gcs_address
