@@ -110,6 +110,8 @@ def _ray_placement() -> tuple[str | None, str | None]:
         return None, None
     import ray
 
+    if not ray.is_initialized():  # get_runtime_context() would start a local Ray instance
+        return None, None
     try:
         return ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address()
     except Exception:

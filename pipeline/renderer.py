@@ -42,7 +42,7 @@ from .compile import CompileWatch, compile_mode, compile_pipeline
 from .encode import FORMATS, encode_video
 from .images import DEFAULT_MAX_PIXELS, FIT_MODES, ImageSource, fit_image, load_image
 from .loading import load_svd_pipeline
-from .params import check_generation, check_value
+from .params import GENERATION_PARAMS, check_generation, check_value
 from .svd import RenderPipeline
 
 logger = logging.getLogger(__name__)
@@ -317,22 +317,9 @@ class Renderer:
         ``ImageError`` for a bad image.
         This is :meth:`generate_batch` with one row.
         """
-        return self.generate_batch(
-            [image],
-            seeds=[seed],
-            num_frames=num_frames,
-            num_inference_steps=num_inference_steps,
-            height=height,
-            width=width,
-            fps=fps,
-            motion_bucket_id=motion_bucket_id,
-            noise_aug_strength=noise_aug_strength,
-            min_guidance_scale=min_guidance_scale,
-            max_guidance_scale=max_guidance_scale,
-            decode_chunk_size=decode_chunk_size,
-            fit=fit,
-            filesystem=filesystem,
-        )[0]
+        # every keyword but the row's own image and seed, passed on as it came
+        shared = {k: v for k, v in locals().items() if k not in ("self", "image", "seed")}
+        return self.generate_batch([image], seeds=[seed], **shared)[0]
 
     def generate_batch(
         self,
@@ -372,18 +359,8 @@ class Renderer:
         if num_frames is None:
             num_frames = int(self.unet_config.get("num_frames", 25))
         # The declared ranges (pipeline.params), multiples of 8 and min <= max guidance.
-        call = check_generation(
-            num_frames=num_frames,
-            num_inference_steps=num_inference_steps,
-            height=height,
-            width=width,
-            fps=fps,
-            motion_bucket_id=motion_bucket_id,
-            noise_aug_strength=noise_aug_strength,
-            min_guidance_scale=min_guidance_scale,
-            max_guidance_scale=max_guidance_scale,
-            decode_chunk_size=decode_chunk_size,
-        )
+        given = locals()  # the keywords, whose names the declaration lists (tests/test_params.py)
+        call = check_generation(**{name: given[name] for name in GENERATION_PARAMS if name != "seed"})
         if fit not in FIT_MODES:
             raise ValueError(f"fit must be one of {FIT_MODES}, got {fit!r}")
         if not images:

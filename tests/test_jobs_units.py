@@ -365,3 +365,15 @@ def test_results_through_an_fsspec_filesystem(request):
         assert (summary["ok"], summary["failed"]) == (4, 0)
     finally:
         fs.rm(out.root, recursive=True)
+
+
+def test_a_worker_outside_ray_has_no_placement_and_starts_no_ray():
+    """Rows' node id/IP come from Ray's runtime context, which starts a local Ray instance
+    when asked outside one: a RenderWorker used in-process must not."""
+    import ray
+
+    from jobs import worker
+
+    assert not ray.is_initialized()
+    assert worker._ray_placement() == (None, None)
+    assert not ray.is_initialized()
