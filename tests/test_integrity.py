@@ -19,9 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import AWS_UNSET, moto_server
 
-from jobs import manifest as mf
-from jobs import output
-from jobs import results as rs
+from jobs import manifest, output, results
 from jobs.config import check_config, load_config
 from jobs.lock import EXIT_LOCKED, LEASE_NAME, LOCK_NAME, OutputLock, OutputLockedError
 from jobs.runner import Runner
@@ -119,25 +117,25 @@ def _row(row_id: str, **carried) -> dict:
 def test_carried_column_type_change_between_runs(tmp_path, runs):
     out = tmp_path / "out"
     for i, (type_, value) in enumerate(runs):
-        writer = rs.ResultWriter(out, pa.schema([("note", type_)]))
+        writer = results.ResultWriter(out, pa.schema([("note", type_)]))
         writer.commit([_row(f"r{i}", note=value)])
         writer.commit([_row("shared", note=value)])  # an id rendered again: the last row wins
-        assert rs.compact(out) >= 0
-        table = rs.read_results(out)
+        assert results.compact(out) >= 0
+        table = results.read_results(out)
         assert table.num_rows == i + 2
         notes = dict(zip(table.column("id").to_pylist(), table.column("note").to_pylist(), strict=True))
         for j, (_, v) in enumerate(runs[: i + 1]):
             assert str(notes[f"r{j}"]).rstrip("0").rstrip(".") == str(v).rstrip("0").rstrip(".")
         assert str(notes["shared"]).rstrip("0").rstrip(".") == str(value).rstrip("0").rstrip(".")
-        summary = rs.summarize(out, manifest_rows=i + 2, rendered=2, skipped=0, wall_seconds=1.0)
+        summary = results.summarize(out, manifest_rows=i + 2, rendered=2, skipped=0, wall_seconds=1.0)
         assert summary["ok"] == i + 2
-    assert rs.done_ids(out).size == len(runs) + 1
+    assert results.done_ids(out).size == len(runs) + 1
 
 
 def test_carried_values_cast_to_the_committed_type(tmp_path):
     out = tmp_path / "out"
-    rs.ResultWriter(out, pa.schema([("note", pa.string())])).commit([_row("a", note="x")])
-    writer = rs.ResultWriter(out, pa.schema([("note", pa.int64())]))
+    results.ResultWriter(out, pa.schema([("note", pa.string())])).commit([_row("a", note="x")])
+    writer = results.ResultWriter(out, pa.schema([("note", pa.int64())]))
     assert writer.schema.field("note").type == pa.string()  # integers go into the text column
     writer.commit([_row("b", note=7)])
     assert {pq.read_schema(out / "results" / n).field("note").type for n in os.listdir(out / "results")} == {
@@ -151,18 +149,18 @@ def test_carried_values_cast_to_the_committed_type(tmp_path):
 def test_underscore_columns_are_carried(tmp_path):
     path = tmp_path / "m.parquet"
     pq.write_table(pa.table({"image": ["a.png", "b.png"], "_note": ["x", None], "__n": [1, 2]}), path)
-    info = mf.validate_manifest(str(path), reserved=rs.RESERVED_COLUMNS)
+    info = manifest.validate_manifest(str(path), reserved=results.RESERVED_COLUMNS)
     assert info.carried == ["_note", "__n"]
-    rows = next(mf.iter_manifest(str(path)))
+    rows = next(manifest.iter_manifest(str(path)))
     runner = Runner.__new__(Runner)  # only _commit: no Ray, no workers
     runner.cfg_dict = {"defaults": {}, "model": {"vcut": "full"}}
     runner.shards = None
     committed: list[dict] = []
     runner._commit_rows = committed.extend
     runner._commit(mf_batch(rows), [{"status": "ok"} for _ in rows])
-    writer = rs.ResultWriter(tmp_path / "out", info.carried_schema)
+    writer = results.ResultWriter(tmp_path / "out", info.carried_schema)
     writer.commit(committed)
-    table = rs.read_results(tmp_path / "out")
+    table = results.read_results(tmp_path / "out")
     assert table.column("_note").to_pylist() == ["x", None] and table.column("__n").to_pylist() == [1, 2]
     assert "_image" not in table.column_names and "_row" not in table.column_names
 
@@ -176,8 +174,8 @@ def mf_batch(rows):
 def test_private_names_are_refused(tmp_path):
     path = tmp_path / "m.parquet"
     pq.write_table(pa.table({"image": ["a.png"], "_image": ["b.png"]}), path)
-    with pytest.raises(mf.ManifestError, match="'_image' is reserved"):
-        mf.validate_manifest(str(path), reserved=rs.RESERVED_COLUMNS)
+    with pytest.raises(manifest.ManifestError, match="'_image' is reserved"):
+        manifest.validate_manifest(str(path), reserved=results.RESERVED_COLUMNS)
 
 
 # -- 4. ids are strings, whatever the format -------------------------------------------------
@@ -186,25 +184,25 @@ def test_private_names_are_refused(tmp_path):
 def test_csv_ids_are_strings(tmp_path):
     path = tmp_path / "m.csv"
     path.write_text("id,image,seed\n007,1.png,1\n7,2.png,2\n0x1,3,3\n")
-    info = mf.validate_manifest(str(path), reserved=rs.RESERVED_COLUMNS)  # 007 and 7: no duplicate
+    info = manifest.validate_manifest(str(path), reserved=results.RESERVED_COLUMNS)  # 007 and 7: no duplicate
     assert info.num_rows == 3
-    rows = next(mf.iter_manifest(str(path)))
+    rows = next(manifest.iter_manifest(str(path)))
     assert [r["id"] for r in rows] == ["007", "7", "0x1"] and rows[2]["image"] == "3"
     assert [r["seed"] for r in rows] == [1, 2, 3]
     dup = tmp_path / "dup.csv"
     dup.write_text("id,image\n007,1.png\n007,2.png\n")
-    with pytest.raises(mf.ManifestError, match="duplicate '007'"):
-        mf.validate_manifest(str(dup))
+    with pytest.raises(manifest.ManifestError, match="duplicate '007'"):
+        manifest.validate_manifest(str(dup))
 
 
 def test_jsonl_ids_are_strings(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text('{"id": "007", "image": "a.png"}\n{"id": "7", "image": "b.png"}\n')
-    mf.validate_manifest(str(path))
-    assert [r["id"] for r in next(mf.iter_manifest(str(path)))] == ["007", "7"]
+    manifest.validate_manifest(str(path))
+    assert [r["id"] for r in next(manifest.iter_manifest(str(path)))] == ["007", "7"]
     numbers = tmp_path / "n.jsonl"
     numbers.write_text('{"id": 7, "image": "a.png"}\n')
-    assert next(mf.iter_manifest(str(numbers)))[0]["id"] == "7"
+    assert next(manifest.iter_manifest(str(numbers)))[0]["id"] == "7"
 
 
 # -- 5. one range per parameter --------------------------------------------------------------
@@ -220,12 +218,12 @@ def test_seed_above_int64_is_refused_everywhere(tmp_path, seed):
     path = tmp_path / "m.parquet"
     pq.write_table(pa.table({"image": ["a.png", "b.png"], "seed": pa.array([1, seed], pa.uint64())}), path)
     with pytest.raises(
-        mf.ManifestError, match=re.escape(f"'seed' is out of range [0, {SEED_MAX}]: {seed} at row 1")
+        manifest.ManifestError, match=re.escape(f"'seed' is out of range [0, {SEED_MAX}]: {seed} at row 1")
     ):
-        mf.validate_manifest(str(path))
+        manifest.validate_manifest(str(path))
     pq.write_table(pa.table({"image": ["a.png"], "seed": [float(seed)]}), path)
-    with pytest.raises(mf.ManifestError, match=r"'seed' is out of range"):
-        mf.validate_manifest(str(path))
+    with pytest.raises(manifest.ManifestError, match=r"'seed' is out of range"):
+        manifest.validate_manifest(str(path))
 
 
 def test_renderer_uses_the_same_range():
@@ -245,16 +243,16 @@ def test_largest_seed_and_integral_floats_are_accepted(tmp_path):
     pq.write_table(
         pa.table({"image": ["a.png", "b.png", "c.png"], "seed": seeds, "fps": [7.0, 8.0, 9.0]}), path
     )
-    mf.validate_manifest(str(path))
-    rows = next(mf.iter_manifest(str(path)))
+    manifest.validate_manifest(str(path))
+    rows = next(manifest.iter_manifest(str(path)))
     assert [r["seed"] for r in rows] == [5, None, 2**53] and isinstance(rows[0]["seed"], int)
     assert [r["fps"] for r in rows] == [7, 8, 9]
     pq.write_table(pa.table({"image": ["a.png"], "seed": [5.5]}), path)
-    with pytest.raises(mf.ManifestError, match=r"'seed' expects an integer, got 5.5 at row 0"):
-        mf.validate_manifest(str(path))
+    with pytest.raises(manifest.ManifestError, match=r"'seed' expects an integer, got 5.5 at row 0"):
+        manifest.validate_manifest(str(path))
     # the results schema holds the largest seed (int64)
-    rs.ResultWriter(tmp_path / "out").commit([_row("a", seed=SEED_MAX) | {"seed": SEED_MAX}])
-    assert rs.read_results(tmp_path / "out").column("seed").to_pylist() == [SEED_MAX]
+    results.ResultWriter(tmp_path / "out").commit([_row("a", seed=SEED_MAX) | {"seed": SEED_MAX}])
+    assert results.read_results(tmp_path / "out").column("seed").to_pylist() == [SEED_MAX]
 
 
 # -- 6. never create a bucket ----------------------------------------------------------------
@@ -290,7 +288,7 @@ def test_writers_never_create_a_bucket(moto_s3, tmp_path):
     out = output.open_output(f"s3://{missing}/renders/x")
     out.makedirs("results")
     out.makedirs("videos")
-    writer = rs.ResultWriter(out)  # pre-flight bypassed: the writer itself must not create it
+    writer = results.ResultWriter(out)  # pre-flight bypassed: the writer itself must not create it
     with pytest.raises(OSError):
         writer.commit([_row("a")])
     frames = np.zeros((2, 16, 16, 3), np.uint8)

@@ -19,8 +19,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from jobs import manifest as mf
-from jobs import results as rs
+from jobs import manifest, results
 from jobs.config import GenerationConfig, JobConfig, check_config, load_config
 from jobs.main import build_parser
 from jobs.runner import render_key, resolve_params
@@ -126,16 +125,16 @@ def test_manifest_limits_are_the_declared_ones(name: str, tmp_path: Path) -> Non
     path = tmp_path / "m.parquet"
     typ = pa.int64() if p.kind == "int" else pa.float64()
     pq.write_table(pa.table({"image": ["a.png", "b.png"], name: pa.array([p.low, p.high], typ)}), path)
-    mf.validate_manifest(str(path))
+    manifest.validate_manifest(str(path))
     for bad in _outside(name):
         bad_type = pa.uint64() if p.kind == "int" and bad > 2**63 - 1 else typ
         pq.write_table(pa.table({"image": ["a.png", "b.png"], name: pa.array([p.low, bad], bad_type)}), path)
         with pytest.raises(
-            mf.ManifestError, match=re.escape(f"out of range [{p.low}, {p.high}]: {bad} at row 1")
+            manifest.ManifestError, match=re.escape(f"out of range [{p.low}, {p.high}]: {bad} at row 1")
         ):
-            mf.validate_manifest(str(path))
-    assert name in mf.KNOWN_COLUMNS
-    assert "decode_chunk_size" not in mf.KNOWN_COLUMNS  # a job setting: a column of that name is carried
+            manifest.validate_manifest(str(path))
+    assert name in manifest.KNOWN_COLUMNS
+    assert "decode_chunk_size" not in manifest.KNOWN_COLUMNS  # a job setting: such a column is carried
 
 
 # -- results ------------------------------------------------------------------------------------
@@ -143,10 +142,10 @@ def test_manifest_limits_are_the_declared_ones(name: str, tmp_path: Path) -> Non
 
 def test_results_schema_has_each_row_parameter_with_its_type() -> None:
     for name in ROW_PARAMS:
-        assert rs.RESULT_SCHEMA.field(name).type == arrow_type(name), name
-        assert name not in rs.RESERVED_COLUMNS  # a manifest may set it
+        assert results.RESULT_SCHEMA.field(name).type == arrow_type(name), name
+        assert name not in results.RESERVED_COLUMNS  # a manifest may set it
     assert arrow_type("seed") == pa.int64() and arrow_type("noise_aug_strength") == pa.float64()
-    assert "decode_chunk_size" not in rs.RESULT_SCHEMA.names
+    assert "decode_chunk_size" not in results.RESULT_SCHEMA.names
 
 
 # -- renderer -----------------------------------------------------------------------------------
@@ -252,9 +251,9 @@ def test_the_declaration_and_the_job_config_import_without_torch() -> None:
 def test_build_manifest_refuses_values_the_run_would(option: str, value: int, message: str, tmp_path) -> None:
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
     out = tmp_path / "m.parquet"
-    with pytest.raises(mf.ManifestError, match=re.escape(message)):
-        mf.build_manifest(str(tmp_path), str(out), **{option: [0 if option == "seeds" else 7, value]})
+    with pytest.raises(manifest.ManifestError, match=re.escape(message)):
+        manifest.build_manifest(str(tmp_path), str(out), **{option: [0 if option == "seeds" else 7, value]})
     assert not out.exists()
-    mf.build_manifest(str(tmp_path), str(out), seeds=[SEED_MAX], fps=[7], num_frames=[2])
-    mf.validate_manifest(str(out))
+    manifest.build_manifest(str(tmp_path), str(out), seeds=[SEED_MAX], fps=[7], num_frames=[2])
+    manifest.validate_manifest(str(out))
     assert pq.read_table(out).column("seed").to_pylist() == [SEED_MAX]
