@@ -32,7 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from pipeline.notices import quiet_notices
-from pipeline.params import BATCH_PARAMS, ROW_PARAMS
+from pipeline.params import BATCH_PARAMS, JOB_PARAMS, ROW_PARAMS
 
 log = logging.getLogger(__name__)
 
@@ -202,7 +202,7 @@ class RenderWorker:
             getattr(self.renderer, "step_cache_depth", cfg["model"].get("step_cache_depth")) or 1
         )
         self.encode = encoder or default_encoder()
-        self.decode_chunk_size = cfg["defaults"].get("decode_chunk_size")
+        self.job_params = {k: cfg["defaults"].get(k) for k in JOB_PARAMS}  # the same for every row
         self.rows_per_call = max(1, int(cfg["workers"].get("render_batch") or 1))
         self._render_lock = threading.Lock()
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
@@ -322,7 +322,7 @@ class RenderWorker:
         try:
             self._reset_peak_memory()
             kwargs = {k: params[k] for k in ROW_PARAMS}
-            gen = self.renderer.generate(task["image"], decode_chunk_size=self.decode_chunk_size, **kwargs)
+            gen = self.renderer.generate(task["image"], **self.job_params, **kwargs)
             return self._fill(result, gen, params, loaded, loaded + time.perf_counter() - start)
         except Exception as exc:
             result.update(error=_error(exc), seconds=loaded + time.perf_counter() - start)
@@ -357,7 +357,7 @@ class RenderWorker:
             gens = self.renderer.generate_batch(
                 images,
                 seeds=[tasks[i]["params"]["seed"] for i in good],
-                decode_chunk_size=self.decode_chunk_size,
+                **self.job_params,
                 **{k: params[k] for k in BATCH_PARAMS},
             )
             share = (time.perf_counter() - start) / len(good)

@@ -138,6 +138,8 @@ ORDERED_PAIRS: tuple[tuple[str, str], ...] = (("min_guidance_scale", "max_guidan
 ROW_PARAMS: tuple[str, ...] = tuple(n for n, p in GENERATION_PARAMS.items() if p.per_row)
 #: What rows must share to render in one pipeline call: every row parameter but the seed.
 BATCH_PARAMS: tuple[str, ...] = tuple(n for n in ROW_PARAMS if n != "seed")
+#: Parameters only the job config sets (``defaults.*``), the same for every row of a job.
+JOB_PARAMS: tuple[str, ...] = tuple(n for n, p in GENERATION_PARAMS.items() if not p.per_row)
 
 
 def defaults() -> dict[str, Any]:

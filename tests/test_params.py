@@ -257,3 +257,26 @@ def test_build_manifest_refuses_values_the_run_would(option: str, value: int, me
     manifest.build_manifest(str(tmp_path), str(out), seeds=[SEED_MAX], fps=[7], num_frames=[2])
     manifest.validate_manifest(str(out))
     assert pq.read_table(out).column("seed").to_pylist() == [SEED_MAX]
+
+
+def test_the_worker_passes_job_parameters_to_every_call():
+    """``decode_chunk_size`` (a job setting, not a column) reaches generate and generate_batch."""
+    from omegaconf import OmegaConf
+
+    from jobs.config import load_config
+    from jobs.worker import RenderWorker
+    from pipeline.params import JOB_PARAMS
+
+    assert JOB_PARAMS == ("decode_chunk_size",)
+    calls: list[dict] = []
+
+    class Recorder:
+        def generate(self, image, **kw):
+            calls.append(kw)
+            raise RuntimeError("recorded")
+
+    cfg = OmegaConf.to_container(load_config(dotlist=["defaults.decode_chunk_size=4"]))
+    worker = RenderWorker(cfg, "w0", renderer_factory=lambda m, c: Recorder(), encoder=lambda *a, **k: 0.0)
+    result, frames = worker._render({"image": "x.png", "params": dict(cfg["defaults"])})
+    assert frames is None and "recorded" in result["error"]
+    assert calls and calls[0]["decode_chunk_size"] == 4
