@@ -23,6 +23,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -138,6 +139,24 @@ def moto_server() -> Iterator[dict[str, str]]:
 
 #: AWS variables a test against ``moto_server`` must not inherit.
 AWS_UNSET = ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3")
+
+
+@contextlib.contextmanager
+def moto_s3(mp: pytest.MonkeyPatch) -> Iterator[Any]:
+    """``moto_server()`` with its environment set in this process through ``mp`` (so restored
+    afterwards) and ``AWS_UNSET`` removed; yields an s3fs filesystem on it. s3fs's instance
+    cache is cleared before and after: a cached filesystem would keep an earlier endpoint."""
+    s3fs = pytest.importorskip("s3fs")
+    with moto_server() as env:
+        for name, value in env.items():
+            mp.setenv(name, value)
+        for name in AWS_UNSET:
+            mp.delenv(name, raising=False)
+        s3fs.S3FileSystem.clear_instance_cache()
+        try:
+            yield s3fs.S3FileSystem()
+        finally:
+            s3fs.S3FileSystem.clear_instance_cache()
 
 
 def free_port() -> int:

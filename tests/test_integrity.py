@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import AWS_UNSET, moto_server
+from conftest import moto_s3
 
 from jobs import manifest, output, results
 from jobs.config import check_config, load_config
@@ -258,19 +258,10 @@ def test_largest_seed_and_integral_floats_are_accepted(tmp_path):
 # -- 6. never create a bucket ----------------------------------------------------------------
 
 
-@pytest.fixture
-def moto_s3(monkeypatch):
-    s3fs = pytest.importorskip("s3fs")
-    with moto_server() as env:
-        for name, value in env.items():
-            monkeypatch.setenv(name, value)
-        for name in AWS_UNSET:
-            monkeypatch.delenv(name, raising=False)
-        s3fs.S3FileSystem.clear_instance_cache()
-        try:
-            yield s3fs.S3FileSystem()
-        finally:
-            s3fs.S3FileSystem.clear_instance_cache()
+@pytest.fixture(name="moto_s3")
+def moto_s3_fixture(monkeypatch):
+    with moto_s3(monkeypatch) as fs:
+        yield fs
 
 
 def _buckets(fs) -> set[str]:

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import AWS_UNSET, moto_server
+from conftest import moto_s3
 
 from jobs import output
 from jobs.main import main
@@ -42,20 +42,9 @@ def _need(module: str):
 @pytest.fixture(scope="module")
 def s3():
     """A moto S3 server on loopback with one bucket; yields an s3fs filesystem on it."""
-    import s3fs
-
-    with moto_server() as env, pytest.MonkeyPatch.context() as mp:
-        for name, value in env.items():
-            mp.setenv(name, value)
-        for name in AWS_UNSET:
-            mp.delenv(name, raising=False)
-        s3fs.S3FileSystem.clear_instance_cache()
-        try:
-            fs = s3fs.S3FileSystem()
-            fs.mkdir(BUCKET)
-            yield fs
-        finally:
-            s3fs.S3FileSystem.clear_instance_cache()
+    with pytest.MonkeyPatch.context() as mp, moto_s3(mp) as fs:
+        fs.mkdir(BUCKET)
+        yield fs
 
 
 @pytest.fixture(scope="module")
