@@ -113,12 +113,12 @@ def check_model(model: str, allow_pickle: bool = False) -> None:
     """Refuse a local model folder that is missing or not an SVD pipeline, before anything is
     loaded, with the loader's own folder rules (:mod:`pipeline.model_files`); hub ids pass."""
     from pipeline.errors import ModelLoadError
-    from pipeline.model_files import check_svd_folder, is_local_model, strip_file_scheme
+    from pipeline.model_files import check_svd_folder, local_model_folder
 
-    name = strip_file_scheme(model)
-    if is_local_model(name):
+    folder = local_model_folder(model)
+    if folder is not None:
         try:
-            check_svd_folder(Path(name).expanduser(), allow_pickle)
+            check_svd_folder(folder, allow_pickle)
         except ModelLoadError as exc:
             hint = "give a local SVD folder or a hub id (owner/name)"
             raise CompareError(f"--model {model!r}: {exc}; {hint}") from exc

@@ -127,7 +127,7 @@ def _hf_row(model: str | None) -> Row:
 
     from huggingface_hub.utils import get_token
 
-    from pipeline.model_files import is_local_model, offline_from_env, strip_file_scheme
+    from pipeline.model_files import local_model_folder, offline_from_env
 
     cache = preflight.hf_cache_dir()
     parts = [f"cache {cache}" + ("" if os.path.isdir(cache) else " (empty)")]
@@ -135,7 +135,7 @@ def _hf_row(model: str | None) -> Row:
         parts.append("HF_HUB_OFFLINE set")
     token = get_token()
     parts.append("token set" if token else "no token")
-    hub_model = model is None or not is_local_model(strip_file_scheme(model))
+    hub_model = model is None or local_model_folder(model) is None
     if not token and hub_model:
         parts.append("gated models such as SVD-XT need one: `hf auth login` or HF_TOKEN")
         return Row("HF cache, token", WARN, "; ".join(parts))

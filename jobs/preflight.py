@@ -182,17 +182,18 @@ def check_model(model: dict[str, Any] | Any) -> str:
     complete in the Hugging Face cache, or the hub answers a HEAD request for its
     ``model_index.json`` (with ``HF_TOKEN`` when the repo is gated)."""
     from pipeline.errors import ModelLoadError
-    from pipeline.model_files import check_svd_folder, is_local_model, strip_file_scheme
+    from pipeline.model_files import check_svd_folder, local_model_folder, strip_file_scheme
 
     model_id = str(model["id"])
     allow_pickle = bool(model.get("allow_pickle"))
     name = strip_file_scheme(model_id)
-    if is_local_model(name):
+    folder = local_model_folder(name)
+    if folder is not None:
         try:
-            check_svd_folder(Path(name).expanduser(), allow_pickle)
+            check_svd_folder(folder, allow_pickle)
         except ModelLoadError as exc:
             hint = ""
-            if not Path(name).expanduser().exists():
+            if not folder.exists():
                 hint = f": give a local diffusers folder or a hub id such as {SVD_HUB_ID}"
             raise PreflightError(f"--model {model_id!r}: {exc}{hint}") from exc
         return f"local folder {name}"

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -33,6 +32,7 @@ from .model_files import (  # noqa: F401  (re-exported: the torch-free checks li
     _check_local_folder,
     _local_has_variant,
     is_local_model,
+    local_model_folder,
     offline_from_env,
     pickle_only_components,
     strip_file_scheme,
@@ -98,8 +98,8 @@ def load_svd_pipeline(
     if local_files_only is None:
         local_files_only = offline_from_env()
 
-    local = Path(name).expanduser()
-    is_local = is_local_model(name)
+    local = local_model_folder(name)
+    is_local = local is not None
     if is_local:
         _check_local_folder(local, allow_pickle)
         name = str(local)

@@ -35,6 +35,13 @@ def is_local_model(name: str) -> bool:
     return Path(name).expanduser().exists() or name.startswith(("/", "./", "../", "~")) or name.count("/") > 1
 
 
+def local_model_folder(model: str | os.PathLike) -> Path | None:
+    """The local folder ``model`` names (``file://`` stripped, ``~`` expanded), or None for a
+    hub id: the one rule the loader, ``vcut run``'s pre-flight, ``doctor`` and ``compare`` use."""
+    name = strip_file_scheme(model)
+    return Path(name).expanduser() if is_local_model(name) else None
+
+
 def pickle_only_components(folder: Path) -> dict[str, list[str]]:
     """Components of a local diffusers folder whose weights exist only as pickle files."""
     found: dict[str, list[str]] = {}
