@@ -327,11 +327,12 @@ def test_rayjob_entrypoint_parses_with_the_real_cli():
 
 
 def test_readme_commands_parse_with_the_real_cli():
-    """Every `vcut run` command line in both READMEs and cluster.yaml is accepted."""
+    """Every `vcut run` command line in the READMEs, docs/ and cluster.yaml is accepted."""
     texts = [
         (DEPLOY / "README.md").read_text(),
         (DEPLOY / "ray" / "cluster.yaml").read_text(),
         (DEPLOY.parent / "README.md").read_text(),
+        *(doc.read_text() for doc in sorted((DEPLOY.parent / "docs").glob("*.md"))),
     ]
     commands = []
     for text in texts:
