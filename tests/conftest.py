@@ -35,6 +35,21 @@ except ValueError:
     TORCH_THREADS = 1
 
 
+class FakeClock:
+    """A monotonic clock a test moves by hand (``advance``), instead of sleeping: pass the
+    instance where code takes a ``clock`` callable. ``start`` defaults to a small value, as
+    ``time.monotonic()`` has shortly after a machine boots."""
+
+    def __init__(self, start: float = 1.0) -> None:
+        self.now = float(start)
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny random-weight SVD pipeline written once to disk (safetensors) with save_pretrained."""
