@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the benchmarks are scripts in the checkout, not an installed package
@@ -65,10 +65,7 @@ def test_shared_weight_copies_share_weights_and_leave_stock_untouched():
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "OUT"}
-    env["PYTHON"] = sys.executable
-    env["PYTHONPATH"] = str(ROOT)
-    return env
+    return subprocess_env(drop=("OUT",), PYTHON=sys.executable)
 
 
 def _gpu_bench_cmd(*args: str) -> list[str]:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -22,7 +21,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import AWS_UNSET, moto_server
+from conftest import AWS_UNSET, free_port, moto_server, no_hub, subprocess_env
 
 from jobs import preflight as pf
 
@@ -32,24 +31,11 @@ TINY_JOB = str(ROOT / "examples" / "tiny-job.yaml")
 HUB_ID = "stabilityai/stable-video-diffusion-img2vid-xt"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "RAY_", "VCUT_"))}
-    env.update(
-        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        HF_HOME=str(tmp_path / "hf"),
-        HF_ENDPOINT=f"http://127.0.0.1:{free_port()}",  # no hub: connection refused at once
-        HF_HUB_DISABLE_TELEMETRY="1",
-        RAY_TMPDIR=str(tmp_path / "raytmp"),
-        OMP_NUM_THREADS="1",
+    return subprocess_env(
+        drop=("HF_", "RAY_", "VCUT_"), **no_hub(tmp_path), RAY_TMPDIR=str(tmp_path / "raytmp")
     )
-    return env
 
 
 def vcut_error(args: list[str], env: dict[str, str], tmp_path: Path, expect: str, code: int = 2) -> str:
