@@ -51,20 +51,32 @@ class FakeGeneration:
 
 class FakeRenderer:
     """The ``pipeline.Renderer`` interface the worker uses, rendering nothing in ``delay_s``
-    seconds a row. It has no UNet config: the worker's MAC count fails once (a warning) and
-    rows carry no MACs."""
+    seconds a row; its generation values are checked (``pipeline.params``) and, with
+    ``load_images``, each image is read first (``pipeline.images``), so a bad value or image
+    fails its row as with the model. It has no UNet config: the worker's MAC count
+    fails once (a warning) and rows carry no MACs."""
 
     vcut_mode = "full"
     device = "cpu"
     unet_config = None
 
-    def __init__(self, delay_s: float = 0.0) -> None:
+    def __init__(self, delay_s: float = 0.0, load_images: bool = False) -> None:
         self.delay_s = delay_s
+        self.load_images = load_images
 
     def prepare_image(self, image: Any, **kwargs: Any) -> Any:
-        return image
+        if not self.load_images:
+            return image
+        from pipeline.images import load_image
+
+        return load_image(image)
 
     def generate(self, image: Any, *, seed: int = 0, fps: int = 7, **kwargs: Any) -> FakeGeneration:
+        from pipeline.params import GENERATION_PARAMS, check_generation
+
+        # the renderer's own checks: a value out of range fails its row as with the model
+        check_generation({k: v for k, v in kwargs.items() if k in GENERATION_PARAMS}, fps=fps)
+        self.prepare_image(image)
         if self.delay_s:
             time.sleep(self.delay_s)
         return FakeGeneration(seed, fps)
@@ -77,13 +89,14 @@ class FakeRenderer:
 
 @dataclass(frozen=True)
 class FakeRendererFactory:
-    """A ``renderer_factory(model, cache)`` making ``FakeRenderer(delay_s)``; picklable with its
-    delay (Ray workers import this class, not a test's module)."""
+    """A ``renderer_factory(model, cache)`` making ``FakeRenderer(delay_s, load_images)``;
+    picklable with its settings (Ray workers import this class, not a test's module)."""
 
     delay_s: float = 0.0
+    load_images: bool = False
 
     def __call__(self, model: Mapping[str, Any], cache: Mapping[str, Any]) -> FakeRenderer:
-        return FakeRenderer(self.delay_s)
+        return FakeRenderer(self.delay_s, self.load_images)
 
 
 #: The factory of a renderer without delay.
@@ -99,11 +112,11 @@ def fake_encode(frames: Any, out: str, *, size: int = 0, **kwargs: Any) -> float
     return 0.0
 
 
-def fake_seams(delay_s: float = 0.0, video_bytes: int = 0) -> dict[str, Callable]:
-    """``run_job``'s seams for a job without a model: ``FakeRenderer(delay_s)`` and
+def fake_seams(delay_s: float = 0.0, video_bytes: int = 0, load_images: bool = False) -> dict[str, Callable]:
+    """``run_job``'s seams for a job without a model: ``FakeRenderer(delay_s, load_images)`` and
     ``fake_encode`` writing ``video_bytes`` per video."""
     encoder = functools.partial(fake_encode, size=video_bytes) if video_bytes else fake_encode
-    return {"renderer_factory": FakeRendererFactory(delay_s), "encoder": encoder}
+    return {"renderer_factory": FakeRendererFactory(delay_s, load_images), "encoder": encoder}
 
 
 def _bad_spec(spec: str, why: str) -> ValueError:
