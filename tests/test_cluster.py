@@ -449,7 +449,8 @@ def test_worker_given_a_gpu_without_cuda_refuses_unless_cpu_fallback(monkeypatch
     cfg["workers"]["allow_cpu_fallback"] = True
     allowed = jw.RenderWorker(cfg, "w1", renderer_factory=fake_renderer, encoder=fake_encode)
     assert "error" not in allowed.info() and allowed.info()["device"] == "cpu"
-    task = {"id": "a", "image": "x.png", "output": "/dev/null", "params": {k: 1 for k in ROW_PARAMS}}
+    params = {k: cfg["defaults"][k] for k in ROW_PARAMS}
+    task = {"id": "a", "image": "x.png", "output": "/dev/null", "params": params}
     assert allowed.render_batch([task])[0]["status"] == "ok"
     # no GPU given: no check at all (torch not even needed)
     monkeypatch.setattr(jw, "_assigned_gpus", lambda: [])

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -79,9 +78,7 @@ def test_doctor_fails_rows_with_their_fix(tmp_path):
     blocker.write_text("x")
     args = ["--model", "/tmp/typo-vcut-nothing-here", "--out", str(blocker / "sub")]
     args += ["--address", f"127.0.0.1:{free_port()}"]
-    start = time.monotonic()
     rc, rows, text = doctor(args, _env(tmp_path, VCUT_FFMPEG=str(tmp_path / "no-ffmpeg")))
-    assert time.monotonic() - start < 30
     assert rc == 1, text
     failed = {c for c, (status, _) in rows.items() if status == "FAIL"}
     assert failed == {"model", "output", "ffmpeg", "Ray", "GPUs (Ray)"}, text

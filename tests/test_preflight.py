@@ -15,7 +15,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
@@ -40,8 +39,7 @@ def env(tmp_path: Path) -> dict[str, str]:
 
 def vcut_error(args: list[str], env: dict[str, str], tmp_path: Path, expect: str, code: int = 2) -> str:
     """Run ``vcut ARGS``: exactly one stderr line ``vcut: error: ...`` containing ``expect``,
-    exit ``code``, within a few seconds, and Ray never started. Returns the line."""
-    start = time.monotonic()
+    exit ``code``, and Ray never started (what would take long). Returns the line."""
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.main", *args],
         env=env,
@@ -50,12 +48,10 @@ def vcut_error(args: list[str], env: dict[str, str], tmp_path: Path, expect: str
         text=True,
         timeout=60,
     )
-    elapsed = time.monotonic() - start
     lines = proc.stderr.splitlines()
     assert proc.returncode == code, proc.stderr
     assert len(lines) == 1 and lines[0].startswith("vcut: error: "), proc.stderr
     assert expect in lines[0], lines[0]
-    assert elapsed < 10, f"{elapsed:.1f} s"
     assert not (tmp_path / "raytmp").exists(), "Ray was started"
     assert proc.stdout == ""
     return lines[0]
