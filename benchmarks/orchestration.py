@@ -14,8 +14,9 @@ on a local Ray instance, through ``jobs.runner.run_job``, the function behind ``
 
 * ``stub``: the whole job machinery (manifest validation, windowed streaming, grouping by
   image, batching, Ray actor calls, result commits to Parquet, compaction, summary) with the
-  model replaced by a no-op renderer and encoder through the runner's ``renderer_factory`` /
-  ``encoder`` seams: each row "renders" one 16x16 black frame instantly and writes no video.
+  model replaced by the no-op renderer and encoder of ``jobs.testing`` through the runner's
+  ``renderer_factory`` / ``encoder`` seams: each row "renders" one 16x16 black frame instantly
+  and writes no video (``--video-bytes N``: N bytes).
   This is the driver's ceiling: the rows per second it can push when rendering costs nothing.
 * ``resume``: ``vcut run`` again over the finished ``stub`` output: every row is already
   ``ok``, so the driver validates and streams the manifest, drops every row as done and
@@ -34,7 +35,6 @@ processes it started. Memory must not grow with the manifest: compare 10k with 5
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import resource
@@ -52,45 +52,6 @@ from benchmarks.e2e import ensure_tiny_model, generation_key, make_images, make_
 
 #: The smallest settings (pixels, frames, steps), as ``<section>.<key>`` of the job config.
 SMALLEST = {"height": 8, "width": 8, "num_frames": 2, "num_inference_steps": 1}
-
-
-# -- the no-op model (module level: Ray pickles these by reference) ------------------------------
-
-
-class _StubGeneration:
-    def __init__(self, seed: int, fps: int):
-        import numpy as np
-
-        self.frames = np.zeros((1, 16, 16, 3), dtype=np.uint8)
-        self.timings = {"total": 0.0, "denoise": 0.0}
-        self.cache_hit = False
-        self.num_inference_steps = 1
-        self.fps = fps
-        self.seed = seed
-
-
-class StubRenderer:
-    vcut_mode = "full"
-    device = "cpu"
-    unet_config = None  # the worker's MAC count fails once, logs it, and records none
-
-    def generate(self, image: Any, *, seed: int = 0, fps: int = 7, **kwargs: Any) -> _StubGeneration:
-        return _StubGeneration(seed, fps)
-
-
-def stub_renderer(model: dict, cache: dict) -> StubRenderer:
-    return StubRenderer()
-
-
-def stub_encode(frames: Any, out: str, **kwargs: Any) -> float:
-    return 0.0
-
-
-def stub_encode_bytes(frames: Any, out: str, *, size: int, **kwargs: Any) -> float:
-    """The no-op encoder that writes ``size`` bytes (``--video-bytes``): a video's I/O, no work."""
-    with open(out, "wb") as f:
-        f.write(b"\0" * size)
-    return 0.0
 
 
 # -- memory sampling ------------------------------------------------------------------------------
@@ -184,12 +145,9 @@ def run_one(
     check_config(cfg)
     kwargs: dict[str, Any] = {}
     if path == "stub":
-        from benchmarks import orchestration as seams  # by reference, not by value from __main__
+        from jobs.testing import fake_seams
 
-        encoder = (
-            functools.partial(seams.stub_encode_bytes, size=video_bytes) if video_bytes else seams.stub_encode
-        )
-        kwargs = {"renderer_factory": seams.stub_renderer, "encoder": encoder}
+        kwargs = fake_seams(video_bytes=video_bytes)
     clock = _CommitClock()
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with MemorySampler() as mem:

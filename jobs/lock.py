@@ -28,6 +28,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -68,9 +69,17 @@ class OutputLock:
     """The lock on one output folder. ``acquire()`` raises :class:`OutputLockedError`;
     ``release()`` is idempotent. Also a context manager."""
 
-    def __init__(self, out: str | os.PathLike | OutputDir, *, ttl_s: float = 120.0, settle_s: float = 1.0):
+    def __init__(
+        self,
+        out: str | os.PathLike | OutputDir,
+        *,
+        ttl_s: float = 120.0,
+        settle_s: float = 1.0,
+        clock: Callable[[], float] = time.time,
+    ):
         self.out = open_output(out)
         self.ttl_s = float(ttl_s)
+        self.clock = clock  # wall-clock seconds (leases are compared across hosts); a test's fake one
         self.settle_s = float(settle_s)  # pause before reading a non-conditional lease back
         self._fd: int | None = None
         self._token = uuid.uuid4().hex
@@ -143,10 +152,10 @@ class OutputLock:
         except FileNotFoundError:
             return None
         except ValueError:  # unreadable: treat as someone else's, expiring after ttl from now
-            return {"token": "?", "expires": time.time() + self.ttl_s}
+            return {"token": "?", "expires": self.clock() + self.ttl_s}
 
     def _lease_bytes(self) -> bytes:
-        return json.dumps({**self.info, "token": self._token, "expires": time.time() + self.ttl_s}).encode()
+        return json.dumps({**self.info, "token": self._token, "expires": self.clock() + self.ttl_s}).encode()
 
     def _acquire_lease(self) -> None:
         fs = self.out.fs
@@ -154,7 +163,7 @@ class OutputLock:
         current = self._read_lease()
         if (
             current is not None
-            and current.get("expires", 0) > time.time()
+            and current.get("expires", 0) > self.clock()
             and current.get("token") != self._token
         ):
             self._locked(current)
@@ -188,15 +197,18 @@ class OutputLock:
 
     def _refresh(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
-            try:
-                current = self._read_lease()
-                if current is not None and current.get("token") not in (self._token, None):
-                    log.warning("the lease on %s was taken by %s", self.out.uri, _describe(current))
-                self.out.fs.pipe_file(self._lease_path(), self._lease_bytes())
-            except Exception as exc:  # the next refresh tries again
-                log.warning(
-                    "could not refresh the lease on %s: %s: %s", self.out.uri, type(exc).__name__, exc
-                )
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Move the lease's expiry to ``ttl_s`` from now (done every ``ttl_s / 3`` seconds while
+        held); a failure is a warning, the next refresh tries again."""
+        try:
+            current = self._read_lease()
+            if current is not None and current.get("token") not in (self._token, None):
+                log.warning("the lease on %s was taken by %s", self.out.uri, _describe(current))
+            self.out.fs.pipe_file(self._lease_path(), self._lease_bytes())
+        except Exception as exc:
+            log.warning("could not refresh the lease on %s: %s: %s", self.out.uri, type(exc).__name__, exc)
 
     def _release_lease(self) -> None:
         if self._thread is None:

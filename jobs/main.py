@@ -290,6 +290,7 @@ def _run_job(args: argparse.Namespace, signals) -> int:
     from jobs.progress import format_summary
     from jobs.runner import JobError, run_job
     from jobs.stop import ExitStatus, OutputWriteError, exit_for_signal, quiet_orphaned_storage_errors
+    from jobs.testing import seams_from_env
 
     _setup_logging(args.verbose)
     quiet_orphaned_storage_errors()
@@ -320,10 +321,11 @@ def _run_job(args: argparse.Namespace, signals) -> int:
         print(f"vcut: error: {exc}", file=sys.stderr)
         return 2
     log_file = _log_to_out(out)
+    seams = seams_from_env()  # test-only: VCUT_TEST_RENDERER (jobs.testing); {} when unset
     hook = make_metrics_hook(cfg.metrics)
     try:
         summary = run_job(
-            cfg, args.manifest, out, hook=hook, info=info, verbose=args.verbose, signals=signals
+            cfg, args.manifest, out, hook=hook, info=info, verbose=args.verbose, signals=signals, **seams
         )
     except OutputLockedError as exc:  # another driver runs on this --out
         _fail(str(exc))

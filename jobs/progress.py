@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from typing import IO, Any
 
 log = logging.getLogger("jobs")
@@ -51,11 +52,18 @@ class Progress:
     The driver calls ``update(ok=, failed=)`` per committed batch and ``update()`` once a loop
     turn (so the elapsed time and the log lines move between commits), sets ``skipped`` as it
     finds rows already ok, and calls ``close()`` at the end. On a terminal the bar redraws at
-    most every ``redraw_s``; otherwise a log line is written every ``interval_s``.
+    most every ``redraw_s``; otherwise a log line is written every ``interval_s``, the first at
+    the first ``update``. ``clock`` is the monotonic clock (a test's fake one).
     """
 
     def __init__(
-        self, total: int, *, interval_s: float = 10.0, stream: IO[str] | None = None, redraw_s: float = 0.2
+        self,
+        total: int,
+        *,
+        interval_s: float = 10.0,
+        stream: IO[str] | None = None,
+        redraw_s: float = 0.2,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.total = total
         self.rendered = 0  # rows committed by this run, ok or failed
@@ -64,8 +72,11 @@ class Progress:
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.interval_s = interval_s if not self.tty else redraw_s
-        self.start = time.monotonic()
-        self._last = 0.0
+        self.clock = clock
+        self.start = clock()
+        # None: nothing shown yet. Not 0.0: monotonic time starts near 0 at boot, and on a
+        # machine up for less than ``interval_s`` the first update would not be shown.
+        self._last: float | None = None
         self._logging = contextlib.ExitStack()
         self.bar: Any = None
         if self.tty:
@@ -100,14 +111,14 @@ class Progress:
     def update(self, ok: int = 0, failed: int = 0, force: bool = False) -> None:
         self.rendered += ok + failed
         self.failed += failed
-        now = time.monotonic()
-        if force or now - self._last >= self.interval_s:
+        now = self.clock()
+        if force or self._last is None or now - self._last >= self.interval_s:
             self._last = now
             self._show(now)
 
     def line(self, now: float | None = None) -> str:
         """The log line: ``6/10 rows, 0.65 videos/s, elapsed 00:09, ETA 00:06, 1 failed, 2 already ok``."""
-        elapsed = (now or time.monotonic()) - self.start
+        elapsed = (self.clock() if now is None else now) - self.start
         rate = self.rendered / elapsed if elapsed > 0 else 0.0
         eta = _duration((self.total - self.done) / rate) if rate > 0 else "--:--"
         return (

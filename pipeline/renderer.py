@@ -42,6 +42,7 @@ from .compile import CompileWatch, compile_mode, compile_pipeline
 from .encode import FORMATS, encode_video
 from .images import DEFAULT_MAX_PIXELS, FIT_MODES, ImageSource, fit_image, load_image
 from .loading import load_svd_pipeline
+from .oom import halve_on_oom
 from .params import GENERATION_PARAMS, check_generation, check_value
 from .svd import RenderPipeline
 
@@ -399,23 +400,19 @@ class Renderer:
         (for the rest of this batch: a size that ran out once is not tried again)."""
         generations: list[RenderedVideo] = []
         size, start = len(images), 0
+
+        def call_rows(n: int) -> list[RenderedVideo]:
+            return self._render_call(
+                images[start : start + n], seeds[start : start + n], load_seconds[start : start + n], call
+            )
+
+        def halved(n: int, smaller: int) -> None:
+            logger.warning("a batch of %d rows ran out of memory; going on %d rows at a time", n, smaller)
+
         while start < len(images):
-            end = start + size
-            try:
-                generations += self._render_call(
-                    images[start:end], seeds[start:end], load_seconds[start:end], call
-                )
-                start = end
-                continue
-            except torch.OutOfMemoryError:
-                if size == 1:
-                    raise
-            # Outside the except block, so the failed attempt's tensors are already released.
-            smaller = (size + 1) // 2
-            logger.warning("a batch of %d rows ran out of memory; going on %d rows at a time", size, smaller)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            size = smaller
+            rendered, size = halve_on_oom(call_rows, size, halved)
+            generations += rendered
+            start += len(rendered)
         return generations
 
     def _render_call(

@@ -45,6 +45,7 @@ from torch import nn
 from transformers.models.clip.modeling_clip import CLIPVisionModelOutput
 
 from .cache import EmbeddingCache, image_key
+from .oom import halve_on_oom
 
 logger = logging.getLogger(__name__)
 
@@ -195,22 +196,11 @@ class RenderPipeline(StableVideoDiffusionPipeline):
         return torch.cat(videos) if len(videos) > 1 else videos[0]
 
     def _decode_one(self, latents: torch.Tensor, num_frames: int, chunk: int) -> tuple[torch.Tensor, int]:
-        while True:
-            oom = False
-            try:
-                frames = super().decode_latents(latents, num_frames, chunk)
-            except torch.OutOfMemoryError:
-                if chunk <= 1:
-                    raise
-                oom = True
-            if not oom:
-                return frames, chunk
-            # Outside the except block, so the failed attempt's tensors are already released.
-            new_chunk = max(1, chunk // 2)
+        def halved(chunk: int, smaller: int) -> None:
             logger.warning(
-                "VAE decode ran out of memory with decode_chunk_size=%d; retrying with %d", chunk, new_chunk
+                "VAE decode ran out of memory with decode_chunk_size=%d; retrying with %d", chunk, smaller
             )
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-            chunk = new_chunk
             self.last_decode_retries += 1
+
+        decode = super().decode_latents
+        return halve_on_oom(lambda n: decode(latents, num_frames, n), chunk, halved)

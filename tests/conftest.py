@@ -29,10 +29,27 @@ import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", os.environ["OMP_NUM_THREADS"])
+ROOT = Path(__file__).resolve().parents[1]
+
 try:
     TORCH_THREADS = max(1, int(os.environ["OMP_NUM_THREADS"].split(",")[0]))
 except ValueError:
     TORCH_THREADS = 1
+
+
+class FakeClock:
+    """A monotonic clock a test moves by hand (``advance``), instead of sleeping: pass the
+    instance where code takes a ``clock`` callable. ``start`` defaults to a small value, as
+    ``time.monotonic()`` has shortly after a machine boots."""
+
+    def __init__(self, start: float = 1.0) -> None:
+        self.now = float(start)
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 @pytest.fixture(scope="session")
@@ -96,11 +113,15 @@ def no_ray_left_connected(request: pytest.FixtureRequest) -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def ray_address() -> Iterator[str]:
-    """A local Ray instance (2 CPUs) for a test module; yields its GCS address. ``RAY_AUTH_MODE``
-    is restored afterwards, whatever ``ray.init`` set (see ``ray_without_token_auth``)."""
+    """A local Ray instance (2 CPUs) for a test module; yields its GCS address. Its workers
+    import this worktree's code (``PYTHONPATH``: also for drivers in subprocesses that join it)
+    and never ask the hub (``HF_HUB_OFFLINE``). ``RAY_AUTH_MODE`` and those variables are
+    restored afterwards, whatever ``ray.init`` set (see ``ray_without_token_auth``)."""
     ray = pytest.importorskip("ray")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RAY_AUTH_MODE", "disabled")  # restored on exit, whatever ray.init set
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("PYTHONPATH", _pythonpath())  # the raylet's workers inherit this environment
         ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
         try:
             yield ray.get_runtime_context().gcs_address
@@ -160,9 +181,39 @@ def moto_s3(mp: pytest.MonkeyPatch) -> Iterator[Any]:
 
 
 def free_port() -> int:
+    """A TCP port on loopback that nothing listens on (as the kernel just handed it out)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _pythonpath() -> str:
+    return os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+
+def subprocess_env(
+    *, drop: tuple[str, ...] = ("RAY_", "VCUT_"), keep: tuple[str, ...] = (), **extra: str
+) -> dict[str, str]:
+    """The environment of a process a test starts (``python -m jobs.main``, ``ray start``, a
+    script): this process's, without the variables whose names start with one of ``drop``
+    (a Ray address or a ``VCUT_`` setting of whoever runs the tests) unless they start with
+    one of ``keep``; this worktree first on ``PYTHONPATH``; then ``extra``. ``OMP_NUM_THREADS``
+    comes from this process (set at the top of this file)."""
+    env = {k: v for k, v in os.environ.items() if k.startswith(keep) or not k.startswith(drop)}
+    env["PYTHONPATH"] = _pythonpath()
+    env.update(extra)
+    return env
+
+
+def no_hub(tmp_path: Path) -> dict[str, str]:
+    """Variables for a child process that must not reach the Hugging Face hub: an empty cache
+    under ``tmp_path`` and an endpoint on a closed loopback port (refused at once). Pass with
+    ``drop`` including ``"HF_"``."""
+    return {
+        "HF_HOME": str(tmp_path / "hf"),
+        "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+    }
 
 
 @contextlib.contextmanager
@@ -186,8 +237,7 @@ def ray_head_node(**env: str) -> Iterator[str]:
     cmd += ["--node-ip-address", "127.0.0.1", "--port", str(port), "--temp-dir", temp]
     cmd += ["--num-cpus", "1", "--num-gpus", "0", "--include-dashboard", "false", "--disable-usage-stats"]
     cmd += [f"{k}={v}" for k, v in ports.items()]
-    child_env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    child_env.update({"RAY_AUTH_MODE": "disabled", **env})
+    child_env = subprocess_env(drop=("RAY_",), **{"RAY_AUTH_MODE": "disabled", **env})
     log = os.path.join(temp, "ray-start.log")
     with open(log, "wb") as out:
         proc = subprocess.Popen(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # the benchmarks are scripts in the checkout, not an installed package
@@ -65,10 +65,7 @@ def test_shared_weight_copies_share_weights_and_leave_stock_untouched():
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k != "OUT"}
-    env["PYTHON"] = sys.executable
-    env["PYTHONPATH"] = str(ROOT)
-    return env
+    return subprocess_env(drop=("OUT",), PYTHON=sys.executable)
 
 
 def _gpu_bench_cmd(*args: str) -> list[str]:
@@ -271,11 +268,9 @@ def test_compile_shim_forces_the_backend_and_drops_keywords_an_older_torch_lacks
 def test_hard_limit_stops_a_stage():
     from benchmarks import gpu_bench
 
-    t0 = time.monotonic()
-    with pytest.raises(gpu_bench.StageTimeout):
-        with gpu_bench.hard_limit(0.5):
-            time.sleep(5)
-    assert time.monotonic() - t0 < 3
+    with pytest.raises(gpu_bench.StageTimeout):  # not interrupted: a minute, then no exception
+        with gpu_bench.hard_limit(0.05):
+            time.sleep(60)
     with gpu_bench.hard_limit(None):
         pass
 
@@ -291,8 +286,9 @@ def test_peak_flops_table_tells_h100_forms_apart():
     assert identify_gpu("NVIDIA H100", None, None) is None
     assert identify_gpu("NVIDIA H200", 132, 141 * 2**30) == "H200"
     assert identify_gpu("NVIDIA A100-SXM4-80GB", 108, 80 * 2**30) is None
-    assert PEAK_TFLOPS["H100 SXM"] == 989.4 and PEAK_TFLOPS["H100 PCIe"] == 756.0
-    assert PEAK_TFLOPS["H100 NVL"] == 835.6 and PEAK_TFLOPS["H200"] == 989.4
+    names = ["NVIDIA H100 80GB HBM3", "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA H200", "NVIDIA H200 NVL"]
+    told_apart = {identify_gpu(name, 132, 94 * 2**30) for name in names}
+    assert told_apart <= set(PEAK_TFLOPS) and len(told_apart) == 5  # each form has its peak
 
 
 def test_per_step_and_fixed_cost_from_two_step_counts():
@@ -303,38 +299,6 @@ def test_per_step_and_fixed_cost_from_two_step_counts():
     assert d["video_s"] == pytest.approx(3.0 + 25 * 0.5)
     noisy = derive([(2, 4.0), (6, 3.9)], 25)
     assert noisy["video_s"] is None and "per-step" in noisy["invalid"]
-
-
-def test_feature_detection_names_what_is_missing():
-    from benchmarks.gpu_bench import detect_features
-
-    class Old:
-        @classmethod
-        def from_pipe(cls, pipe, *, vcut="full", compile=False):
-            pass
-
-    class New(Old):
-        @classmethod
-        def from_pipe(cls, pipe, *, vcut="full", compile=False, step_cache=None, step_cache_depth=1):
-            pass
-
-        def generate_batch(self, images, *, seeds, **kw):
-            pass
-
-    def old_macs(model, *, mode="full"):
-        pass
-
-    def new_macs(model, *, mode="full", step_cache=None):
-        pass
-
-    old = detect_features(Old, old_macs)
-    assert old["compile"] and not old["step_cache"] and not old["generate_batch"]
-    assert (
-        "step_cache" in old["missing"]["step_cache"] and "generate_batch" in old["missing"]["generate_batch"]
-    )
-    assert "step_cache" in old["missing"]["count_macs_step_cache"]
-    new = detect_features(New, new_macs)
-    assert new["step_cache"] and new["generate_batch"] and new["count_macs_step_cache"] and not new["missing"]
 
 
 @pytest.mark.slow

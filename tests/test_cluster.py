@@ -5,19 +5,17 @@ One cluster serves the module: a head node with no resources (the driver's) and 
 with one fake GPU each (``ray start --num-gpus 1``; torch here is a CPU build, so rendering
 needs ``workers.allow_cpu_fallback=true``), all on loopback with their own temp dirs and ports.
 Tests add and kill nodes of their own; every process is killed by the PID of the ``ray start``
-it came from (its process group), never by name. Rows render with a sleeping stub renderer.
+it came from (its process group), never by name. Rows render with ``jobs.testing``'s fake renderer.
 The cluster tests are ``slow``; the unit tests at the end (deadline, sizing, config, the CUDA
 refusal in-process) are not.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -32,20 +30,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import free_port, subprocess_env
 from omegaconf import OmegaConf
 
+from jobs.testing import FakeRendererFactory, fake_encode, fake_renderer
 from pipeline.params import ROW_PARAMS
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
 # -- the cluster -------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -74,16 +65,14 @@ class RayCluster:
     def __init__(self) -> None:
         self.nodes: list[Node] = []
         self.address: str | None = None
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-        self.env.update(
+        self.env = subprocess_env(
+            drop=("RAY_",),
             RAY_AUTH_MODE="disabled",
             # a dead node is noticed in ~2 s instead of Ray's default ~30 s
             RAY_health_check_initial_delay_ms="1000",
             RAY_health_check_period_ms="500",
             RAY_health_check_timeout_ms="500",
             RAY_health_check_failure_threshold="3",
-            # workers import this module (the stub renderer) and the worktree's code
-            PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]),
         )
 
     def add(self, gpus: int = 1, cpus: int = 1) -> Node:
@@ -165,36 +154,6 @@ def cluster() -> Iterator[RayCluster]:
 # -- the job -----------------------------------------------------------------------------------
 
 
-class _Generation:
-    def __init__(self, fps: int):
-        self.frames = np.zeros((1, 8, 8, 3), dtype=np.uint8)
-        self.timings = {"total": 0.0, "denoise": 0.0}
-        self.fps = fps
-
-
-class SlowRenderer:
-    """Renders nothing, in ``delay`` seconds per row."""
-
-    vcut_mode = "full"
-    device = "cpu"
-    unet_config = None
-
-    def __init__(self, delay: float):
-        self.delay = delay
-
-    def generate(self, image: Any, *, fps: int = 7, **kwargs: Any) -> _Generation:
-        time.sleep(self.delay)
-        return _Generation(fps)
-
-
-def slow_renderer(model: dict, cache: dict, delay: float = 0.05) -> SlowRenderer:
-    return SlowRenderer(delay)
-
-
-def no_encode(frames: Any, out: str, **kwargs: Any) -> float:
-    return 0.0
-
-
 class Hook:
     """Records every committed row (and when); ``each(row)`` runs a test's action per row."""
 
@@ -247,8 +206,8 @@ def _runner(tmp_path: Path, rows: int, *overrides: str, delay: float = 0.05, hoo
         _manifest(tmp_path, rows),
         str(tmp_path / "out"),
         hook=hook,
-        renderer_factory=functools.partial(slow_renderer, delay=delay),
-        encoder=no_encode,
+        renderer_factory=FakeRendererFactory(delay_s=delay),
+        encoder=fake_encode,
         progress_stream=open(os.devnull, "w"),  # noqa: SIM115 (closed with the process)
     )
 
@@ -477,7 +436,7 @@ def test_worker_given_a_gpu_without_cuda_refuses_unless_cpu_fallback(monkeypatch
     monkeypatch.setattr(jw, "_assigned_gpus", lambda: ["0"])
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     cfg = OmegaConf.to_container(load_config(), resolve=True, enum_to_str=True)
-    refused = jw.RenderWorker(cfg, "w0", renderer_factory=slow_renderer, encoder=no_encode)
+    refused = jw.RenderWorker(cfg, "w0", renderer_factory=fake_renderer, encoder=fake_encode)
     info = refused.info()
     assert refused.renderer is None and "\n" not in info["error"]
     assert info["error"].startswith(
@@ -488,11 +447,12 @@ def test_worker_given_a_gpu_without_cuda_refuses_unless_cpu_fallback(monkeypatch
         assert "is a CPU build (torch.version.cuda is None)" in info["error"]
 
     cfg["workers"]["allow_cpu_fallback"] = True
-    allowed = jw.RenderWorker(cfg, "w1", renderer_factory=slow_renderer, encoder=no_encode)
+    allowed = jw.RenderWorker(cfg, "w1", renderer_factory=fake_renderer, encoder=fake_encode)
     assert "error" not in allowed.info() and allowed.info()["device"] == "cpu"
-    task = {"id": "a", "image": "x.png", "output": "/dev/null", "params": {k: 1 for k in ROW_PARAMS}}
+    params = {k: cfg["defaults"][k] for k in ROW_PARAMS}
+    task = {"id": "a", "image": "x.png", "output": "/dev/null", "params": params}
     assert allowed.render_batch([task])[0]["status"] == "ok"
     # no GPU given: no check at all (torch not even needed)
     monkeypatch.setattr(jw, "_assigned_gpus", lambda: [])
     cfg["workers"]["allow_cpu_fallback"] = False
-    assert "error" not in jw.RenderWorker(cfg, "w2", renderer_factory=slow_renderer).info()
+    assert "error" not in jw.RenderWorker(cfg, "w2", renderer_factory=fake_renderer).info()

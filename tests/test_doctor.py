@@ -8,15 +8,12 @@ may run on this machine).
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from conftest import ray_head_node
+from conftest import free_port, no_hub, ray_head_node, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,24 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(tmp_path: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "RAY_", "VCUT_"))}
-    env.update(
-        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        HF_HOME=str(tmp_path / "hf"),
-        HF_ENDPOINT=f"http://127.0.0.1:{free_port()}",
-        HF_HUB_DISABLE_TELEMETRY="1",
-        RAY_TMPDIR=str(tmp_path / "raytmp"),
-        OMP_NUM_THREADS="1",
-        **extra,
+    return subprocess_env(
+        drop=("HF_", "RAY_", "VCUT_"), **no_hub(tmp_path), RAY_TMPDIR=str(tmp_path / "raytmp"), **extra
     )
-    return env
 
 
 def doctor(args: list[str], env: dict[str, str]) -> tuple[int, dict[str, tuple[str, str]], str]:
@@ -95,9 +78,7 @@ def test_doctor_fails_rows_with_their_fix(tmp_path):
     blocker.write_text("x")
     args = ["--model", "/tmp/typo-vcut-nothing-here", "--out", str(blocker / "sub")]
     args += ["--address", f"127.0.0.1:{free_port()}"]
-    start = time.monotonic()
     rc, rows, text = doctor(args, _env(tmp_path, VCUT_FFMPEG=str(tmp_path / "no-ffmpeg")))
-    assert time.monotonic() - start < 30
     assert rc == 1, text
     failed = {c for c, (status, _) in rows.items() if status == "FAIL"}
     assert failed == {"model", "output", "ffmpeg", "Ray", "GPUs (Ray)"}, text

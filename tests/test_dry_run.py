@@ -17,6 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import subprocess_env
 
 from jobs import dryrun, results
 from jobs.main import main
@@ -49,12 +50,7 @@ def _hours(text: str) -> float:
 @pytest.mark.slow
 def test_dry_run_cli_starts_no_ray_and_uses_the_benchmark(tiny_model_dir, tmp_path):
     manifest, out, ray_tmp = _manifest(tmp_path / "in"), tmp_path / "out", tmp_path / "raytmp"
-    env = dict(
-        os.environ,
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-        RAY_TMPDIR=str(ray_tmp),
-        OMP_NUM_THREADS="1",
-    )
+    env = subprocess_env(drop=(), RAY_TMPDIR=str(ray_tmp))
     args = [*_args(manifest, out, tiny_model_dir), "--dry-run", "output.layout=webdataset"]
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.main", *args, "output.shard_size=4"],

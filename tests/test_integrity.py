@@ -17,7 +17,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import moto_s3
+from conftest import FakeClock, moto_s3, subprocess_env
 
 from jobs import manifest, output, results
 from jobs.config import check_config, load_config
@@ -39,9 +39,8 @@ time.sleep(600)
 
 
 def _holder(out: Path) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(
-        [sys.executable, "-c", HOLD, str(out)], env=env, stdout=subprocess.PIPE, text=True
+        [sys.executable, "-c", HOLD, str(out)], env=subprocess_env(), stdout=subprocess.PIPE, text=True
     )
     assert proc.stdout.readline().strip() == "locked"
     return proc
@@ -82,8 +81,7 @@ def test_second_vcut_run_is_refused_and_keeps_the_first_drivers_temporaries(tmp_
     tmp_video = out / "videos" / ".a.mp4.tmp-0123456789ab"  # the first driver's video in progress
     tmp_video.write_bytes(b"partial")
     proc = _holder(out)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "VCUT_"))}
-    env.update(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", RAY_TMPDIR=str(tmp_path / "raytmp"))
+    env = subprocess_env(RAY_TMPDIR=str(tmp_path / "raytmp"))
     try:
         args = ["run", MANIFEST, "--out", str(out), "--model", str(tiny_model_dir), "--config", TINY_JOB]
         run = subprocess.run(
@@ -291,22 +289,30 @@ def test_writers_never_create_a_bucket(moto_s3, tmp_path):
 
 
 def test_object_store_lease(moto_s3):
+    """Held while refreshed, free once its holder stops refreshing and ``ttl_s`` has passed:
+    on a fake wall clock (the refresh thread's period, ttl / 3 = 40 s, is not reached)."""
     fs = moto_s3
     fs.mkdir("vcut-integrity-lease")
     uri = "s3://vcut-integrity-lease/out"
-    first = OutputLock(uri, ttl_s=3, settle_s=0.1).acquire()
+    clock = FakeClock(time.time())
+    first = OutputLock(uri, ttl_s=120, settle_s=0, clock=clock).acquire()
     lease = json.loads(fs.cat_file(f"vcut-integrity-lease/out/{LEASE_NAME}"))
-    assert lease["pid"] == os.getpid() and lease["expires"] > time.time()
+    assert lease["pid"] == os.getpid() and lease["expires"] == clock() + 120
     with pytest.raises(OutputLockedError, match=f"pid {os.getpid()} on host"):
-        OutputLock(uri, settle_s=0.1).acquire()
-    time.sleep(2.5)  # refreshed every ttl / 3: still held after most of a ttl
+        OutputLock(uri, settle_s=0, clock=clock).acquire()
+    clock.advance(100)
+    first.refresh()  # what the thread does every ttl / 3
+    clock.advance(100)  # 200 s after the start: held, as refreshed at 100 s
     with pytest.raises(OutputLockedError):
-        OutputLock(uri, settle_s=0.1).acquire()
+        OutputLock(uri, settle_s=0, clock=clock).acquire()
     first._stop.set()  # a driver that died: no more refreshes, the lease expires
     first._thread.join()
-    time.sleep(3.2)
-    second = OutputLock(uri, settle_s=0.1).acquire()
-    racer = OutputLock(uri, settle_s=0.1)  # saw no lease, then lost the conditional create
+    clock.advance(19)  # 1 s before it expires
+    with pytest.raises(OutputLockedError):
+        OutputLock(uri, settle_s=0, clock=clock).acquire()
+    clock.advance(1.5)
+    second = OutputLock(uri, settle_s=0, clock=clock).acquire()
+    racer = OutputLock(uri, settle_s=0, clock=clock)  # saw no lease, then lost the conditional create
     reads = iter([None])
     real_read = racer._read_lease
     racer._read_lease = lambda: next(reads, None) or real_read()

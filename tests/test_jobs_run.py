@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import subprocess_env
 
 from jobs.main import main
 
@@ -184,7 +185,7 @@ def test_driver_sigkill_then_rerun_completes(ray_address, tiny_model_dir, tmp_pa
     pq.write_table(pa.Table.from_pylist(rows), manifest)
     out = tmp_path / "out"
     args = _run_args(manifest, out, tiny_model_dir, "--address", ray_address, "--workers", "1")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = subprocess_env(drop=())
     proc = subprocess.Popen(
         [sys.executable, "-m", "jobs.main", *args, "workers.batch_size=1"],
         env=env,
@@ -225,7 +226,7 @@ def test_example_manifest_renders(ray_address, tiny_model_dir, tmp_path):
     library notice, banner or warning, from the driver or, streamed by --verbose, the workers)."""
     manifest, out = ROOT / "examples" / "manifest.parquet", tmp_path / "out"
     rows = pq.read_metadata(manifest).num_rows
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env = subprocess_env(drop=())
     args = _run_args(manifest, out, tiny_model_dir, "--address", ray_address, "--verbose")
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.main", *args], env=env, capture_output=True, text=True, timeout=300

@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import FakeClock
 
 from jobs import manifest, output, results
 from jobs.config import load_config
@@ -216,17 +217,29 @@ def test_size_workers_never_reserves_every_cpu():
     assert size_workers(load_config(), {"CPU": 16, "GPU": 4}) == (4, 1.0, 1.0)
 
 
-def test_progress_log_lines(caplog):
+@pytest.mark.parametrize("boot", [0.5, 1e6])  # monotonic time just after boot, and days later
+def test_progress_log_lines(caplog, boot):
+    """The first update is logged, the next ones once ``interval_s`` has passed, one at the end;
+    on a fake clock that starts ``boot`` seconds after the machine booted (a clock below the
+    interval once hid the first line)."""
     caplog.set_level(logging.INFO, logger="jobs")
+    clock = FakeClock(boot)
     stream = io.StringIO()  # not a terminal: log lines every interval, no bar
-    progress = Progress(10, interval_s=3600, stream=stream)
+    progress = Progress(10, interval_s=60, stream=stream, clock=clock)
     progress.skipped = 2
-    progress.update(ok=3, failed=1)  # the first update logs; the next ones wait for the interval
-    progress.update(ok=1)
+    clock.advance(8)
+    progress.update(ok=3, failed=1)  # the first update logs at once
+    clock.advance(59)
+    progress.update(ok=1)  # within the interval: no line
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 1 and lines[0].startswith("progress: 6/10 rows, 0.50 videos/s, elapsed 00:08")
+    assert "1 failed" in lines[0] and "2 already ok" in lines[0]
+    clock.advance(1)
+    progress.update()  # the interval has passed
     progress.close()  # and one line at the end
     lines = [r.getMessage() for r in caplog.records]
-    assert len(lines) == 2 and lines[0].startswith("progress: 6/10 rows") and "1 failed" in lines[0]
-    assert lines[1].startswith("progress: 7/10 rows") and "2 already ok" in lines[1]
+    assert len(lines) == 3 and lines[1] == lines[2]
+    assert lines[2].startswith("progress: 7/10 rows, 0.07 videos/s, elapsed 01:08, ETA 00:40")
     assert stream.getvalue() == ""
 
 

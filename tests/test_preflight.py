@@ -13,16 +13,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import AWS_UNSET, moto_server
+from conftest import AWS_UNSET, free_port, moto_server, no_hub, subprocess_env
 
 from jobs import preflight as pf
 
@@ -32,30 +30,16 @@ TINY_JOB = str(ROOT / "examples" / "tiny-job.yaml")
 HUB_ID = "stabilityai/stable-video-diffusion-img2vid-xt"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def env(tmp_path: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "RAY_", "VCUT_"))}
-    env.update(
-        PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-        HF_HOME=str(tmp_path / "hf"),
-        HF_ENDPOINT=f"http://127.0.0.1:{free_port()}",  # no hub: connection refused at once
-        HF_HUB_DISABLE_TELEMETRY="1",
-        RAY_TMPDIR=str(tmp_path / "raytmp"),
-        OMP_NUM_THREADS="1",
+    return subprocess_env(
+        drop=("HF_", "RAY_", "VCUT_"), **no_hub(tmp_path), RAY_TMPDIR=str(tmp_path / "raytmp")
     )
-    return env
 
 
 def vcut_error(args: list[str], env: dict[str, str], tmp_path: Path, expect: str, code: int = 2) -> str:
     """Run ``vcut ARGS``: exactly one stderr line ``vcut: error: ...`` containing ``expect``,
-    exit ``code``, within a few seconds, and Ray never started. Returns the line."""
-    start = time.monotonic()
+    exit ``code``, and Ray never started (what would take long). Returns the line."""
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.main", *args],
         env=env,
@@ -64,12 +48,10 @@ def vcut_error(args: list[str], env: dict[str, str], tmp_path: Path, expect: str
         text=True,
         timeout=60,
     )
-    elapsed = time.monotonic() - start
     lines = proc.stderr.splitlines()
     assert proc.returncode == code, proc.stderr
     assert len(lines) == 1 and lines[0].startswith("vcut: error: "), proc.stderr
     assert expect in lines[0], lines[0]
-    assert elapsed < 10, f"{elapsed:.1f} s"
     assert not (tmp_path / "raytmp").exists(), "Ray was started"
     assert proc.stdout == ""
     return lines[0]

@@ -206,6 +206,7 @@ def test_parameters_removed_on_real_svd_xt_architecture():
     assert report.spatial_cross_attentions_replaced == report.temporal_cross_attentions_removed == 16
 
 
+@pytest.mark.slow  # the full SVD-XT UNet traced on meta tensors: about 10 s a shape on 2 cores
 def test_mac_figures_svd_xt_full_size():
     full = vcut.count_macs(
         "svd-xt", height=576, width=1024, num_frames=25, num_inference_steps=25, mode="full"
@@ -220,6 +221,7 @@ def test_mac_figures_svd_xt_full_size():
     assert abs(full.params_removed - exact.params_removed - 50.38e6) / 50.38e6 < 0.01
 
 
+@pytest.mark.slow  # four shapes of the full SVD UNet on meta tensors
 def test_mac_figures_scale_with_shape():
     small = vcut.count_macs("svd", height=320, width=512, num_frames=14, num_inference_steps=10, mode="full")
     large = vcut.count_macs("svd", height=576, width=1024, num_frames=14, num_inference_steps=10, mode="full")
@@ -237,7 +239,7 @@ def test_mac_figures_scale_with_shape():
 
 
 @pytest.mark.parametrize("mode", ["exact", "full"])
-@pytest.mark.parametrize("frames,size", [(2, 32), (3, 48)])
+@pytest.mark.parametrize("frames,size", [(2, 32), pytest.param(3, 48, marks=pytest.mark.slow)])
 def test_meta_count_matches_a_real_run(stock_pipe, mode, frames, size):
     """The meta-tensor count equals FlopCounterMode over real CPU UNet calls (tiny model)."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -264,7 +266,7 @@ def test_meta_count_matches_a_real_run(stock_pipe, mode, frames, size):
     assert report.macs_saved > 0
 
 
-def test_macs_command_json(capsys):
+def test_macs_command_json(capsys, tiny_model_dir):
     import json
 
     from jobs.main import main
@@ -274,11 +276,11 @@ def test_macs_command_json(capsys):
             [
                 "macs",
                 "--model",
-                "svd-xt",
+                str(tiny_model_dir),
                 "--height",
-                "320",
+                "64",
                 "--width",
-                "512",
+                "64",
                 "--num-frames",
                 "8",
                 "--steps",
@@ -304,11 +306,8 @@ def test_macs_command_json(capsys):
     assert data["mode"] == "exact" and data["num_frames"] == 8
 
 
-def test_macs_on_a_local_model_folder(tmp_path):
-    from vcut.tiny import save_tiny_pipeline
-
-    save_tiny_pipeline(tmp_path / "tiny")
-    report = vcut.count_macs(tmp_path / "tiny", height=64, width=64, num_frames=2, num_inference_steps=2)
+def test_macs_on_a_local_model_folder(tmp_path, tiny_model_dir):
+    report = vcut.count_macs(tiny_model_dir, height=64, width=64, num_frames=2, num_inference_steps=2)
     assert report.params_baseline < 5_000_000 and report.macs_saved > 0
     with pytest.raises(FileNotFoundError, match="not an SVD model folder"):
         vcut.count_macs(tmp_path, height=64, width=64)

@@ -151,12 +151,23 @@ def test_modes_import_without_torch():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-def test_every_mode_list_is_vcut_modes():
-    from jobs.main import build_parser
+def test_resolve_unet_finds_the_unet_and_names_its_user(stock_unet):
+    from types import SimpleNamespace
 
-    parser = build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command").choices
-    for command, dest in [("run", "vcut"), ("macs", "mode")]:
-        action = next(a for a in sub[command]._actions if a.dest == dest)
-        assert tuple(action.choices) == vcut.MODES, command
-    assert vcut.patch.MODES is vcut.MODES
+    from vcut.unet import resolve_unet
+
+    compiled = torch.compile(stock_unet)  # wrapped, not compiled until called
+    for obj in (stock_unet, SimpleNamespace(unet=stock_unet), compiled, SimpleNamespace(unet=compiled)):
+        assert resolve_unet(obj, "x") is stock_unet
+    with pytest.raises(TypeError, match=r"^step caching expects a diffusers .* got Linear$"):
+        resolve_unet(torch.nn.Linear(2, 2), "step caching")
+    with pytest.raises(TypeError, match="^apply_vcut expects"):
+        vcut.apply_vcut(SimpleNamespace(unet=None), "exact")
+
+
+def test_count_parameters():
+    from vcut.unet import count_parameters
+
+    linear, conv = torch.nn.Linear(3, 4), torch.nn.Conv2d(2, 5, 3, bias=False)
+    assert count_parameters(linear) == 3 * 4 + 4 and count_parameters(conv) == 2 * 5 * 3 * 3
+    assert count_parameters(linear, None, conv) == 16 + 90 and count_parameters() == 0

@@ -65,8 +65,8 @@ def _cfg(*extra: str):
 
 
 def _run(manifest: str, out: str) -> dict:
-    from benchmarks import orchestration as seams
     from jobs.runner import run_job
+    from jobs.testing import fake_renderer
     from pipeline.encode import encode_video
 
     with open(os.devnull, "w") as devnull:
@@ -74,7 +74,7 @@ def _run(manifest: str, out: str) -> dict:
             _cfg(),
             manifest,
             out,
-            renderer_factory=seams.stub_renderer,
+            renderer_factory=fake_renderer,
             encoder=encode_video,
             progress_stream=devnull,
         )

@@ -66,7 +66,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     )
 
 
-_SUBMODULES = ("macs", "modes", "patch", "step_cache", "tiny")
+_SUBMODULES = ("macs", "modes", "patch", "step_cache", "tiny", "unet")
 
 
 def __getattr__(name: str) -> Any:

@@ -39,6 +39,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from vcut.modes import MODES
+from vcut.unet import count_parameters, resolve_unet
 
 #: the one attribute apply_vcut sets on a UNet: its VCUTState (see vcut_state)
 _STATE_ATTR = "_vcut_state"
@@ -269,18 +270,6 @@ class SpatialCrossAttnLinearProcessor:
         return self._compute(attn, e)
 
 
-def _resolve_unet(obj: object) -> nn.Module:
-    from diffusers import UNetSpatioTemporalConditionModel
-
-    unet = getattr(obj, "unet", obj)
-    if not isinstance(unet, UNetSpatioTemporalConditionModel):
-        raise TypeError(
-            "apply_vcut expects a diffusers StableVideoDiffusionPipeline or "
-            f"UNetSpatioTemporalConditionModel, got {type(obj).__name__}"
-        )
-    return unet
-
-
 def _spatio_temporal_blocks(unet: nn.Module):
     """Yield ``(spatial_block, temporal_block)`` pairs of every TransformerSpatioTemporalModel."""
     from diffusers.models.transformers.transformer_temporal import TransformerSpatioTemporalModel
@@ -288,10 +277,6 @@ def _spatio_temporal_blocks(unet: nn.Module):
     for module in unet.modules():
         if isinstance(module, TransformerSpatioTemporalModel):
             yield from zip(module.transformer_blocks, module.temporal_transformer_blocks, strict=True)
-
-
-def _count(*modules: nn.Module | None) -> int:
-    return sum(p.numel() for m in modules if m is not None for p in m.parameters())
 
 
 @dataclass
@@ -347,7 +332,7 @@ def apply_vcut(
     """
     if mode not in MODES:
         raise ValueError(f"unknown VCUT mode {mode!r}; expected one of {', '.join(MODES)}")
-    unet = _resolve_unet(obj)
+    unet = resolve_unet(obj, "apply_vcut")
     previous = vcut_state(unet)
     if previous is not None:
         if previous.report.mode == mode:
@@ -365,7 +350,7 @@ def apply_vcut(
             f"cannot switch to {mode!r}: {how}"
         )
 
-    params_before = _count(unet)
+    params_before = count_parameters(unet)
     if mode == "off":
         return VCUTReport("off", params_before, params_before, 0, 0, 0)
 
@@ -400,7 +385,7 @@ def apply_vcut(
         unet.register_forward_pre_hook(keys.before_forward, with_kwargs=True),
         unet.register_forward_hook(keys.after_forward, with_kwargs=True, always_call=True),
     ]
-    params_after = _count(unet)
+    params_after = count_parameters(unet)
     report = VCUTReport(mode, params_before, params_after, params_before - params_after, spatial, temporal)
     state = VCUTState(report, keys, handles, processors, removed if keep_removed else None)
     setattr(unet, _STATE_ATTR, state)
@@ -415,7 +400,7 @@ def remove_vcut(obj: object) -> None:
     (a compiled ``forward`` keeps the graph it traced). Raises :class:`VCUTError` when the
     patch was applied with ``keep_removed=False`` (the weights are gone).
     """
-    unet = _resolve_unet(obj)
+    unet = resolve_unet(obj, "apply_vcut")
     state = vcut_state(unet)
     if state is None:
         return
@@ -436,7 +421,7 @@ def remove_vcut(obj: object) -> None:
 
 def vcut_state(obj: object) -> VCUTState | None:
     """The :class:`VCUTState` of a patched pipeline or UNet (None when unpatched or ``"off"``)."""
-    return getattr(_resolve_unet(obj), _STATE_ATTR, None)
+    return getattr(resolve_unet(obj, "apply_vcut"), _STATE_ATTR, None)
 
 
 def shared_weight_copy(module: nn.Module) -> nn.Module:
@@ -459,7 +444,7 @@ def vcut_mode(obj: object) -> str:
 
 def clear_vcut_cache(obj: object) -> None:
     """Forget every cached ``to_out(to_v(e))`` (frees memory; results do not depend on it)."""
-    unet = _resolve_unet(obj)
+    unet = resolve_unet(obj, "apply_vcut")
     state = vcut_state(unet)
     if state is not None:
         state.keys.clear()

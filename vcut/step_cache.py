@@ -61,6 +61,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from vcut.patch import VCUTError, tensor_version
+from vcut.unet import count_parameters, resolve_unet
 
 _STATE_ATTR = "_vcut_step_cache"
 
@@ -190,19 +191,6 @@ def _cached_forward(self: nn.Module, hidden_states: torch.Tensor, *args: Any, **
     return out
 
 
-def _resolve_unet(obj: object) -> nn.Module:
-    from diffusers import UNetSpatioTemporalConditionModel
-
-    unet = getattr(obj, "unet", obj)
-    unet = getattr(unet, "_orig_mod", unet)  # a torch.compile'd module
-    if not isinstance(unet, UNetSpatioTemporalConditionModel):
-        raise TypeError(
-            "step caching expects a diffusers StableVideoDiffusionPipeline or "
-            f"UNetSpatioTemporalConditionModel, got {type(obj).__name__}"
-        )
-    return unet
-
-
 def check_step_cache_args(interval: Any, depth: Any, levels: int | None = None) -> tuple[int, int]:
     """Validate ``interval`` (None or an int >= 1) and ``depth`` (an int >= 1, <= ``levels``).
 
@@ -220,10 +208,6 @@ def check_step_cache_args(interval: Any, depth: Any, levels: int | None = None) 
         bound = ">= 1" if levels is None else f"in [1, {levels}] for this UNet"
         raise ValueError(f"step_cache_depth must be {bound}, got {depth}")
     return int(interval), int(depth)
-
-
-def _count(modules: list[nn.Module]) -> int:
-    return sum(p.numel() for m in modules for p in m.parameters())
 
 
 def apply_step_cache(obj: object, interval: int | None, depth: int = 1) -> StepCacheReport:
@@ -248,7 +232,7 @@ def apply_step_cache(obj: object, interval: int | None, depth: int = 1) -> StepC
         the first report; other settings on a cached UNet raise :class:`VCUTError` (call
         :func:`remove_step_cache` first).
     """
-    unet = _resolve_unet(obj)
+    unet = resolve_unet(obj, "step caching")
     levels = len(unet.up_blocks)
     interval, depth = check_step_cache_args(interval, depth, levels)
     state: StepCacheState | None = getattr(unet, _STATE_ATTR, None)
@@ -303,7 +287,7 @@ def apply_step_cache(obj: object, interval: int | None, depth: int = 1) -> StepC
         enabled=True,
         skipped_blocks=names,
         cached_block="mid_block" if cached < 0 else f"up_blocks.{cached}",
-        params_in_skipped_blocks=_count([m for _, m, _ in wrapped]),
+        params_in_skipped_blocks=count_parameters(*(m for _, m, _ in wrapped)),
     )
     return state.report
 
@@ -311,7 +295,7 @@ def apply_step_cache(obj: object, interval: int | None, depth: int = 1) -> StepC
 def remove_step_cache(obj: object) -> None:
     """Undo :func:`apply_step_cache` in place: the UNet hooks go (by their handles) and the
     wrapped blocks get their class's ``forward`` back (a no-op on a UNet without it)."""
-    unet = _resolve_unet(obj)
+    unet = resolve_unet(obj, "step caching")
     state: StepCacheState | None = getattr(unet, _STATE_ATTR, None)
     if state is None:
         return
@@ -335,4 +319,4 @@ def reset_step_cache(obj: object) -> None:
 
 def step_cache_state(obj: object) -> StepCacheState | None:
     """The :class:`StepCacheState` of a pipeline's or UNet's step cache (None when off)."""
-    return getattr(_resolve_unet(obj), _STATE_ATTR, None)
+    return getattr(resolve_unet(obj, "step caching"), _STATE_ATTR, None)
