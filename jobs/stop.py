@@ -28,6 +28,8 @@ from collections.abc import Callable
 from enum import IntEnum
 from typing import Any
 
+from jobs.text import error_line
+
 
 class ExitStatus(IntEnum):
     """Every exit status of ``vcut run``. The sysexits(3) numbers are the conventional ones for
@@ -174,9 +176,7 @@ def output_failure(exc: BaseException) -> tuple[str, str] | None:
     if isinstance(exc, OSError | ConnectionError | TimeoutError) or any(
         m.startswith(_STORAGE_MODULES) for m in modules
     ):
-        text = str(exc).strip()
-        cause = f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
-        return cause, "check that the object store answers (endpoint, network, credentials)"
+        return error_line(exc), "check that the object store answers (endpoint, network, credentials)"
     return None
 
 
