@@ -29,7 +29,11 @@ def thumbnail(
     tmp = None
     try:
         if sample is not None or fs is not None:
-            with fs.open(path, "rb") if fs is not None else open(path, "rb") as src:
+            # a shard is read header by header up to the sample (tarfile seeks past the other
+            # members): small blocks, so that a seek on an object store fetches little
+            block = 2**16 if sample is not None else None
+            opened = fs.open(path, "rb", block_size=block) if fs is not None else open(path, "rb")
+            with opened as src:
                 tmp = _spool(src, path, sample)
             if tmp is None:
                 return None

@@ -170,6 +170,20 @@ def test_webdataset_rows_get_a_real_preview(tmp_path):
     assert picture.shape[0] == report.THUMB_HEIGHT and picture[..., 0].mean() > 150 > picture[..., 1].mean()
     assert 'href="shards/00000.tar"' in html
 
+    # a shard on an fsspec filesystem (object storage): the same frame, read through ``fs``
+    import fsspec
+
+    from jobs.report_thumbs import thumbnail
+
+    mem = fsspec.filesystem("memory")
+    mem.pipe_file("/vcut-report-test/00000.tar", shard.read_bytes())
+    try:
+        remote = thumbnail("memory://vcut-report-test/00000.tar", mem, sample=sample_key("b"))
+        assert remote is not None and remote[:2] == b"\xff\xd8"  # a JPEG
+        assert thumbnail("memory://vcut-report-test/00000.tar", mem, sample="nope") is None
+    finally:
+        mem.rm("/vcut-report-test", recursive=True)
+
 
 def test_the_report_template_ships_with_the_package():
     """pyproject's package data names the template the report loads (a wheel without it would
