@@ -8,6 +8,7 @@ import argparse
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+from jobs.cli.common import fail
 from pipeline.params import GENERATION_PARAMS
 from vcut.modes import MODES  # torch-free
 
@@ -101,7 +102,6 @@ def load_config(args: argparse.Namespace) -> Any:
     omegaconf's (or a check's) message in one line (the caller exits ``ExitStatus.USAGE``)."""
     from omegaconf.errors import OmegaConfBaseException
 
-    from jobs.cli.common import fail
     from jobs.config import check_config
     from jobs.config import load_config as load
 
