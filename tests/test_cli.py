@@ -90,3 +90,17 @@ def test_no_command_returns_a_bare_number():
             if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
                 for arg in node.exc.args:
                     assert not (isinstance(arg, ast.Constant) and isinstance(arg.value, int)), path.name
+
+
+def test_the_parser_imports_no_heavy_library():
+    """``vcut --help`` is instant: building every command's parser imports no torch, ray,
+    pyarrow or omegaconf (each command imports what it needs when it runs)."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from jobs.cli import build_parser; build_parser(); "
+        "print(sorted(m for m in ('torch', 'ray', 'pyarrow', 'omegaconf') if m in sys.modules))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr
