@@ -10,7 +10,7 @@ import math
 from collections.abc import Sequence
 from html import escape
 
-from jobs.text import SI_PREFIXES
+from jobs.text import SI_PREFIXES, si
 
 #: matplotlib's tab10: one colour per worker (cycled).
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
@@ -51,7 +51,10 @@ def tick_labels(ticks: Sequence[float]) -> list[str]:
 
 
 def _fmt(v: float) -> str:
-    if abs(v) >= 1e6 or (v and abs(v) < 1e-2):
+    """A bar's value in its tooltip."""
+    if abs(v) >= 1e6:
+        return si(v)
+    if v and abs(v) < 1e-2:
         return f"{v:.2g}"
     if abs(v) >= 1e4:
         return f"{v:,.0f}"
