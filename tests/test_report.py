@@ -131,6 +131,20 @@ def test_histogram_axes_never_repeat_a_tick_label():
             assert len(labels) > 1 and len(set(labels)) == len(labels), labels
 
 
+def test_the_template_escapes_everything_from_the_data():
+    """Ids, error messages, worker names and the title come from users and rows: autoescaped."""
+    hostile = '<script>alert("x")</script>'
+    table = pa.Table.from_pylist(
+        [
+            {**_row(0, "ok", hostile, T0 + 10), "id": hostile},
+            {**_row(1, "failed", "w", T0 + 20, error=f"ImageError: {hostile}"), "id": "a&b"},
+        ]
+    )
+    html = report.build_html(report.report_data(table), title=hostile, thumbs=[None], links=[hostile])
+    assert "<script" not in html and html.count("&lt;script&gt;") >= 4
+    assert "a&amp;b" in html and 'href="&lt;script&gt;' in html
+
+
 def test_webdataset_rows_get_a_real_preview(tmp_path):
     """A WebDataset job's videos live inside shard tars: the contact sheet shows their first
     frame read from the sample in the tar (not "no preview"); a key the tar lacks still does."""
