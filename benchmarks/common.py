@@ -158,11 +158,10 @@ def summarize(values: Iterable[float]) -> dict[str, float | int]:
 
 def write_json(path: str | Path, data: dict[str, Any]) -> Path:
     """Write ``data`` atomically (a reader never sees half a file)."""
+    from pipeline.storage import put_atomic
+
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    put_atomic(None, str(path), (json.dumps(data, indent=2, sort_keys=False, default=str) + "\n").encode())
     return path
 
 

@@ -56,7 +56,6 @@ import gc
 import inspect
 import json
 import os
-import shutil
 import signal
 import statistics
 import subprocess
@@ -594,12 +593,10 @@ class Bench:
         md = self.out.with_suffix(".md")
         md.write_text(self.result["summary_markdown"] + "\n")
         if self.args.copy_to:
-            dest = Path(self.args.copy_to)
-            dest.mkdir(parents=True, exist_ok=True)
+            from pipeline.storage import put_atomic
+
             for f in (self.out, md):
-                tmp = dest / (f.name + ".tmp")
-                shutil.copyfile(f, tmp)
-                tmp.replace(dest / f.name)
+                put_atomic(None, str(Path(self.args.copy_to) / f.name), f)
 
     def skip(self, stage: str, reason: str) -> None:
         self.result["stages_skipped"][stage] = reason

@@ -39,6 +39,8 @@ from vcut import shared_weight_copy
 from vcut.modes import MODES
 
 CONFIGS = (*MODES, "full+cache3", "full+compile")
+#: The lever only this benchmark has: ``<configuration>+compile`` renders it under ``torch.compile``.
+COMPILE_SUFFIX = "+compile"
 
 SIZES: dict[str, dict[str, int]] = {
     # pixels of the video, frames, and the default number of denoising steps
@@ -81,9 +83,14 @@ def build_pipeline(size: str, dtype: torch.dtype, seed: int = 0):
 
 
 def parse_config(name: str) -> dict[str, Any]:
-    """``Renderer.from_pipe`` keywords of a configuration: ``vcut compare``'s grammar
-    (:func:`jobs.compare.parse_config`) with the ``+compile`` lever."""
-    return compare.parse_config(name, allow_compile=True).renderer_kwargs()
+    """A configuration name -> ``Renderer.from_pipe`` keywords: ``vcut compare``'s grammar
+    (:func:`jobs.compare.parse_config`) with this benchmark's own lever, a trailing ``+compile``
+    (``torch.compile``, default mode)."""
+    compiled = name.strip().endswith(COMPILE_SUFFIX)
+    kwargs = compare.parse_config(name.strip().removesuffix(COMPILE_SUFFIX)).renderer_kwargs()
+    if compiled:
+        kwargs["compile"] = "default"
+    return kwargs
 
 
 def make_renderers(pipe, configs: tuple[str, ...]) -> dict[str, Any]:
@@ -102,22 +109,15 @@ def make_renderers(pipe, configs: tuple[str, ...]) -> dict[str, Any]:
 
 def predicted_ratios(unet_config: dict, configs, steps: int, height: int, width: int, frames: int):
     """The denoising loop's MACs per configuration over ``off``'s (``vcut.count_macs``)."""
-    from vcut import count_macs
+    from jobs.macs import Levers, VideoShape, count_video_macs
 
     out = {}
+    shape = VideoShape(height, width, frames, steps)
     for name in configs:
         kw = parse_config(name)
         if name == "off":
             continue
-        report = count_macs(
-            unet_config,
-            height=height,
-            width=width,
-            num_frames=frames,
-            num_inference_steps=steps,
-            mode=kw["vcut"],
-            step_cache=kw.get("step_cache"),
-        )
+        report = count_video_macs(unet_config, shape, Levers(kw["vcut"], kw.get("step_cache")))
         out[name] = {
             "baseline_macs": report.baseline_macs,
             "macs": report.baseline_macs - report.macs_saved,

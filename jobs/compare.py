@@ -14,8 +14,7 @@ state, is copied. Configurations are rendered one after the other, and each one'
 is dropped before the next is built.
 
 The renderer for a configuration comes from one function, :func:`make_renderer`, and its
-MACs from one function, :func:`config_macs`: the only two places that turn a configuration
-into keyword arguments of the renderer and of :func:`vcut.count_macs`.
+MACs from :func:`config_macs` (through ``jobs.macs``, as every MAC count of the project).
 """
 
 from __future__ import annotations
@@ -32,12 +31,13 @@ from typing import Any
 
 import numpy as np
 
+from jobs.macs import Levers, VideoShape, count_video_macs
 from pipeline.params import GENERATION_PARAMS
 from pipeline.storage import is_remote, local_path
 from vcut import shared_weight_copy
 from vcut.modes import MODES as VCUT_MODES
 
-_CONFIG_RE = re.compile(r"^(?P<mode>[a-z]+)(?:\+cache(?P<interval>\d+))?(?P<compile>\+compile)?$")
+_CONFIG_RE = re.compile(r"^(?P<mode>[a-z]+)(?:\+cache(?P<interval>\d+))?$")
 REFERENCE = "off"
 
 
@@ -47,31 +47,31 @@ class CompareError(ValueError):
 
 @dataclass(frozen=True)
 class CompareConfig:
-    """One configuration: a VCUT mode, an optional step-cache interval and (``benchmarks.levers``
-    only) ``torch.compile``."""
+    """One configuration: a VCUT mode and an optional step-cache interval."""
 
     name: str
     mode: str
     step_cache: int | None = None
-    compile: bool = False
 
     def renderer_kwargs(self) -> dict[str, Any]:
         """The keywords of :meth:`pipeline.Renderer.from_pipe` this configuration sets (the
-        step-cache and compile keywords only when it uses them)."""
+        step-cache keyword only when it uses one)."""
         kwargs: dict[str, Any] = {"vcut": self.mode}
         if self.step_cache is not None:
             kwargs["step_cache"] = self.step_cache
-        if self.compile:
-            kwargs["compile"] = "default"
         return kwargs
 
+    def levers(self, step_cache_depth: int = 1) -> Levers:
+        """Its MAC levers (``jobs.macs``): the depth counts only with a step cache."""
+        return Levers(self.mode, self.step_cache, step_cache_depth)
 
-def parse_config(text: str, *, allow_compile: bool = False) -> CompareConfig:
+
+def parse_config(text: str) -> CompareConfig:
     """``"full"`` -> full VCUT; ``"full+cache3"`` -> full VCUT plus the step cache, interval 3.
 
-    The one grammar of a configuration, also ``benchmarks.levers``'s, which passes
-    ``allow_compile`` for a trailing ``+compile`` (``torch.compile``; ``vcut compare`` measures
-    the output, which compiling does not change).
+    The one grammar of a configuration, also ``benchmarks.levers``'s (which adds its own
+    ``+compile`` lever on top: ``vcut compare`` measures the output, which compiling does not
+    change).
     """
     name = text.strip()
     m = _CONFIG_RE.match(name)
@@ -80,8 +80,6 @@ def parse_config(text: str, *, allow_compile: bool = False) -> CompareConfig:
             f"unknown configuration {name!r}: expected a VCUT mode ({', '.join(VCUT_MODES)}), "
             "optionally followed by +cacheN (step-cache interval N >= 2), e.g. full+cache3"
         )
-    if m["compile"] and not allow_compile:
-        raise CompareError(f"configuration {name!r}: +compile is a lever of benchmarks.levers only")
     interval = None
     if m["interval"] is not None:
         interval = int(m["interval"])
@@ -90,7 +88,7 @@ def parse_config(text: str, *, allow_compile: bool = False) -> CompareConfig:
                 f"configuration {name!r}: the step-cache interval must be >= 2 (interval 1 would be no "
                 "cache: leave +cacheN out)"
             )
-    return CompareConfig(name=name, mode=m["mode"], step_cache=interval, compile=bool(m["compile"]))
+    return CompareConfig(name=name, mode=m["mode"], step_cache=interval)
 
 
 def parse_configs(text: str) -> tuple[list[CompareConfig], bool]:
@@ -179,21 +177,8 @@ def config_macs(
     step_cache_depth: int = 1,
 ) -> Any:
     """:class:`vcut.MacReport` of ``config`` for one video of this shape (no weights needed)."""
-    from vcut import count_macs
-
-    kwargs: dict[str, Any] = {}
-    if config.step_cache is not None:
-        kwargs.update(step_cache=config.step_cache, step_cache_depth=step_cache_depth)
-    return count_macs(
-        unet_config,
-        height=height,
-        width=width,
-        num_frames=num_frames,
-        num_inference_steps=steps,
-        mode=config.mode,
-        guidance=guidance,
-        **kwargs,
-    )
+    shape = VideoShape(height, width, num_frames, steps, guidance)
+    return count_video_macs(unet_config, shape, config.levers(step_cache_depth))
 
 
 # -- the whole comparison ------------------------------------------------------------------

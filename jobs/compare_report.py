@@ -18,6 +18,8 @@ from typing import Any
 
 import numpy as np
 
+from jobs.text import si
+
 LABEL_W = 112
 HEADER_H = 30
 GAP = 8
@@ -113,13 +115,6 @@ def build_json(meta: dict[str, Any], results: list[Any]) -> dict[str, Any]:
 # -- Markdown ----------------------------------------------------------------------------------
 
 
-def _macs_text(x: int) -> str:
-    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6)):
-        if abs(x) >= scale:
-            return f"{x / scale:,.2f} {unit}"
-    return f"{x:,}"
-
-
 def _num(x: float | None, fmt: str, none: str = "-") -> str:
     return none if x is None else format(x, fmt)
 
@@ -154,10 +149,10 @@ def build_markdown(data: dict[str, Any]) -> str:
         else:
             psnr_mean = _num(q["psnr_mean"], ".2f")
             psnr_worst = _num(q["psnr_worst"], ".2f", "identical")
-        saved = f"{_macs_text(c['macs_saved_vs_off'])} ({100 * c['macs_saved_fraction_vs_off']:.1f} %)"
+        saved = f"{si(c['macs_saved_vs_off'])} ({100 * c['macs_saved_fraction_vs_off']:.1f} %)"
         lines.append(
             f"| `{c['name']}` | {c['seconds_per_video_mean']:.2f} "
-            f"| {_macs_text(c['macs_per_video'])} | {saved} "
+            f"| {si(c['macs_per_video'])} | {saved} "
             f"| {psnr_mean} | {psnr_worst} | {q['ssim_mean']:.4f} | {q['ssim_worst']:.4f} "
             f"| {_num(q['lpips_mean'], '.4f')} |"
         )

@@ -8,7 +8,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from pipeline.compile_modes import COMPILE_MODES
+from pipeline.compile_modes import compile_mode
 from pipeline.params import GENERATION_PARAMS, check_generation
 from vcut.modes import MODES
 
@@ -157,21 +157,10 @@ def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg)
 
 
-_COMPILE_ALIASES = {"true": "default", "yes": "default", "on": "default", "false": "off", "no": "off"}
-
-
 def model_compile_mode(value: Any) -> str:
-    """``model.compile`` as a renderer compile mode; YAML booleans (read as "True"/"False") map to
-    ``default``/``off``. Raises ValueError naming the key for anything else."""
-    if value is None or isinstance(value, bool):
-        return "default" if value else "off"
-    text = str(value).strip()
-    mode = _COMPILE_ALIASES.get(text.lower(), text)
-    if mode not in COMPILE_MODES:
-        raise ValueError(
-            f"model.compile must be one of {', '.join(COMPILE_MODES)} (or true/false), got {value!r}"
-        )
-    return mode
+    """``model.compile`` as a renderer compile mode (YAML booleans, read as "True"/"False", map
+    to ``default``/``off``). Raises ValueError naming the key for anything else."""
+    return compile_mode(value, label="model.compile", words=True)
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -3,39 +3,45 @@
 Validates the manifest, reads DIR's committed results (the resume state: ``results/`` for the
 ``files`` layout, published shards for ``webdataset``; nothing is written or removed) and
 prints the rows to render, distinct images, shapes with counts, MACs per lever
-(``vcut.count_macs``: the model's UNet config only) and an estimate of GPU-hours:
+(``vcut.count_macs``: the model's UNet config only) and an estimate of GPU-hours from the
+first of these timing sources that covers every shape to render:
 
-1. from per-shape timings in DIR's earlier results (mean ``seconds`` of ``ok`` rows per
-   height x width x frames x steps; shapes without a timing are scaled by MACs from the
-   measured ones), else
-2. from the H100 benchmark figures (``benchmarks/results/gpu_bench_svd-xt-full_*.json`` of a
-   source checkout: seconds per video of the job's VCUT / step-cache configuration at
-   1024x576x25, 25 steps) scaled by MACs, else
-3. none ("no timing source"): an installed package does not ship the benchmarks folder.
+1. DIR's own earlier results: the mean ``seconds`` of ``ok`` rows per height x width x frames
+   x steps; shapes without a timing are scaled by MACs from the measured ones;
+2. ``--timing FILE``: another job's results the same way (its ``--out`` folder, or a results
+   Parquet file), or a ``benchmarks/gpu_bench.py`` JSON (seconds per video of the job's VCUT /
+   step-cache configuration at 1024x576x25, 25 steps, scaled by MACs);
+3. none ("no timing source"): the line says to give ``--timing``.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any, TextIO
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs import results
+from jobs.macs import Levers, VideoShape, count_video_macs
 from jobs.manifest import hash_ids, id_hash, iter_manifest, validate_manifest
-from jobs.output import OutputDir
+from jobs.output import OutputDir, open_output
+from jobs.text import error_line, si
 
-BENCH_FILE = (
-    Path(__file__).resolve().parents[1]
-    / "benchmarks"
-    / "results"
-    / "gpu_bench_svd-xt-full_nvidia-h100-80gb-hbm3.json"
-)
 #: The benchmark's whole-video shape (height, width, frames, steps).
 BENCH_SHAPE = (576, 1024, 25, 25)
+#: Per shape (height, width, frames, steps): (mean seconds, rows, mean MACs or nan).
+Timings = dict[tuple[int, int, int, int], tuple[float, int, float]]
+_TIMING_COLUMNS = ["status", "height", "width", "num_frames", "frames", "num_inference_steps",
+                   "seconds", "macs"]  # fmt: skip
+
+
+class TimingError(ValueError):
+    """``--timing FILE`` cannot be read as a timing source (one line, exit status 2)."""
 
 
 def _macs_model(model_id: str) -> str:
@@ -53,34 +59,16 @@ def _macs_model(model_id: str) -> str:
     return "svd-xt" if "xt" in model_id.lower() else "svd"
 
 
-def _count(model: str, shape: tuple[int, int, int, int], guidance: bool, cfg: Any):
-    from vcut import count_macs
-
-    h, w, f, steps = shape
-    return count_macs(
-        model,
-        height=h,
-        width=w,
-        num_frames=f,
-        num_inference_steps=steps,
-        mode=str(cfg.model.vcut.value if hasattr(cfg.model.vcut, "value") else cfg.model.vcut),
-        guidance=guidance,
-        step_cache=cfg.model.step_cache,
-        step_cache_depth=int(cfg.model.step_cache_depth),
-    )
-
-
-def _earlier_timings(out: OutputDir) -> dict[tuple[int, int, int, int], tuple[float, int, float]]:
-    """Per shape of DIR's committed ``ok`` rows: (mean seconds, rows, mean MACs or nan)."""
-    if not results._parts(out):
-        return {}
-    cols = ["status", "height", "width", "num_frames", "frames", "num_inference_steps", "seconds", "macs"]
-    table = results.read_results(out, cols)
+def _timings(table: pa.Table) -> Timings:
+    """Per shape of a results table's ``ok`` rows with seconds: (mean seconds, rows, mean MACs)."""
+    for name in _TIMING_COLUMNS:
+        if name not in table.column_names:
+            table = table.append_column(name, pa.nulls(table.num_rows))
     table = table.filter(
         pc.and_(pc.equal(table.column("status"), "ok"), pc.is_valid(table.column("seconds")))
     )
     found: dict[tuple[int, int, int, int], list[tuple[float, float]]] = {}
-    for r in table.to_pylist():
+    for r in table.select(_TIMING_COLUMNS).to_pylist():
         frames = r["num_frames"] if r["num_frames"] is not None else r["frames"]
         if None in (r["height"], r["width"], frames, r["num_inference_steps"]):
             continue
@@ -93,42 +81,64 @@ def _earlier_timings(out: OutputDir) -> dict[tuple[int, int, int, int], tuple[fl
     return timings
 
 
-def _bench_seconds_per_mac(cfg: Any) -> tuple[float, str] | None:
-    """Seconds per MAC of the benchmark's configuration closest to the job's, or None."""
-    if not BENCH_FILE.is_file():
-        return None
+def _out_timings(out: OutputDir) -> Timings:
+    """Per-shape timings of a job folder's committed results (empty: none yet)."""
+    if not results._parts(out):
+        return {}
+    schema = results.unify_schemas([out.read_schema(p) for p in results._parts(out)])
+    return _timings(results.read_results(out, [c for c in _TIMING_COLUMNS if c in schema.names]))
+
+
+def _bench_seconds_per_mac(data: dict, levers: Levers) -> tuple[float, str]:
+    """Seconds per MAC of a ``gpu_bench.py`` result's configuration closest to ``levers``."""
+    mode, cache = levers.mode, int(levers.step_cache or 1)
+    name = f"{mode}+cache{cache}" if cache > 1 and f"{mode}+cache{cache}" in data["configs"] else mode
+    counted = data["macs"]["counted"][f"{mode}|cache{cache if name != mode else 0}|1024x576x25"]
+    video_s = float(data["configs"][name]["video_s"])
+    macs = float(counted["per_step_macs"]) * BENCH_SHAPE[3]
+    gpu = data["machine"]["gpu"]["name"]
+    return video_s / macs, f"{gpu} benchmark ({name}: {video_s:.1f} s per 1024x576x25 video), scaled by MACs"
+
+
+def read_timing(path: str, levers: Levers) -> tuple[Timings, tuple[float, str] | None]:
+    """``--timing FILE``: (per-shape timings, None) from another job's ``--out`` folder or a
+    results Parquet file; ({}, (seconds per MAC, source)) from a ``gpu_bench.py`` JSON.
+    Raises TimingError naming the file when it is neither."""
     try:
-        data = json.loads(BENCH_FILE.read_text())
-        mode = str(cfg.model.vcut.value if hasattr(cfg.model.vcut, "value") else cfg.model.vcut)
-        cache = int(cfg.model.step_cache or 1)
-        name = f"{mode}+cache{cache}" if cache > 1 and f"{mode}+cache{cache}" in data["configs"] else mode
-        counted = data["macs"]["counted"][f"{mode}|cache{cache if name != mode else 0}|1024x576x25"]
-        video_s = float(data["configs"][name]["video_s"])
-        macs = float(counted["per_step_macs"]) * BENCH_SHAPE[3]
-        gpu = data["machine"]["gpu"]["name"]
-        return (
-            video_s / macs,
-            f"{gpu} benchmark ({name}: {video_s:.1f} s per 1024x576x25 video), scaled by MACs",
-        )
-    except (KeyError, TypeError, ValueError, OSError):
-        return None
+        if path.endswith(".json"):
+            with open(os.path.expanduser(path), encoding="utf-8") as f:
+                return {}, _bench_seconds_per_mac(json.load(f), levers)
+        if path.endswith(".parquet"):
+            import pyarrow.parquet as pq
+
+            return _timings(pq.read_table(os.path.expanduser(path))), None
+        out = open_output(path)
+        if not results._parts(out):
+            raise ValueError("no results/ part files (not the --out of a vcut run?)")
+        return _out_timings(out), None
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException) as exc:
+        raise TimingError(
+            f"--timing {path!r}: {error_line(exc)}; give a job's --out folder, a results .parquet "
+            "file or a benchmarks/gpu_bench.py .json"
+        ) from exc
 
 
-def _fmt_macs(value: float) -> str:
-    for unit, scale in (("PMAC", 1e15), ("TMAC", 1e12), ("GMAC", 1e9), ("MMAC", 1e6)):
-        if abs(value) >= scale:
-            return f"{value / scale:.3g} {unit}"
-    return f"{value:.3g} MAC"
+def _count(model: str, key: tuple[int, int, int, int, bool], levers: Levers) -> Any:
+    h, w, f, steps, guidance = key
+    return count_video_macs(model, VideoShape(h, w, f, steps, guidance), levers)
 
 
-def dry_run(cfg: Any, manifest: str, out: OutputDir, stream: TextIO) -> int:
-    """Print what ``vcut run`` would do; 0, or ManifestError for an invalid manifest."""
+def dry_run(cfg: Any, manifest: str, out: OutputDir, stream: TextIO, *, timing: str | None = None) -> int:
+    """Print what ``vcut run`` would do; 0. Raises ManifestError for an invalid manifest,
+    TimingError for an unreadable ``timing`` file (:func:`read_timing`)."""
     from jobs.runner import resolve_params
     from jobs.shards import check_layout, scan
 
     info = validate_manifest(manifest, reserved=results.RESERVED_COLUMNS)
     check_layout(cfg, info)
-    layout = str(cfg.output.layout.value if hasattr(cfg.output.layout, "value") else cfg.output.layout)
+    levers = Levers.of_model(cfg.model)
+    other = read_timing(timing, levers) if timing else None
+    layout = str(getattr(cfg.output.layout, "value", cfg.output.layout))
     if cfg.output.overwrite:
         done = np.zeros(0, dtype=np.uint64)
     elif layout == "webdataset":
@@ -165,7 +175,6 @@ def dry_run(cfg: Any, manifest: str, out: OutputDir, stream: TextIO) -> int:
     def say(line: str = "") -> None:
         print(line, file=stream)
 
-    mode = str(cfg.model.vcut.value if hasattr(cfg.model.vcut, "value") else cfg.model.vcut)
     say("vcut run --dry-run: nothing is rendered, Ray is not started")
     say(f"manifest: {manifest}: {info.num_rows} rows, valid")
     where = f"published shards in {out.uri_of('shards')}" if layout == "webdataset" else out.uri_of("results")
@@ -182,11 +191,11 @@ def dry_run(cfg: Any, manifest: str, out: OutputDir, stream: TextIO) -> int:
             cfg_note = "" if guidance else ", no guidance"
             say(f"  {h}x{w}x{f}, {steps} steps{cfg_note}: {n}")
             try:
-                macs[(h, w, f, steps, guidance)] = _count(model, (h, w, f, steps), guidance, cfg)
+                macs[(h, w, f, steps, guidance)] = _count(model, (h, w, f, steps, guidance), levers)
             except Exception as exc:  # a shape the model cannot take: say so, go on
-                mac_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    cache = cfg.model.step_cache if (cfg.model.step_cache or 1) > 1 else None
-    lever = f"vcut {mode}, step cache {'every ' + str(cache) if cache else 'off'}"
+                mac_error = error_line(exc)
+    cache = levers.step_cache if (levers.step_cache or 1) > 1 else None
+    lever = f"vcut {levers.mode}, step cache {'every ' + str(cache) if cache else 'off'}"
     if macs:
         tot = {
             k: sum(getattr(r, k) * shapes[s] for s, r in macs.items())
@@ -194,15 +203,15 @@ def dry_run(cfg: Any, manifest: str, out: OutputDir, stream: TextIO) -> int:
         }
         note = "" if model == str(cfg.model.id) else f" (UNet config of {model!r})"
         say(f"MACs ({lever}){note}:")
-        say(f"  spent {_fmt_macs(tot['vcut_macs'])} of {_fmt_macs(tot['baseline_macs'])} stock")
+        say(f"  spent {si(tot['vcut_macs'], 'MAC')} of {si(tot['baseline_macs'], 'MAC')} stock")
         say(
-            f"  saved by VCUT {_fmt_macs(tot['macs_saved_vcut'])}, "
-            f"by step caching {_fmt_macs(tot['macs_saved_step_cache'])}"
+            f"  saved by VCUT {si(tot['macs_saved_vcut'], 'MAC')}, "
+            f"by step caching {si(tot['macs_saved_step_cache'], 'MAC')}"
         )
     if mac_error:
         say(f"MACs: not counted for every shape ({mac_error})")
 
-    seconds, source = _estimate(cfg, out, shapes, macs)
+    seconds, source = _estimate(out, shapes, macs, other, timing)
     if not rows:
         say("estimate: 0 GPU-hours (nothing to render)")
     elif seconds is None:
@@ -212,31 +221,52 @@ def dry_run(cfg: Any, manifest: str, out: OutputDir, stream: TextIO) -> int:
     return 0
 
 
-def _estimate(cfg: Any, out: OutputDir, shapes: Counter, macs: dict) -> tuple[float | None, str]:
-    """Seconds for the rows to render, and which source gave them."""
-    earlier = _earlier_timings(out)
-    if earlier:
-        rate_rows = [(s, m) for s, _, m in earlier.values() if np.isfinite(m) and m > 0]
-        rate = sum(s for s, _ in rate_rows) / sum(m for _, m in rate_rows) if rate_rows else None
-        total, measured, scaled = 0.0, 0, 0
-        for (h, w, f, steps, guidance), n in shapes.items():
-            if (h, w, f, steps) in earlier:
-                total += earlier[(h, w, f, steps)][0] * n
-                measured += n
-            elif rate is not None and (h, w, f, steps, guidance) in macs:
-                total += macs[(h, w, f, steps, guidance)].vcut_macs * rate * n
-                scaled += n
-            else:
-                break  # a shape neither measured nor scalable: the benchmark figures, if any
+def _by_shape(timings: Timings, shapes: Counter, macs: dict) -> tuple[float, int, int] | None:
+    """(seconds, rows by their shape's mean, rows scaled by MACs) for ``shapes`` from per-shape
+    ``timings``, or None when a shape is neither measured nor scalable."""
+    rate_rows = [(s, m) for s, _, m in timings.values() if np.isfinite(m) and m > 0]
+    rate = sum(s for s, _ in rate_rows) / sum(m for _, m in rate_rows) if rate_rows else None
+    total, measured, scaled = 0.0, 0, 0
+    for (h, w, f, steps, guidance), n in shapes.items():
+        if (h, w, f, steps) in timings:
+            total += timings[(h, w, f, steps)][0] * n
+            measured += n
+        elif rate is not None and (h, w, f, steps, guidance) in macs:
+            total += macs[(h, w, f, steps, guidance)].vcut_macs * rate * n
+            scaled += n
         else:
-            timed = sum(n for _, n, _ in earlier.values())
+            return None
+    return total, measured, scaled
+
+
+def _estimate(
+    out: OutputDir,
+    shapes: Counter,
+    macs: dict,
+    other: tuple[Timings, tuple[float, str] | None] | None,
+    timing: str | None,
+) -> tuple[float | None, str]:
+    """Seconds for the rows to render, and which source gave them (the module docstring's order)."""
+    sources = [(_out_timings(out), f"earlier ok rows in {out.uri_of('results')}")]
+    if other is not None and other[0]:
+        sources.append((other[0], f"ok rows in --timing {timing}"))
+    for timings, where in sources:
+        found = _by_shape(timings, shapes, macs) if timings else None
+        if found is not None:
+            total, measured, scaled = found
+            timed = sum(n for _, n, _ in timings.values())
             return total, (
-                f"per-shape timings of {timed} earlier ok rows in {out.uri_of('results')}: "
+                f"per-shape timings of {timed} {where}: "
                 f"{measured} rows by their shape's mean seconds, {scaled} scaled by MACs"
             )
-    bench = _bench_seconds_per_mac(cfg)
+    bench = other[1] if other is not None else None
     if bench is None:
-        return None, "no timing source: no earlier results in DIR, no benchmark figures"
+        if timing:
+            return None, "no timing source: no timings for these shapes in DIR or --timing"
+        return None, (
+            "no timing source: no timings for these shapes in DIR "
+            "(give --timing FILE: a job's --out folder or a benchmarks/gpu_bench.py JSON)"
+        )
     rate, source = bench
     if len(macs) < len(shapes):
         return None, "no timing source: MACs unknown for some shapes"

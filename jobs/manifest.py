@@ -23,8 +23,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from pipeline.params import GENERATION_PARAMS, ORDERED_PAIRS, ROW_PARAMS, arrow_type, check_value
-from pipeline.storage import is_remote, local_path, url_to_fs
+from pipeline.params import GENERATION_PARAMS, ORDERED_PAIRS, ROW_PARAMS, check_value
+from pipeline.storage import is_remote, local_path, put_atomic, url_to_fs
 
 #: Optional generation columns: the row parameters of ``pipeline.params.GENERATION_PARAMS``,
 #: checked against their declared kind and range (the config, the renderer and the results
@@ -385,13 +385,14 @@ def build_manifest(
             columns["image"].append(os.path.relpath(os.path.abspath(path), out_dir))
             for col, value in values.items():
                 columns[col].append(value)
+    from jobs.results import param_type  # the results' column types (jobs.results imports this module)
+
     table = pa.table(
-        {k: pa.array(v, pa.string() if k in ("id", "image") else arrow_type(k)) for k, v in columns.items()}
+        {k: pa.array(v, pa.string() if k in ("id", "image") else param_type(k)) for k, v in columns.items()}
     )
-    os.makedirs(out_dir, exist_ok=True)
     import pyarrow.parquet as pq
 
-    tmp = os.path.join(out_dir, f".{os.path.basename(out)}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp)
-    os.replace(tmp, out)
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf)
+    put_atomic(None, out, buf.getvalue().to_pybytes())  # never half a manifest under its name
     return table.num_rows

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from jobs.text import error_line
+
 T = TypeVar("T")
 
 #: The ffmpeg encoder each ``output.format`` needs (see ``pipeline.encode``).
@@ -51,9 +53,9 @@ TOKEN_HINT = (
 )
 
 
-def first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+#: One line of an exception, ``Type: message`` (``jobs.text.error_line``; pre-flight's and
+#: doctor's name for it).
+first_line = error_line
 
 
 def with_deadline(fn: Callable[[], T], seconds: float, what: str) -> T:

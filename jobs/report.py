@@ -4,9 +4,11 @@
 MACs spent and saved per lever), throughput over time and per worker, a render-time
 histogram, the failures grouped by error message, and a contact sheet of the first frames of
 a sample of videos. No script, no network: CSS inline, charts as inline SVG
-(:mod:`jobs.report_svg`), thumbnails as base64 JPEG decoded with ffmpeg. Everything comes
-from the committed results (``jobs.results.read_results``) and, when present,
-``summary.json``; a video that cannot be read (missing, or inside a shard) shows
+(:mod:`jobs.report_svg`), thumbnails as base64 JPEG decoded with ffmpeg (a WebDataset job's
+from the sample inside its shard's tar). The page is the Jinja2 template
+``jobs/templates/report.html.j2`` (autoescaped), filled from :func:`report_data`'s dict.
+Everything comes from the committed results (``jobs.results.read_results``) and, when
+present, ``summary.json``; a video that cannot be read (missing, not a video) shows
 "no preview". ``vcut run`` writes the report at the end of every job (``output.report``).
 """
 
@@ -15,14 +17,11 @@ from __future__ import annotations
 import base64
 import json
 import os
-import posixpath
 import re
-import subprocess
-import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from html import escape
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -30,14 +29,14 @@ import pyarrow as pa
 
 from jobs import report_svg, results
 from jobs.output import OutputDir, open_output
-from pipeline.storage import is_remote, local_path
+from jobs.report_thumbs import THUMB_HEIGHT, link, thumbnail
+from jobs.text import first_line, si
 
 #: The results columns the report reads (those a results table lacks are treated as empty).
 COLUMNS = ["id", "status", "output", "error", "seconds", "encode_seconds", "macs", "macs_saved",
            "macs_saved_vcut", "macs_saved_step_cache", "worker", "node", "vcut_mode",
-           "finished_at", "committed_at"]  # fmt: skip
+           "shard", "finished_at", "committed_at"]  # fmt: skip
 SAMPLE = 24  # videos on the contact sheet
-THUMB_HEIGHT = 128
 MAX_WORKER_LINES = 8
 _QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
 _PATH = re.compile(r"(?:[A-Za-z][A-Za-z0-9+.-]*://|/)[^\s,;:'\"()]+")
@@ -47,7 +46,7 @@ _NUMBER = re.compile(r"\b\d+(?:\.\d+)?\b")
 def error_group(message: str | None) -> str:
     """The group of an error message: its first line with quoted text, paths and numbers
     replaced, so that the same failure on different rows falls into one group."""
-    line = (message or "").strip().splitlines()[0] if (message or "").strip() else "(no message)"
+    line = first_line(message, "(no message)")
     line = _QUOTED.sub("'…'", line)
     line = _PATH.sub("<path>", line)
     return _NUMBER.sub("N", line)[:300]
@@ -182,12 +181,14 @@ def report_data(table: pa.Table, summary: dict | None = None, *, sample: int = S
     failures = sorted(groups.values(), key=lambda g: (-g["count"], g["group"]))
 
     outputs = _column(table, "output", object)
+    shards = _column(table, "shard", float)
     order = [int(i) for i in np.flatnonzero(ok_mask)]
     order.sort(key=lambda i: (finished[i] if not np.isnan(finished[i]) else np.inf, ids[i]))
     contact = [
         {
             "id": ids[order[j]],
             "output": outputs[order[j]],
+            "in_shard": not np.isnan(shards[order[j]]),
             "seconds": None if np.isnan(seconds[order[j]]) else float(seconds[order[j]]),
         }
         for j in _sample_indices(len(order), sample)
@@ -216,71 +217,21 @@ def report_data(table: pa.Table, summary: dict | None = None, *, sample: int = S
     }
 
 
-# -- thumbnails ------------------------------------------------------------------------------
-
-
-def thumbnail(path: str, fs: Any = None, height: int = THUMB_HEIGHT) -> bytes | None:
-    """The first frame of a video as JPEG bytes ``height`` pixels high, or None when it cannot
-    be read (missing, not a video, inside a shard). ``fs``: the fsspec filesystem of a URI
-    (the video is copied to a temporary file first: ffmpeg needs a seekable mp4)."""
-    from pipeline.ffmpeg_bin import ffmpeg_exe
-
-    tmp = None
-    try:
-        if fs is not None:
-            suffix = os.path.splitext(posixpath.basename(path))[1]
-            fd, tmp = tempfile.mkstemp(suffix=suffix, prefix="vcut-thumb-")
-            with os.fdopen(fd, "wb") as f, fs.open(path, "rb") as src:
-                f.write(src.read())
-            path = tmp
-        elif not os.path.isfile(path):
-            return None
-        cmd = [ffmpeg_exe(), "-v", "error", "-i", path, "-frames:v", "1", "-vf", f"scale=-2:{height}",
-               "-q:v", "4", "-f", "image2pipe", "-c:v", "mjpeg", "pipe:1"]  # fmt: skip
-        proc = subprocess.run(cmd, capture_output=True, timeout=60)
-        return proc.stdout if proc.returncode == 0 and proc.stdout else None
-    except Exception:
-        return None
-    finally:
-        if tmp is not None:
-            os.unlink(tmp)
-
-
-def _link(out: OutputDir, output: str | None) -> str | None:
-    """A link to a video from DIR/report.html: relative when it lies under DIR."""
-    if not output:
-        return None
-    root = out.uri.rstrip("/") + "/" if not out.local else os.path.join(out.root, "")
-    if output.startswith(root):
-        return output[len(root) :].replace(os.sep, "/")
-    return output if is_remote(output) else "file://" + local_path(output)
-
-
 # -- HTML ------------------------------------------------------------------------------------
 
-_CSS = """
-body{font:14px/1.4 system-ui,-apple-system,"DejaVu Sans",sans-serif;margin:24px;color:#222;max-width:1240px}
-h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #ddd}
-.muted{color:#666}.cards{display:flex;flex-wrap:wrap;gap:10px;margin-top:12px}
-.card{border:1px solid #ddd;border-radius:6px;padding:8px 12px;min-width:110px}
-.card .v{font-size:20px;font-weight:600}.card .k{color:#666;font-size:12px}
-.card.bad .v{color:#c62828}.card.good .v{color:#2e7d32}
-table{border-collapse:collapse}td,th{border-bottom:1px solid #eee;padding:4px 10px;text-align:left}
-td.n,th.n{text-align:right}code{font-size:12px;white-space:pre-wrap;word-break:break-all}
-.charts{display:flex;flex-wrap:wrap;gap:16px}.chart{background:#fff;font-size:11px}
-.chart .plot-bg{fill:#fafafa;stroke:#ccc}.chart .grid{stroke:#e6e6e6}.chart .axis{stroke:#999}
-.sheet{display:flex;flex-wrap:wrap;gap:10px}.thumb{width:auto;text-align:center;font-size:11px}
-.thumb img,.thumb .none{height:%(h)dpx;display:block;border:1px solid #ccc;background:#eee}
-.thumb .none{width:%(h)dpx;line-height:%(h)dpx;color:#888}.thumb a{color:inherit}
-.thumb .id{max-width:%(w)dpx;overflow:hidden;text-overflow:ellipsis;white-space:nowrap}
-"""
 
+@lru_cache(maxsize=1)
+def _template() -> Any:
+    """``jobs/templates/report.html.j2`` (package data), autoescaped."""
+    import jinja2
 
-def _human(n: float, unit: str = "") -> str:
-    for factor, prefix in ((1e15, "P"), (1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= factor:
-            return f"{n / factor:.3g} {prefix}{unit}"
-    return f"{n:.3g} {unit}".strip()
+    env = jinja2.Environment(
+        loader=jinja2.PackageLoader("jobs", "templates"),
+        autoescape=True,
+        keep_trailing_newline=True,
+        undefined=jinja2.StrictUndefined,
+    )
+    return env.get_template("report.html.j2")
 
 
 def _duration(s: float) -> str:
@@ -295,133 +246,80 @@ def _utc(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(t)) if t else "–"
 
 
-def _card(key: str, label: str, value: str, cls: str = "") -> str:
-    return (
-        f'<div class="card {cls}" data-key="{key}"><div class="v">{escape(value)}</div>'
-        f'<div class="k">{escape(label)}</div></div>'
-    )
+def _cards(d: dict[str, Any]) -> list[dict[str, str]]:
+    m = d["macs"]
+    stock = m["macs"] + m["macs_saved"]
+    pct = f" ({m['macs_saved'] / stock:.0%} of stock)" if stock else ""
+    rows = [
+        ("rows", "rows", f"{d['rows']:,}", ""),
+        ("ok", "ok", f"{d['ok']:,}", "good"),
+        ("failed", "failed", f"{d['failed']:,}", "bad" if d["failed"] else ""),
+        ("pending", "pending", "unknown" if d["pending"] is None else f"{d['pending']:,}", ""),
+        ("wall", "wall time", _duration(d["wall_seconds"]), ""),
+        ("videos_per_hour", "videos per hour", f"{d['videos_per_hour']:,.1f}", ""),
+        ("macs", "MACs spent", si(m["macs"]), ""),
+        ("macs_saved", "MACs saved" + pct, si(m["macs_saved"]), ""),
+        ("macs_saved_vcut", "saved by VCUT", si(m["macs_saved_vcut"]), ""),
+        ("macs_saved_step_cache", "saved by step cache", si(m["macs_saved_step_cache"]), ""),
+    ]
+    return [{"key": k, "label": label, "value": v, "cls": cls} for k, label, v, cls in rows]
 
 
 def build_html(
     data: dict[str, Any], *, title: str, thumbs: list[bytes | None], links: list[str | None]
 ) -> str:
     """The page for ``report_data``'s dict; ``thumbs``/``links`` align with ``data["contact"]``."""
-    d, m = data, data["macs"]
-    stock = m["macs"] + m["macs_saved"]
-    pct = f" ({m['macs_saved'] / stock:.0%} of stock)" if stock else ""
-    cards = [
-        _card("rows", "rows", f"{d['rows']:,}"),
-        _card("ok", "ok", f"{d['ok']:,}", "good"),
-        _card("failed", "failed", f"{d['failed']:,}", "bad" if d["failed"] else ""),
-        _card("pending", "pending", "unknown" if d["pending"] is None else f"{d['pending']:,}"),
-        _card("wall", "wall time", _duration(d["wall_seconds"])),
-        _card("videos_per_hour", "videos per hour", f"{d['videos_per_hour']:,.1f}"),
-        _card("macs", "MACs spent", _human(m["macs"])),
-        _card("macs_saved", "MACs saved" + pct, _human(m["macs_saved"])),
-        _card("macs_saved_vcut", "saved by VCUT", _human(m["macs_saved_vcut"])),
-        _card("macs_saved_step_cache", "saved by step cache", _human(m["macs_saved_step_cache"])),
-    ]
-    out = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>vcut report: {escape(title)}</title>",
-        f"<style>{_CSS % {'h': THUMB_HEIGHT, 'w': THUMB_HEIGHT * 16 // 9}}</style></head><body>",
-        f"<h1>vcut report: {escape(title)}</h1>",
-        f'<div class="muted" id="state">Job {escape(d["state"])}; {d["results"]:,} result rows; '
-        f"first start {_utc(d['started'])}, last finish {_utc(d['last_finished'])}; "
-        f"wall time from {escape(d['wall_source'])}; VCUT mode {escape(', '.join(d['vcut_modes']) or '–')}; "
-        f"report written {_utc(time.time())}.</div>",
-        f'<section id="summary"><div class="cards">{"".join(cards)}</div></section>',
-    ]
-    tp, hist = d["throughput"], d["render_seconds"]
-    out.append('<section id="throughput"><h2>Throughput</h2><div class="charts">')
+    from markupsafe import Markup
+
+    tp, hist = data["throughput"], data["render_seconds"]
+    charts = []
     if tp["series"]:
-        unit = tp["unit"]
-        out.append(
-            report_svg.bars(
-                tp["edges"],
-                tp["per_hour"],
-                xlabel=f"{unit} since the first start",
-                ylabel="ok videos per hour",
-                title="throughput over time",
-            )
-        )
-        out.append(
-            report_svg.lines(
-                tp["series"],
-                xlabel=f"{unit} since the first start",
-                ylabel="ok videos (cumulative)",
-                title="videos per worker",
-            )
-        )
-    else:
-        out.append('<p class="muted">No finished video yet.</p>')
-    out.append("</div>")
-    if tp.get("hidden_workers"):
-        out.append(f'<p class="muted">{tp["hidden_workers"]} more workers not drawn (see the table).</p>')
-    heads = "".join(f'<th class="n">{h}</th>' for h in ("ok", "failed", "mean s / video", "videos / hour"))
-    out.append(f'<table id="workers"><tr><th>worker</th><th>node</th>{heads}</tr>')
-    for w in d["workers"]:
-        mean = "–" if w["mean_seconds"] is None else f"{w['mean_seconds']:.2f}"
-        vph = "–" if w["videos_per_hour"] is None else f"{w['videos_per_hour']:,.1f}"
-        cells = "".join(f"<td class=n>{v}</td>" for v in (w["ok"], w["failed"], mean, vph))
-        out.append(f"<tr><td>{escape(w['worker'])}</td><td>{escape(w['node'])}</td>{cells}</tr>")
-    out.append("</table></section>")
-
-    out.append('<section id="render-time"><h2>Render time per video</h2>')
+        xlabel = f"{tp['unit']} since the first start"
+        charts = [
+            report_svg.bars(tp["edges"], tp["per_hour"], xlabel=xlabel, ylabel="ok videos per hour",
+                            title="throughput over time"),
+            report_svg.lines(tp["series"], xlabel=xlabel, ylabel="ok videos (cumulative)",
+                             title="videos per worker"),
+        ]  # fmt: skip
+    histogram = None
     if hist["counts"]:
-        out.append(
-            f'<p class="muted">ok videos: mean {hist["mean"]:.2f} s, median {hist["p50"]:.2f} s, '
-            f"p95 {hist['p95']:.2f} s (render, without encoding).</p>"
+        histogram = report_svg.bars(
+            hist["edges"],
+            hist["counts"],
+            xlabel="seconds per video",
+            ylabel="videos",
+            title="render-time histogram",
         )
-        out.append(
-            report_svg.bars(
-                hist["edges"],
-                hist["counts"],
-                xlabel="seconds per video",
-                ylabel="videos",
-                title="render-time histogram",
-            )
-        )
-    else:
-        out.append('<p class="muted">No finished video yet.</p>')
-    out.append("</section>")
-
-    out.append(f'<section id="failures"><h2>Failures ({d["failed"]:,})</h2>')
-    if d["failures"]:
-        out.append(
-            '<table><tr><th class="n">rows</th><th>error (first example)</th><th>example ids</th></tr>'
-        )
-        for g in d["failures"]:
-            ids = ", ".join(escape(str(i)) for i in g["ids"]) + (", …" if g["count"] > len(g["ids"]) else "")
-            out.append(
-                f'<tr class="failure-group"><td class=n>{g["count"]:,}</td>'
-                f"<td><code>{escape(g['example'][:500])}</code></td><td>{ids}</td></tr>"
-            )
-        out.append("</table>")
-    else:
-        out.append('<p class="muted">None.</p>')
-    out.append("</section>")
-
-    shown = f"{len(d['contact'])} of {d['ok']:,} ok videos"
-    out.append(f'<section id="contact-sheet"><h2>Contact sheet ({shown}, first frames)</h2><div class=sheet>')
-    for item, jpeg, link in zip(d["contact"], thumbs, links, strict=True):
-        if jpeg:
-            src = "data:image/jpeg;base64," + base64.b64encode(jpeg).decode()
-            img = f'<img alt="{escape(item["id"])}" src="{src}">'
-        else:
-            img = '<div class="none">no preview</div>'
-        if link:
-            img = f'<a href="{escape(link)}">{img}</a>'
-        secs = "" if item["seconds"] is None else f" · {item['seconds']:.1f} s"
-        name = escape(item["id"])
-        caption = f'<figcaption class="id" title="{name}">{name}{secs}</figcaption>'
-        out.append(f'<figure class="thumb" style="margin:0">{img}{caption}</figure>')
-    if not d["contact"]:
-        out.append('<p class="muted">No ok video yet.</p>')
-    out.append("</div></section></body></html>\n")
-    return "\n".join(out)
+    workers = [
+        {
+            **w,
+            "mean": "–" if w["mean_seconds"] is None else f"{w['mean_seconds']:.2f}",
+            "per_hour": "–" if w["videos_per_hour"] is None else f"{w['videos_per_hour']:,.1f}",
+        }
+        for w in data["workers"]
+    ]
+    contact = [
+        {
+            **item,
+            "src": "data:image/jpeg;base64," + base64.b64encode(jpeg).decode() if jpeg else None,
+            "link": link,
+        }
+        for item, jpeg, link in zip(data["contact"], thumbs, links, strict=True)
+    ]
+    return _template().render(
+        d=data,
+        title=title,
+        cards=_cards(data),
+        started=_utc(data["started"]),
+        last_finished=_utc(data["last_finished"]),
+        written=_utc(time.time()),
+        throughput_charts=[Markup(c) for c in charts],  # report_svg escapes every text it draws
+        histogram=Markup(histogram) if histogram else None,
+        workers=workers,
+        contact=contact,
+        thumb_height=THUMB_HEIGHT,
+        thumb_width=THUMB_HEIGHT * 16 // 9,
+    )
 
 
 def write_report(
@@ -450,10 +348,19 @@ def write_report(
     except (OSError, ValueError):
         pass
     data = report_data(table, summary, sample=sample)
-    outputs = [c["output"] for c in data["contact"]]
+    from jobs.shards import sample_key
+
+    def thumb(item: dict[str, Any]) -> bytes | None:
+        if not item["output"]:
+            return None
+        if item["in_shard"]:  # a WebDataset sample: the video inside its shard's tar
+            return thumbnailer(item["output"], out.fs, sample=sample_key(item["id"]))
+        return thumbnailer(item["output"], out.fs)
+
     with ThreadPoolExecutor(max_workers=4) as pool:
-        thumbs = list(pool.map(lambda p: thumbnailer(p, out.fs) if p else None, outputs))
-    links = [_link(out, p) if p and (not out.local or os.path.exists(p)) else None for p in outputs]
+        thumbs = list(pool.map(thumb, data["contact"]))
+    outputs = [c["output"] for c in data["contact"]]
+    links = [link(out, p) if p and (not out.local or os.path.exists(p)) else None for p in outputs]
     html = build_html(data, title=out.uri, thumbs=thumbs, links=links)
     out.write_bytes(out.path("report.html"), html.encode("utf-8"))
     return out.uri_of("report.html")

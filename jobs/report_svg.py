@@ -10,6 +10,8 @@ import math
 from collections.abc import Sequence
 from html import escape
 
+from jobs.text import SI_PREFIXES, si
+
 #: matplotlib's tab10: one colour per worker (cycled).
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
            "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")  # fmt: skip
@@ -28,8 +30,31 @@ def nice_ticks(lo: float, hi: float, n: int = 5) -> list[float]:
     return [start + i * step for i in range(int(math.ceil((hi - start) / step - 1e-9)) + 1)]
 
 
+def tick_labels(ticks: Sequence[float]) -> list[str]:
+    """Labels for ``ticks`` with the fewest decimals that tell every tick apart (never two
+    alike, however narrow the range: 10.0005 and 10.001 are not both "10"); from a million on,
+    in the largest tick's SI unit (``0.5 M``, ``1.0 M``)."""
+    if not ticks:
+        return []
+    top = max(abs(t) for t in ticks)
+    factor, prefix = next(((f, p) for f, p in SI_PREFIXES if top >= f and f >= 1e6), (1.0, ""))
+    unit = f" {prefix}" if prefix else ""
+    labels: list[str] = []
+    for digits in range(12):
+        labels = [f"{t / factor:,.{digits}f}{unit}" for t in ticks]
+        labels = [
+            "0" if lb.removesuffix(unit).lstrip("-").strip("0.,") == "" else lb for lb in labels
+        ]  # no "-0.00"
+        if len(set(labels)) == len(labels):
+            break
+    return labels
+
+
 def _fmt(v: float) -> str:
-    if abs(v) >= 1e6 or (v and abs(v) < 1e-2):
+    """A bar's value in its tooltip."""
+    if abs(v) >= 1e6:
+        return si(v)
+    if v and abs(v) < 1e-2:
         return f"{v:.2g}"
     if abs(v) >= 1e4:
         return f"{v:,.0f}"
@@ -38,14 +63,14 @@ def _fmt(v: float) -> str:
 
 def _frame(x_ticks: list[float], y_ticks: list[float], sx, sy, xlabel: str, ylabel: str) -> list[str]:
     parts = [f'<rect x="{_L}" y="{_T}" width="{_W - _L - _R}" height="{_H - _T - _B}" class="plot-bg"/>']
-    for y in y_ticks:
+    for y, label in zip(y_ticks, tick_labels(y_ticks), strict=True):
         py = sy(y)
         parts.append(f'<line x1="{_L}" x2="{_W - _R}" y1="{py:.1f}" y2="{py:.1f}" class="grid"/>')
-        parts.append(f'<text x="{_L - 6}" y="{py + 4:.1f}" text-anchor="end">{_fmt(y)}</text>')
-    for x in x_ticks:
+        parts.append(f'<text x="{_L - 6}" y="{py + 4:.1f}" text-anchor="end">{label}</text>')
+    for x, label in zip(x_ticks, tick_labels(x_ticks), strict=True):
         px = sx(x)
         parts.append(f'<line x1="{px:.1f}" x2="{px:.1f}" y1="{_H - _B}" y2="{_H - _B + 4}" class="axis"/>')
-        parts.append(f'<text x="{px:.1f}" y="{_H - _B + 16}" text-anchor="middle">{_fmt(x)}</text>')
+        parts.append(f'<text x="{px:.1f}" y="{_H - _B + 16}" text-anchor="middle">{label}</text>')
     parts.append(f'<text x="{(_L + _W - _R) / 2}" y="{_H - 6}" text-anchor="middle">{escape(xlabel)}</text>')
     parts.append(
         f'<text transform="translate(14 {(_T + _H - _B) / 2}) rotate(-90)" text-anchor="middle">'

@@ -25,7 +25,13 @@ import pyarrow.compute as pc
 
 from jobs.manifest import hash_ids
 from jobs.output import OutputDir, open_output
-from pipeline.params import ROW_PARAMS, arrow_fields
+from pipeline.params import GENERATION_PARAMS, ROW_PARAMS
+
+
+def param_type(name: str) -> pa.DataType:
+    """The results column type of a generation parameter (``pipeline.params``): int64 or float64."""
+    return pa.int64() if GENERATION_PARAMS[name].kind == "int" else pa.float64()
+
 
 #: Columns every results row has, in order; the manifest's unknown columns follow.
 RESULT_SCHEMA = pa.schema(
@@ -35,7 +41,7 @@ RESULT_SCHEMA = pa.schema(
         ("status", pa.string()),
         ("output", pa.string()),
         ("error", pa.string()),
-        *arrow_fields(),  # the generation parameters (pipeline.params): seed, num_frames, fps, ...
+        *((n, param_type(n)) for n in ROW_PARAMS),  # generation parameters: seed, num_frames, fps, ...
         ("vcut_mode", pa.string()),
         ("seconds", pa.float64()),
         ("encode_seconds", pa.float64()),

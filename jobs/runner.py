@@ -41,6 +41,7 @@ from jobs.hooks import JobHook, SafeHook
 from jobs.progress import Progress
 from jobs.shards import ShardWriter, check_layout, scan
 from jobs.stop import OutputWriteError, StopSignals, output_failure
+from jobs.text import error_line
 from jobs.worker import RenderWorker
 from pipeline.params import BATCH_PARAMS, ROW_PARAMS
 
@@ -63,8 +64,7 @@ def _death_line(exc: BaseException | None) -> str:
     for line in text.splitlines():
         if "exit detail" in line.lower():
             return f"{type(exc).__name__}: {line.strip()}"
-    first = text.splitlines()[0] if text else ""
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return error_line(exc)  # type: ignore[arg-type]  (None: "NoneType")
 
 
 @dataclass
@@ -401,7 +401,7 @@ class Runner:
         for ref in list(worker.inflight):
             _, batch = self.inflight.pop(ref)
             batch.attempts += 1
-            batch.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            batch.last_error = error_line(exc)
             self._requeue(batch)
         worker.inflight.clear()
         try:

@@ -3,7 +3,7 @@ early, and what counts as "the output cannot be written".
 
 Why a module of its own: a job can end in many places (pre-flight, joining the cluster, the
 runner's loop, a commit, a signal), and each way must end the same: one line naming the
-cause and what to do, what was committed so far, and a documented exit status. ``jobs.main``
+cause and what to do, what was committed so far, and a documented exit status. ``jobs.cli.run``
 maps errors to :class:`ExitStatus`; ``vcut run --help`` prints :data:`EXIT_HELP`.
 
 Signals (:class:`StopSignals`): SIGINT (Ctrl-C) and SIGTERM (``kill``, Kubernetes) during
@@ -12,7 +12,7 @@ for ``workers.stop_grace_s`` seconds and are committed, ``summary.json`` records
 the job exits 130 / 143 (128 + the signal's number, as a shell reports a process killed by
 it). A second signal ends the grace period at once (in-flight batches are dropped, not
 committed; they render on the next run); a third raises :class:`Interrupted` wherever the
-driver is (an escape from a hung write), which ``jobs.main`` turns into the same line.
+driver is (an escape from a hung write), which ``jobs.cli.run`` turns into the same line.
 Before the runner exists (pre-flight, joining the cluster) there is nothing to commit, so the
 first signal raises :class:`Interrupted` at once.
 """
@@ -27,6 +27,8 @@ import threading
 from collections.abc import Callable
 from enum import IntEnum
 from typing import Any
+
+from jobs.text import error_line
 
 
 class ExitStatus(IntEnum):
@@ -174,9 +176,7 @@ def output_failure(exc: BaseException) -> tuple[str, str] | None:
     if isinstance(exc, OSError | ConnectionError | TimeoutError) or any(
         m.startswith(_STORAGE_MODULES) for m in modules
     ):
-        text = str(exc).strip()
-        cause = f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
-        return cause, "check that the object store answers (endpoint, network, credentials)"
+        return error_line(exc), "check that the object store answers (endpoint, network, credentials)"
     return None
 
 

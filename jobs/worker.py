@@ -31,13 +31,12 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from jobs.macs import MAC_FIELDS
+from jobs.text import error_line
 from pipeline.notices import quiet_notices
 from pipeline.params import BATCH_PARAMS, JOB_PARAMS, ROW_PARAMS
 
 log = logging.getLogger(__name__)
-
-#: MAC fields of a result row (see ``count_macs``).
-MAC_FIELDS = ("macs", "macs_saved", "macs_saved_vcut", "macs_saved_step_cache")
 
 
 def load_renderer(model: dict[str, Any], cache: dict[str, Any]) -> Any:
@@ -76,12 +75,6 @@ def default_encoder() -> Callable[..., float]:
 
 def _error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
-
-
-def _error_line(exc: BaseException) -> str:
-    """The exception's own message, one line (its first)."""
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
 def _log_to_file(log_dir: str, label: str) -> str | None:
@@ -148,7 +141,7 @@ def cuda_refusal(gpus: list[str]) -> str | None:
             torch.cuda.init()
             detail = f"torch.cuda.device_count() = {torch.cuda.device_count()}"
         except Exception as exc:
-            detail = _error_line(exc)
+            detail = error_line(exc)
         build = f"torch {torch.__version__} (CUDA {torch.version.cuda})"
         reason = f"{build} sees no CUDA device: {detail} (check the NVIDIA driver)"
     return f"{where} but {reason}; set workers.allow_cpu_fallback=true to render on the CPU"
@@ -194,7 +187,7 @@ class RenderWorker:
                 log.warning("%s renders on the CPU (workers.allow_cpu_fallback): %s", label, refusal)
             self.renderer = (renderer_factory or load_renderer)(cfg["model"], cfg["cache"])
         except Exception as exc:
-            self.startup_error = {"error": _error_line(exc), "traceback": traceback.format_exc()}
+            self.startup_error = {"error": error_line(exc), "traceback": traceback.format_exc()}
             log.error("%s could not start: %s", label, self.startup_error["traceback"])
         self.vcut_mode = str(getattr(self.renderer, "vcut_mode", cfg["model"]["vcut"]))
         self.step_cache = getattr(self.renderer, "step_cache", cfg["model"].get("step_cache"))
@@ -238,26 +231,11 @@ class RenderWorker:
             try:
                 if getattr(self.renderer, "unet_config", None) is None:  # no import of vcut for nothing
                     raise ValueError("the renderer has no unet_config")
-                from vcut import count_macs
+                from jobs.macs import Levers, VideoShape, count_video_macs, mac_fields
 
-                report = count_macs(
-                    self.renderer.unet_config,
-                    height=height,
-                    width=width,
-                    num_frames=frames,
-                    num_inference_steps=steps,
-                    mode=self.vcut_mode,
-                    guidance=guidance,
-                    step_cache=self.step_cache,
-                    step_cache_depth=self.step_cache_depth,
-                )
-                # For mode "off" without step caching, vcut_macs is the baseline and macs_saved is 0.
-                self._macs[key] = {
-                    "macs": int(report.vcut_macs),
-                    "macs_saved": int(report.macs_saved),
-                    "macs_saved_vcut": int(report.macs_saved_vcut),
-                    "macs_saved_step_cache": int(report.macs_saved_step_cache),
-                }
+                shape = VideoShape(height, width, frames, steps, guidance)
+                levers = Levers(self.vcut_mode, self.step_cache, self.step_cache_depth)
+                self._macs[key] = mac_fields(count_video_macs(self.renderer.unet_config, shape, levers))
             except Exception as exc:  # MAC counting must never fail a video
                 if not self._macs_warned:
                     log.warning("MAC counting unavailable: %s", _error(exc))

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from pipeline.compile_modes import COMPILE_MODES
+from pipeline.compile_modes import COMPILE_MODES, compile_mode  # noqa: F401 (the public names of this module too)
 
 logger = logging.getLogger(__name__)
 
@@ -47,21 +47,6 @@ _COMPILED_ATTR = "_vcut_compiled"
 
 class RecompileError(RuntimeError):
     """``torch.compile`` compiled inside a block that must not compile (see :class:`CompileWatch`)."""
-
-
-def compile_mode(value: bool | str | None) -> str:
-    """Normalise a ``compile`` setting: ``False``/``None``/``"off"`` -> ``"off"``, ``True`` -> ``"default"``.
-
-    Raises ``ValueError`` naming the value for anything but a bool, ``None`` or one of
-    :data:`COMPILE_MODES`.
-    """
-    if value is None or value is False:
-        return "off"
-    if value is True:
-        return "default"
-    if isinstance(value, str) and value in COMPILE_MODES:
-        return value
-    raise ValueError(f"compile must be True, False or one of {', '.join(COMPILE_MODES)}; got {value!r}")
 
 
 def compiled_mode(module: nn.Module) -> str | None:

@@ -11,9 +11,9 @@ description. Everything else is derived from it, so no two places can disagree:
   a test keeps their keyword lists equal to the declaration);
 - the worker's call and the rows that may share one pipeline call (:data:`ROW_PARAMS`,
   :data:`BATCH_PARAMS`);
-- the results schema's generation columns (:func:`arrow_fields`; ``seed`` is ``int64``
+- the results schema's generation columns (``jobs.results.param_type``; ``seed`` is ``int64``
   there, so its range is [0, 2**63 - 1]);
-- ``vcut compare``'s generation flags (``jobs.compare.add_generation_flags``).
+- ``vcut compare``'s generation flags (``jobs.cli.flags.add_param_flags``).
 
 Torch-free, so ``jobs`` imports it without loading a model. An integral float (``5.0``, as
 pandas writes an integer column with a missing value) is accepted where an integer is
@@ -24,12 +24,9 @@ from __future__ import annotations
 
 import math
 import operator
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    import argparse
+from typing import Any
 
 #: The largest seed: results store seeds as int64 (torch accepts up to 2**64 - 1, Parquet
 #: readers and pandas would not).
@@ -147,20 +144,6 @@ def defaults() -> dict[str, Any]:
     return {n: p.default for n, p in GENERATION_PARAMS.items()}
 
 
-def arrow_type(name: str) -> Any:
-    """The results column type of a parameter: int64 or float64."""
-    import pyarrow as pa
-
-    return pa.int64() if GENERATION_PARAMS[name].kind == "int" else pa.float64()
-
-
-def arrow_fields() -> list[Any]:
-    """The results schema's generation columns (the row parameters), in declaration order."""
-    import pyarrow as pa
-
-    return [pa.field(n, arrow_type(n)) for n in ROW_PARAMS]
-
-
 def check_value(name: str, value: Any, label: str | None = None) -> int | float | None:
     """``value`` as the parameter's type within its declared range (None where optional).
 
@@ -205,27 +188,6 @@ def check_generation(
         if lo is not None and hi is not None and lo > hi:
             raise ValueError(f"{label(a)} must be <= {label(b)}, got {lo} > {hi}")
     return out
-
-
-def add_flags(
-    parser: argparse.ArgumentParser, names: Iterable[str], aliases: Mapping[str, str] | None = None
-) -> None:
-    """One command-line flag per parameter in ``names`` (``--motion-bucket-id``), with its
-    declared type, default and description; ``aliases`` adds a second spelling (``--steps``).
-    The value lands in ``args.<name>``."""
-    aliases = aliases or {}
-    for name in names:
-        p = GENERATION_PARAMS[name]
-        spellings = [flag_name(name)] + ([aliases[name]] if name in aliases else [])
-        metavar = "N" if p.kind == "int" else "X"
-        parser.add_argument(
-            *spellings, dest=name, type=p.type, default=p.default, metavar=metavar, help=p.help()
-        )
-
-
-def flag_name(name: str) -> str:
-    """The command-line spelling of a parameter: ``--motion-bucket-id``."""
-    return "--" + name.replace("_", "-")
 
 
 def as_int(name: str, value: Any, minimum: int | None = None, maximum: int | None = None) -> int:

@@ -138,9 +138,15 @@ def test_dashboard_uses_only_exported_metrics():
     # It shows what the issue asks for: throughput, latency percentiles, MAC savings,
     # failures, cache hit rate.
     for needed in (
-        "vcut_videos_total", "vcut_frames_rendered_total", "vcut_render_seconds", "vcut_unet_step_seconds",
-        "vcut_encode_seconds", "vcut_macs_total", "vcut_macs_saved_total",
-        "vcut_embedding_cache_hits_total", "vcut_embedding_cache_misses_total",
+        "vcut_videos_total",
+        "vcut_frames_rendered_total",
+        "vcut_render_seconds",
+        "vcut_unet_step_seconds",
+        "vcut_encode_seconds",
+        "vcut_macs_total",
+        "vcut_macs_saved_total",
+        "vcut_embedding_cache_hits_total",
+        "vcut_embedding_cache_misses_total",
     ):
         assert needed in used, needed
     exprs = "\n".join(dashboard_exprs(dashboard()))
@@ -295,20 +301,17 @@ def test_cluster_launcher_config_is_valid_for_ray():
 
 
 def _check_vcut_command(argv: list[str]) -> Any:
-    """Parse ``argv`` exactly as ``jobs.main.main`` does and resolve its config; return the config."""
-    import jobs.main as cli
+    """Parse ``argv`` exactly as ``jobs.cli.main`` does and resolve its config; return the config."""
+    from jobs.cli import build_parser
+    from jobs.cli.flags import load_config
 
     assert argv[0] == "vcut"
-    parser = cli.build_parser()
     try:
-        args, extra = parser.parse_known_args(argv[1:])
+        args = build_parser().parse_args(argv[1:])
     except SystemExit as e:
-        pytest.fail(f"`{shlex.join(argv)}` is rejected by jobs.main.build_parser() (exit {e.code})")
+        pytest.fail(f"`{shlex.join(argv)}` is rejected by jobs.cli.build_parser() (exit {e.code})")
     assert args.command == "run", argv
-    bad = [a for a in extra if a.startswith("-") or "=" not in a]
-    assert not bad, f"`{shlex.join(argv)}`: unrecognized arguments {bad}"
-    args.overrides = extra
-    cfg = cli._load_config(args)  # the config the command would run with (None: config error)
+    cfg = load_config(args)  # the config the command would run with (None: config error)
     assert cfg is not None, f"`{shlex.join(argv)}`: config error (see captured stderr)"
     return cfg
 

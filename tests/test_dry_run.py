@@ -19,11 +19,12 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import subprocess_env
 
-from jobs import dryrun, results
+from jobs import results
 from jobs.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_JOB = str(ROOT / "examples" / "tiny-job.yaml")
+BENCH = ROOT / "benchmarks" / "results" / "gpu_bench_svd-xt-full_nvidia-h100-80gb-hbm3.json"
 
 
 def _manifest(folder: Path) -> Path:
@@ -48,10 +49,16 @@ def _hours(text: str) -> float:
 
 
 @pytest.mark.slow
-def test_dry_run_cli_starts_no_ray_and_uses_the_benchmark(tiny_model_dir, tmp_path):
+def test_dry_run_cli_starts_no_ray_and_uses_a_benchmark_file(tiny_model_dir, tmp_path):
     manifest, out, ray_tmp = _manifest(tmp_path / "in"), tmp_path / "out", tmp_path / "raytmp"
     env = subprocess_env(drop=(), RAY_TMPDIR=str(ray_tmp))
-    args = [*_args(manifest, out, tiny_model_dir), "--dry-run", "output.layout=webdataset"]
+    args = [
+        *_args(manifest, out, tiny_model_dir),
+        "--dry-run",
+        "output.layout=webdataset",
+        "--timing",
+        str(BENCH),
+    ]
     proc = subprocess.run(
         [sys.executable, "-m", "jobs.main", *args, "output.shard_size=4"],
         env=env,
@@ -96,11 +103,40 @@ def test_dry_run_after_earlier_results_and_without_timings(tiny_model_dir, tmp_p
     assert _hours(text) == pytest.approx(expect, rel=1e-3)
     assert sorted(os.listdir(out)) == ["results"]  # nothing written
 
-    # no earlier results and no benchmark figures (an installed package): say so
-    monkeypatch.setattr(dryrun, "BENCH_FILE", tmp_path / "absent.json")
+    # no earlier results and no --timing: none, and the line says what to give
     assert main([*_args(manifest, tmp_path / "fresh", tiny_model_dir), "--dry-run"]) == 0
     text = capsys.readouterr().out
-    assert "estimate: none (no timing source" in text and "to render: 6 rows" in text
+    assert "estimate: none (no timing source" in text and "--timing FILE" in text
+    assert "to render: 6 rows" in text
+
+
+def test_dry_run_timing_from_another_jobs_results(tiny_model_dir, tmp_path, capsys):
+    """``--timing DIR``: a fresh job takes the per-shape timings of another job's results
+    (never a file of the source checkout); DIR's own timings win when they cover every shape."""
+    manifest, other, fresh = _manifest(tmp_path / "in"), tmp_path / "other", tmp_path / "fresh"
+    common = {"height": 64, "num_frames": 4, "frames": 4, "num_inference_steps": 2, "status": "ok"}
+    rows = [{"id": f"a{i}", "width": 64, "seconds": 3.0, **common} for i in range(2)]
+    rows += [{"id": f"b{i}", "width": 128, "seconds": 5.0, **common} for i in range(2)]
+    results.ResultWriter(str(other)).commit(rows)
+
+    assert main([*_args(manifest, fresh, tiny_model_dir), "--dry-run", "--timing", str(other)]) == 0
+    text = capsys.readouterr().out
+    assert f"per-shape timings of 4 ok rows in --timing {other}" in text
+    assert _hours(text) == pytest.approx((4 * 3.0 + 2 * 5.0) / 3600, rel=1e-3)
+    assert not fresh.exists()
+
+    # a results Parquet file works the same; a file that is neither is one line, exit 2
+    part = next((other / "results").glob("part-*.parquet"))
+    assert main([*_args(manifest, fresh, tiny_model_dir), "--dry-run", "--timing", str(part)]) == 0
+    assert _hours(capsys.readouterr().out) == pytest.approx((4 * 3.0 + 2 * 5.0) / 3600, rel=1e-3)
+    bad = tmp_path / "t.json"
+    bad.write_text("{}")
+    assert main([*_args(manifest, fresh, tiny_model_dir), "--dry-run", "--timing", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert f"--timing {str(bad)!r}" in err and "KeyError" in err
+    # --timing without --dry-run is refused before anything runs
+    assert main([*_args(manifest, fresh, tiny_model_dir), "--timing", str(other)]) == 2
+    assert "--timing goes with --dry-run" in capsys.readouterr().err
 
 
 def test_dry_run_rejects_an_invalid_manifest(tiny_model_dir, tmp_path, capsys):

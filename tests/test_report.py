@@ -103,6 +103,114 @@ def test_report_data_from_a_synthetic_table(tmp_path, capsys):
     )
 
 
+def test_histogram_axes_never_repeat_a_tick_label():
+    """Render times within a millisecond of each other (and other narrow or large ranges): every
+    tick of every axis has its own label (they all read "10" before)."""
+    from jobs import report_svg
+
+    for lo, hi in (
+        (10.001, 10.004),
+        (12_000.1, 12_000.3),
+        (3e6, 3.0001e6),
+        (1e-5, 3e-5),
+        (0, 12_345),
+        (-1, 1),
+    ):
+        labels = report_svg.tick_labels(report_svg.nice_ticks(lo, hi))
+        assert len(set(labels)) == len(labels) > 1, (lo, hi, labels)
+    seconds = 10.0 + np.arange(6) * 1e-4  # six ok rows, 0.1 ms apart
+    table = pa.Table.from_pylist(
+        [{**_row(i, "ok", "w", T0 + 20 * i), "seconds": float(s)} for i, s in enumerate(seconds)]
+    )
+    data = report.report_data(table)
+    html = report.build_html(data, title="t", thumbs=[None] * 6, links=[None] * 6)
+    for svg in re.findall(r"<svg.*?</svg>", html, re.S):
+        x_labels = re.findall(r'<text x="[\d.]+" y="216" text-anchor="middle">([^<]*)</text>', svg)
+        y_labels = re.findall(r'<text x="50" y="[\d.]+" text-anchor="end">([^<]*)</text>', svg)
+        for labels in (x_labels, y_labels):
+            assert len(labels) > 1 and len(set(labels)) == len(labels), labels
+
+
+def test_the_template_escapes_everything_from_the_data():
+    """Ids, error messages, worker names and the title come from users and rows: autoescaped."""
+    hostile = '<script>alert("x")</script>'
+    table = pa.Table.from_pylist(
+        [
+            {**_row(0, "ok", hostile, T0 + 10), "id": hostile},
+            {**_row(1, "failed", "w", T0 + 20, error=f"ImageError: {hostile}"), "id": "a&b"},
+        ]
+    )
+    html = report.build_html(report.report_data(table), title=hostile, thumbs=[None], links=[hostile])
+    assert "<script" not in html and html.count("&lt;script&gt;") >= 4
+    assert "a&amp;b" in html and 'href="&lt;script&gt;' in html
+
+
+def test_webdataset_rows_get_a_real_preview(tmp_path):
+    """A WebDataset job's videos live inside shard tars: the contact sheet shows their first
+    frame read from the sample in the tar (not "no preview"); a key the tar lacks still does."""
+    import tarfile
+
+    from jobs.results import ResultWriter
+    from jobs.shards import sample_key
+    from pipeline.encode import encode_video
+
+    out = tmp_path / "out"
+    (out / "shards").mkdir(parents=True)
+    shard = out / "shards" / "00000.tar"
+    frames = np.zeros((3, 32, 48, 3), np.uint8)
+    frames[..., 0] = 200  # red: the thumbnail must be this video's frame
+    with tarfile.open(shard, "w") as tar:
+        for row_id in ("a.1", "b"):
+            video = tmp_path / f"{sample_key(row_id)}.mp4"
+            encode_video(frames, video, fps=7, preset="ultrafast")
+            tar.add(video, arcname=video.name)
+            meta = tmp_path / f"{sample_key(row_id)}.json"
+            meta.write_text("{}")
+            tar.add(meta, arcname=meta.name)
+    rows = [
+        {**_row(i, "ok", "w", T0 + 10 * i), "id": row_id, "output": str(shard), "shard": 0}
+        for i, row_id in enumerate(("a.1", "b", "missing"))
+    ]
+    ResultWriter(str(out)).commit(rows)
+    assert main(["report", str(out)]) == 0
+    html = (out / "report.html").read_text()
+    jpegs = re.findall(r'src="data:image/jpeg;base64,([^"]+)"', html)
+    assert len(jpegs) == 2 and html.count("no preview") == 1
+    import base64
+
+    from PIL import Image
+
+    picture = np.asarray(Image.open(io.BytesIO(base64.b64decode(jpegs[0]))).convert("RGB"), dtype=float)
+    assert picture.shape[0] == report.THUMB_HEIGHT and picture[..., 0].mean() > 150 > picture[..., 1].mean()
+    assert 'href="shards/00000.tar"' in html
+
+    # a shard on an fsspec filesystem (object storage): the same frame, read through ``fs``
+    import fsspec
+
+    from jobs.report_thumbs import thumbnail
+
+    mem = fsspec.filesystem("memory")
+    mem.pipe_file("/vcut-report-test/00000.tar", shard.read_bytes())
+    try:
+        remote = thumbnail("memory://vcut-report-test/00000.tar", mem, sample=sample_key("b"))
+        assert remote is not None and remote[:2] == b"\xff\xd8"  # a JPEG
+        assert thumbnail("memory://vcut-report-test/00000.tar", mem, sample="nope") is None
+    finally:
+        mem.rm("/vcut-report-test", recursive=True)
+
+
+def test_the_report_template_ships_with_the_package():
+    """pyproject's package data names the template the report loads (a wheel without it would
+    fail every report)."""
+    import tomllib
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    patterns = data["tool"]["setuptools"]["package-data"]["jobs"]
+    templates = sorted(p.relative_to(ROOT / "jobs") for p in (ROOT / "jobs" / "templates").iterdir())
+    assert templates and all(any(t.match(p) for p in patterns) for t in templates), (templates, patterns)
+    assert "jinja2" in " ".join(data["project"]["dependencies"])
+
+
 # -- a real job, in a real browser -----------------------------------------------------------
 
 
@@ -127,7 +235,6 @@ def _screenshot(html: Path, png: Path, size: str, fragment: str = "") -> np.ndar
     proc = _browse(html, f"--window-size={size}", f"--screenshot={png}", fragment=fragment)
     assert proc.returncode == 0 and png.exists(), proc.stderr[-2000:]
     return np.asarray(Image.open(io.BytesIO(png.read_bytes())).convert("RGB"), dtype=np.float64)
-
 
 
 @pytest.mark.slow
