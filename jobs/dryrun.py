@@ -123,7 +123,7 @@ def _fmt_macs(value: float) -> str:
 
 def dry_run(cfg: Any, manifest: str, out: OutputDir, stream: TextIO) -> int:
     """Print what ``vcut run`` would do; 0, or ManifestError for an invalid manifest."""
-    from jobs.runner import resolve_params
+    from jobs.planner import resolve_params
     from jobs.shards import check_layout, scan
 
     info = validate_manifest(manifest, reserved=results.RESERVED_COLUMNS)
