@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from jobs import manifest, results
 from pipeline.params import BATCH_PARAMS, ROW_PARAMS
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def resolve_params(row: Mapping[str, Any], generation: Mapping[str, Any]) -> dict[str, Any]:
@@ -57,10 +57,14 @@ class RowTask:
     def from_row(
         cls, row: Mapping[str, Any], defaults: Mapping[str, Any], output: str | None = None
     ) -> RowTask:
-        """The record of a manifest row (``jobs.manifest.iter_manifest``'s dict)."""
+        """The record of a manifest row (``jobs.manifest.iter_manifest``'s dict). On the driver
+        only: ``jobs.manifest`` (pyarrow) is imported here, so a worker that unpickles a
+        RowTask imports neither pyarrow nor numpy."""
+        from jobs.manifest import PRIVATE_KEYS
+
         params = resolve_params(row, defaults)
         columns = {
-            k: v for k, v in row.items() if k not in manifest.PRIVATE_KEYS and k not in params and k != "id"
+            k: v for k, v in row.items() if k not in PRIVATE_KEYS and k not in params and k != "id"
         }
         image = row.get("_image", row.get("image"))
         return cls(str(row["id"]), image, params, batch_key_of(params), output, columns)
@@ -111,6 +115,8 @@ def plan_batches(
     With ``by_key`` (``workers.render_batch`` > 1), a batch holds rows of one batching key only:
     rows that can render in one pipeline call travel together, image groups adjacent within
     them, and rows of another key start a new batch."""
+    from jobs import manifest, results  # the driver's: a worker needs RowTask only
+
     current: list[RowTask] = []
     current_key: Hashable = None
     for chunk in chunks:
