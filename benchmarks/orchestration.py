@@ -26,6 +26,11 @@ on a local Ray instance, through ``jobs.runner.run_job``, the function behind ``
   renderer with a tensor size mismatch) and the real ffmpeg encoder. Its rows per second are
   bound by rendering on this machine, so it runs on ``--tiny-rows`` rows only (default 200).
 
+``--stores local,s3`` measures each store in turn (alternate them on a loaded machine:
+``--stores local,s3,local,s3``): ``s3`` is a moto S3 server in this process behind
+``benchmarks.delay_proxy`` (``--delay-ms`` per request, default 20; loopback only), the job's
+``--out`` an ``s3://`` folder on it; each run records the requests the proxy saw.
+
 Reported per run: rows, wall time (Ray start excluded: it is timed apart), rows per second
 over the wall time and between the first and the last committed row (steady), the driver's
 peak RSS (sampled every 20 ms, and ``ru_maxrss``), and the peak total RSS of the Ray
@@ -35,6 +40,7 @@ processes it started. Memory must not grow with the manifest: compare 10k with 5
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -152,7 +158,10 @@ def run_one(
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     with MemorySampler() as mem:
         t0 = time.monotonic()
-        ray.init(include_dashboard=False, logging_level=logging.WARNING, configure_logging=False)
+        # "local": an instance of its own, never one that `ray start` registered on the machine
+        ray.init(
+            address="local", include_dashboard=False, logging_level=logging.WARNING, configure_logging=False
+        )
         ray_start_s = time.monotonic() - t0
         t1 = time.monotonic()
         with open(os.devnull, "w") as devnull:
@@ -194,8 +203,9 @@ def _subprocess(
     layout: str = "files",
     video_bytes: int = 0,
     shard_size: int = 100,
+    store_env: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    result_file = tmp / f"one-{path}-{out_dir.name}.json"
+    result_file = tmp / f"one-{path}-{str(out_dir).rstrip('/').rsplit('/', 1)[-1]}.json"
     cmd = [
         sys.executable,
         "-m",
@@ -218,7 +228,9 @@ def _subprocess(
     if model:
         cmd += ["--model", str(model)]
     env = dict(
-        os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+        os.environ,
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+        **(store_env or {}),
     )
     t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True)
@@ -258,6 +270,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0,
         help="bytes the no-op encoder writes per video (default 0: none)",
     )
+    p.add_argument("--stores", default="local", help="local and/or s3, in turn (e.g. local,s3,local,s3)")
+    p.add_argument("--delay-ms", type=float, default=20.0, help="delay per S3 request (default 20)")
     p.add_argument("--work", type=Path, default=None, help="scratch folder (default: a temporary one)")
     p.add_argument(
         "--out", type=Path, default=None, help="JSON file (default: benchmarks/results/orchestration.json)"
@@ -294,23 +308,35 @@ def main(argv: list[str] | None = None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="vcut-orch-"))
     result = header("orchestration")
     result.update(sizes=sizes, paths=paths, settings=SMALLEST, workers=1, tiny_rows=args.tiny_rows)
+    stores = [x.strip() for x in args.stores.split(",") if x.strip()]
     result.update(layouts=layouts, video_bytes=args.video_bytes, shard_size=args.shard_size)
+    result.update(stores=stores, s3_delay_ms=args.delay_ms if "s3" in stores else None)
     runs: list[dict[str, Any]] = []
+    s3 = contextlib.ExitStack()
     try:
+        store_env, proxy = (_s3_store(s3, args.delay_ms / 1000.0)) if "s3" in stores else ({}, None)
         images = make_images(work / "images", args.images)
         for n in sizes:
             manifest = make_manifest(work / f"manifest-{n}.parquet", images, n)
             log(f"manifest of {n} rows: {manifest.stat().st_size / 2**10:.0f} KiB")
-            for layout in layouts:
-                out_dir = work / f"out-stub-{n}-{layout}"
+            for i, (layout, store) in enumerate((la, st) for st in stores for la in layouts):
+                local = store == "local"
+                out_dir = (
+                    work / f"out-stub-{n}-{layout}-{i}" if local else f"s3://{BUCKET}/out-{n}-{layout}-{i}"
+                )
                 extra = {"layout": layout, "video_bytes": args.video_bytes, "shard_size": args.shard_size}
-                if "stub" in paths:
-                    run = _subprocess("stub", manifest, out_dir, None, work, log, **extra)
+                extra["store_env"] = None if local else store_env
+                for path in ("stub", "resume"):
+                    if path not in paths or (path == "resume" and local and not out_dir.exists()):
+                        continue
+                    before = proxy.requests if proxy else 0
+                    run = _subprocess(path, manifest, out_dir, None, work, log, **extra)
+                    run["store"] = store
+                    if not local:
+                        run["s3_requests"] = proxy.requests - before
                     runs.append({**run, "manifest_rows": n})
-                if "resume" in paths and out_dir.exists():
-                    run = _subprocess("resume", manifest, out_dir, None, work, log, **extra)
-                    runs.append({**run, "manifest_rows": n})
-                shutil.rmtree(out_dir, ignore_errors=True)
+                if local:
+                    shutil.rmtree(out_dir, ignore_errors=True)
             result["runs"] = runs
             write_json(out, result)
         if "tiny" in paths and args.tiny_rows:
@@ -327,9 +353,54 @@ def main(argv: list[str] | None = None) -> int:
         write_json(out, result)
         log(f"wrote {out}")
     finally:
+        s3.close()
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+BUCKET = "vcut-bench"
+
+
+def _s3_store(stack: contextlib.ExitStack, delay_s: float) -> tuple[dict[str, str], Any]:
+    """A moto S3 server on loopback with a bucket, behind a ``DelayProxy``: the environment
+    that points a job's processes at the proxy, and the proxy (it counts requests)."""
+    import logging
+    import urllib.request
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    from benchmarks.delay_proxy import DelayProxy
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    stack.callback(server.stop)
+    port = server.get_host_and_port()[1]
+    urllib.request.urlopen(
+        urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST"), timeout=10
+    ).close()
+    proxy = stack.enter_context(DelayProxy(("127.0.0.1", port), delay_s))
+    env = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": proxy.url,
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    }
+    client = boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{port}",
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    client.create_bucket(Bucket=BUCKET)
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL_S3"):
+        os.environ.pop(name, None)  # the subprocesses inherit this environment
+    return env, proxy
 
 
 if __name__ == "__main__":

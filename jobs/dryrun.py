@@ -131,7 +131,7 @@ def _count(model: str, key: tuple[int, int, int, int, bool], levers: Levers) -> 
 def dry_run(cfg: Any, manifest: str, out: OutputDir, stream: TextIO, *, timing: str | None = None) -> int:
     """Print what ``vcut run`` would do; 0. Raises ManifestError for an invalid manifest,
     TimingError for an unreadable ``timing`` file (:func:`read_timing`)."""
-    from jobs.runner import resolve_params
+    from jobs.planner import resolve_params
     from jobs.shards import check_layout, scan
 
     info = validate_manifest(manifest, reserved=results.RESERVED_COLUMNS)

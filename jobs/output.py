@@ -7,21 +7,31 @@ filesystem, with ``pipeline.storage``'s atomic put (local: hidden temporary, fsy
 object store: one upload under the final name; other fsspec: hidden temporary, ``mv``).
 Workers are given URI strings (:meth:`OutputDir.uri_of`), never a filesystem object.
 
+The output folder is the job's one storage boundary: every :class:`OutputDir` method that
+touches storage turns the storage's own failures (an ``OSError`` such as ENOSPC or EROFS, an
+object-store client's connection or HTTP error: ``jobs.stop.output_failure``) into
+:class:`OutputError`, so callers know an output failure by its type (exit 74 in
+``jobs.stop.EXIT_FOR_ERROR``) and a bug stays itself.
+
 Output names: :func:`safe_name` turns a row id into a file name that stays inside its folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import os
 import posixpath
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from jobs.stop import output_failure
 from pipeline.storage import is_object_store, is_temporary, protocols, put_atomic, url_to_fs
 
 MAX_NAME = 120
@@ -37,6 +47,31 @@ def safe_name(row_id: str) -> str:
         return name
     digest = hashlib.sha256(row_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
     return f"{name[: MAX_NAME - 13]}-{digest}" if name else digest
+
+
+class OutputError(OSError):
+    """The output's storage failed (disk full, read-only, object store gone). ``uri``: the
+    output folder; ``cause``: the storage's error in one line (with its errno name);
+    ``advice``: what to do. An ``OSError`` carrying the cause's errno."""
+
+    def __init__(self, uri: str, cause: str, advice: str, errnum: int | None = None):
+        super().__init__(errnum if errnum is not None else errno.EIO, f"cannot write to {uri}: {cause}")
+        self.uri, self.cause, self.advice = uri, cause, advice
+
+
+@contextlib.contextmanager
+def storage_errors(uri: str) -> Iterator[None]:
+    """Turn a storage failure inside the block into :class:`OutputError` (a missing file and
+    anything that is not storage, such as a bug, pass through as themselves)."""
+    try:
+        yield
+    except (OutputError, FileNotFoundError):
+        raise
+    except Exception as exc:
+        failure = output_failure(exc)
+        if failure is None:
+            raise
+        raise OutputError(uri, *failure, getattr(exc, "errno", None)) from exc
 
 
 @dataclass(frozen=True)
@@ -73,10 +108,12 @@ class OutputDir:
         """The names in a sub-folder ([] when it does not exist), never from a stale cache."""
         folder = self.path(*sub)
         if self.local:
-            return os.listdir(folder) if os.path.isdir(folder) else []
+            with storage_errors(self.uri):
+                return os.listdir(folder) if os.path.isdir(folder) else []
         self.fs.invalidate_cache(folder)  # other processes (the workers) write here too
         try:
-            found = self.fs.ls(folder, detail=False)
+            with storage_errors(self.uri):
+                found = self.fs.ls(folder, detail=False)
         except FileNotFoundError:
             return []
         return [posixpath.basename(p.rstrip("/")) for p in found if p.rstrip("/") != folder.rstrip("/")]
@@ -85,7 +122,8 @@ class OutputDir:
         """Create a sub-folder; nothing on object stores (no directories; s3fs would even
         create a missing bucket)."""
         if self.local:
-            os.makedirs(self.path(*sub), exist_ok=True)
+            with storage_errors(self.uri):
+                os.makedirs(self.path(*sub), exist_ok=True)
         elif not self.object_store:
             try:
                 self.fs.makedirs(self.path(*sub), exist_ok=True)
@@ -93,16 +131,31 @@ class OutputDir:
                 pass
 
     def remove(self, path: str) -> None:
-        if self.local:
-            os.remove(path)
-        else:
-            self.fs.rm_file(path)
+        with storage_errors(self.uri):
+            if self.local:
+                os.remove(path)
+            else:
+                self.fs.rm_file(path)
+
+    def remove_many(self, paths: list[str]) -> None:
+        """Remove files; on an object store in as few requests as the store allows (s3fs: one
+        DeleteObjects per 1,000 keys)."""
+        if not paths:
+            return
+        if self.local or not self.object_store:
+            for path in paths:
+                self.remove(path)
+            return
+        with storage_errors(self.uri):
+            self.fs.rm(list(paths))
 
     def read_table(self, path: str, columns: list[str] | None = None) -> pa.Table:
-        return pq.read_table(path, columns=columns, filesystem=self.fs)
+        with storage_errors(self.uri):
+            return pq.read_table(path, columns=columns, filesystem=self.fs)
 
     def read_schema(self, path: str) -> pa.Schema:
-        return pq.read_schema(path, filesystem=self.fs)
+        with storage_errors(self.uri):
+            return pq.read_schema(path, filesystem=self.fs)
 
     def write_table(self, table: pa.Table, path: str) -> None:
         """Write a Parquet file that is never seen half-written under ``path``."""
@@ -112,7 +165,8 @@ class OutputDir:
 
     def write_bytes(self, path: str, data: bytes) -> None:
         """Write ``data`` to ``path`` atomically (``pipeline.storage.put_atomic``)."""
-        put_atomic(self.fs, path, data)
+        with storage_errors(self.uri):
+            put_atomic(self.fs, path, data)
 
 
 def open_output(out: str | os.PathLike | OutputDir) -> OutputDir:

@@ -399,7 +399,9 @@ def connect_ray(address: str | None, *, verbose: bool = False) -> None:
     quiet_notices()  # the local instance's token-auth banner (pipeline.notices says why)
     try:
         ray.init(
-            address=address,
+            # no address: an instance of our own ("local"), never one `ray start` registered
+            # on this machine (ray.init(address=None) would join that one)
+            address=address or "local",
             include_dashboard=False,
             logging_level=logging.INFO if verbose else logging.WARNING,
             configure_logging=False,

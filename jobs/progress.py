@@ -171,7 +171,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         ("total MACs saved", f"{summary.get('total_macs_saved', 0):.4g}"),
         ("  by VCUT", f"{summary.get('total_macs_saved_vcut', 0):.4g}"),
         ("  by step caching", f"{summary.get('total_macs_saved_step_cache', 0):.4g}"),
-        ("results", summary.get("results")),
+        ("results", summary.get("results") or "not written"),
     ]
+    for w in summary.get("workers_not_started") or []:  # each with its node and cause
+        rows.append(("not started", f"{w['worker']} on {w.get('node') or 'no node'}: {w.get('error')}"))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"{k.ljust(width)}  {v}" for k, v in rows)

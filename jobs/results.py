@@ -17,6 +17,7 @@ import posixpath
 import socket
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -120,7 +121,7 @@ class ResultWriter:
     ):
         self.out = open_output(out_dir)
         self.merge_every = merge_every  # merge this writer's small parts every N commits
-        self._recent: list[str] = []
+        self._recent: list[tuple[str, pa.Table]] = []  # parts since the last merge, as written
         self.dir = self.out.path("results")
         self.out.makedirs("results")
         carried = [f for f in (carried_schema or []) if f.name not in RESULT_SCHEMA.names]
@@ -167,16 +168,28 @@ class ResultWriter:
         self._seq += 1
         name = f"part-{now:020d}-{self._seq:06d}-{self._tag}.parquet"
         path = self.out.path("results", name)
-        self.out.write_table(table, path)
-        self._recent.append(path)
+        self.out.write_table(table, path)  # one request on an object store
+        self._recent.append((path, table))
         if len(self._recent) >= self.merge_every:
             self.merge()
         return name
 
     def merge(self) -> None:
-        """Merge the parts this writer committed since the last merge into one (few files)."""
-        compact(self.out, parts=self._recent)
-        self._recent = []
+        """Merge the parts this writer committed since the last merge into few files, from the
+        tables it still holds (nothing is read back): per run of parts with one schema, one
+        put of the merged part and one bulk delete of the inputs."""
+        recent, self._recent = self._recent, []
+        masks = _last_of_id([hash_ids(t.column("id").to_pylist()) for _, t in recent])
+        start = 0
+        while start < len(recent):
+            end = start + 1
+            while end < len(recent) and recent[end][1].schema.equals(recent[start][1].schema):
+                end += 1
+            if end - start > 1:
+                run = zip(recent[start:end], masks[start:end], strict=True)
+                kept = [t.filter(pa.array(m)) for (_, t), m in run]
+                _replace(self.out, [p for p, _ in recent[start:end]], pa.concat_tables(kept))
+            start = end
 
 
 def _parts(out_dir: str | OutputDir) -> list[str]:
@@ -188,35 +201,51 @@ def _parts(out_dir: str | OutputDir) -> list[str]:
     )
 
 
-def _latest_mask(out: OutputDir, parts: list[str]) -> tuple[list[np.ndarray], list[pa.Table]]:
-    """Per part, a mask of the rows that are the last committed row of their id."""
-    tables = [out.read_table(p, columns=["id", "status"]) for p in parts]
-    hashes = [hash_ids(t.column("id").to_pylist()) for t in tables]
+def _last_of_id(hashes: list[np.ndarray]) -> list[np.ndarray]:
+    """Per part, a mask of the rows that are the last committed row of their id (``hashes``:
+    each part's id hashes, in commit order)."""
     if not hashes:
-        return [], []
+        return []
     allh = np.concatenate(hashes)
-    position = np.arange(allh.size)
-    order = np.lexsort((position, allh))  # by hash, then commit position
-    last = np.ones(allh.size, dtype=bool)
+    order = np.lexsort((np.arange(allh.size), allh))  # by hash, then commit position
     sorted_h = allh[order]
     last_sorted = np.ones(allh.size, dtype=bool)
     last_sorted[:-1] = sorted_h[:-1] != sorted_h[1:]
+    last = np.empty(allh.size, dtype=bool)
     last[order] = last_sorted
     masks, start = [], 0
     for h in hashes:
         masks.append(last[start : start + h.size])
         start += h.size
-    return masks, tables
+    return masks
+
+
+def _latest(out: OutputDir, parts: list[str]) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
+    """Per part: the last-row-of-its-id mask, the id hashes and whether the row is ``ok``.
+    Streams: only ``id`` and ``status`` are read, one part at a time, and only 17 bytes a row
+    are kept (no table stays in memory)."""
+    hashes, oks = [], []
+    for path in parts:
+        table = out.read_table(path, columns=["id", "status"])
+        hashes.append(hash_ids(table.column("id").to_pylist()))
+        oks.append(pc.fill_null(pc.equal(table.column("status"), "ok"), False).to_numpy(zero_copy_only=False))
+        del table
+    return _last_of_id(hashes), hashes, oks
+
+
+def _latest_mask(out: OutputDir, parts: list[str]) -> tuple[list[np.ndarray], list[pa.Table]]:
+    """Per part, a mask of the rows that are the last committed row of their id, and the
+    part's ``id``/``status`` table (for callers that need the ids themselves)."""
+    tables = [out.read_table(p, columns=["id", "status"]) for p in parts]
+    return _last_of_id([hash_ids(t.column("id").to_pylist()) for t in tables]), tables
 
 
 def done_ids(out_dir: str | OutputDir) -> np.ndarray:
-    """Sorted 64-bit hashes of the ids whose latest committed row is ``ok`` (8 bytes per id)."""
+    """Sorted 64-bit hashes of the ids whose latest committed row is ``ok`` (8 bytes per id;
+    read streaming, ``id`` and ``status`` only)."""
     out = open_output(out_dir)
-    masks, tables = _latest_mask(out, _parts(out))
-    ok = []
-    for mask, table in zip(masks, tables, strict=True):
-        status = pc.equal(table.column("status"), "ok").to_numpy(zero_copy_only=False)
-        ok.append(hash_ids(pc.filter(table.column("id"), pa.array(mask & status)).to_pylist()))
+    masks, hashes, oks = _latest(out, _parts(out))
+    ok = [h[m & o] for m, h, o in zip(masks, hashes, oks, strict=True)]
     return np.sort(np.concatenate(ok)) if ok else np.zeros(0, dtype=np.uint64)
 
 
@@ -238,7 +267,7 @@ def compact(out_dir: str | OutputDir, target_rows: int = 100_000, parts: list[st
     """
     out = open_output(out_dir)
     parts = _parts(out) if parts is None else sorted(parts)
-    masks, _ = _latest_mask(out, parts)
+    masks = _latest(out, parts)[0]
     dropped = 0
     groups: list[list[int]] = []
     schema = None
@@ -258,38 +287,62 @@ def compact(out_dir: str | OutputDir, target_rows: int = 100_000, parts: list[st
         if len(group) == 1 and kept == total:
             continue
         dropped += total - kept
-        last = (os.path if out.local else posixpath).basename(parts[group[-1]])
         tables = [out.read_table(parts[i]).filter(pa.array(masks[i])) for i in group]
-        merged = pa.concat_tables(tables)
-        stem = last[: -len(".parquet")]
-        if merged.num_rows:
-            out.write_table(merged, out.path("results", f"{stem}-c{uuid.uuid4().hex[:6]}.parquet"))
-        for i in group:
-            out.remove(parts[i])
+        _replace(out, [parts[i] for i in group], pa.concat_tables(tables))
     return dropped
 
 
-def read_results(out_dir: str | OutputDir, columns: list[str] | None = None) -> pa.Table:
-    """The results table, one row per id (the last committed row wins)."""
+def _replace(out: OutputDir, parts: list[str], merged: pa.Table) -> None:
+    """Write ``merged`` (the kept rows of ``parts``, consecutive in commit order) as one part
+    named after the last of them, then delete ``parts`` (in as few requests as the store
+    allows). A crash in between leaves duplicate rows, which the last-row-wins rule resolves."""
+    last = (os.path if out.local else posixpath).basename(parts[-1])
+    stem = last[: -len(".parquet")]
+    if merged.num_rows:
+        out.write_table(merged, out.path("results", f"{stem}-c{uuid.uuid4().hex[:6]}.parquet"))
+    out.remove_many(parts)
+
+
+def _field(schema: pa.Schema, name: str) -> pa.Field | None:
+    if name in schema.names:
+        return schema.field(name)
+    return RESULT_SCHEMA.field(name) if name in RESULT_SCHEMA.names else None
+
+
+def iter_results(out_dir: str | OutputDir, columns: list[str] | None = None) -> Iterator[pa.Table]:
+    """The results table, one row per id (the last committed row wins), one table per part,
+    read with ``columns`` only (None: all). Memory: one part at a time, plus 17 bytes a row.
+    A column no part has comes as nulls of its results type (unknown names are left out)."""
     out = open_output(out_dir)
     parts = _parts(out)
     if not parts:
-        return RESULT_SCHEMA.empty_table()
-    masks, _ = _latest_mask(out, parts)
+        return
+    masks = _latest(out, parts)[0]
     schema = unify_schemas([out.read_schema(p) for p in parts])
     if columns is not None:
-        schema = pa.schema([schema.field(c) for c in columns])
-    tables = []
+        schema = pa.schema([f for f in (_field(schema, c) for c in columns) if f is not None])
     for path, mask in zip(parts, masks, strict=True):
-        t = out.read_table(path).filter(pa.array(mask))
+        if not mask.any():
+            continue
+        names = out.read_schema(path).names
+        t = out.read_table(path, columns=[f.name for f in schema if f.name in names]).filter(pa.array(mask))
         cols = [
             cast_column(t.column(f.name), f.type)
             if f.name in t.column_names
             else pa.nulls(t.num_rows, f.type)
             for f in schema
         ]
-        tables.append(pa.table(cols, schema=schema))
-    return pa.concat_tables(tables)
+        yield pa.table(cols, schema=schema)
+
+
+def read_results(out_dir: str | OutputDir, columns: list[str] | None = None) -> pa.Table:
+    """The results table, one row per id (the last committed row wins), with ``columns`` only
+    (None: all; see :func:`iter_results`)."""
+    tables = list(iter_results(out_dir, columns))
+    if tables:
+        return pa.concat_tables(tables)
+    empty = RESULT_SCHEMA if columns is None else pa.schema([f for f in RESULT_SCHEMA if f.name in columns])
+    return empty.empty_table()
 
 
 def summarize(
@@ -298,17 +351,17 @@ def summarize(
     """Counts over the whole results table plus this run's throughput."""
     out = open_output(out_dir)
     saved_cols = ["macs_saved", "macs_saved_vcut", "macs_saved_step_cache"]
-    status = read_results(out, ["status", *saved_cols, "macs"]) if _parts(out) else None
     ok = failed = 0
     macs = 0
     saved = dict.fromkeys(saved_cols, 0)
-    if status is not None and status.num_rows:
-        is_ok = pc.equal(status.column("status"), "ok")
-        ok = int(pc.sum(is_ok).as_py() or 0)
-        failed = status.num_rows - ok
+    for part in iter_results(out, ["status", *saved_cols, "macs"]):  # streamed, 5 columns
+        is_ok = pc.fill_null(pc.equal(part.column("status"), "ok"), False)
+        n_ok = int(pc.sum(is_ok).as_py() or 0)
+        ok += n_ok
+        failed += part.num_rows - n_ok
         for col in saved_cols:
-            saved[col] = int(pc.sum(pc.filter(status.column(col), is_ok)).as_py() or 0)
-        macs = int(pc.sum(pc.filter(status.column("macs"), is_ok)).as_py() or 0)
+            saved[col] += int(pc.sum(pc.filter(part.column(col), is_ok)).as_py() or 0)
+        macs += int(pc.sum(pc.filter(part.column("macs"), is_ok)).as_py() or 0)
     return {
         "manifest_rows": manifest_rows,
         "ok": ok,

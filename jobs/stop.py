@@ -63,6 +63,37 @@ EXIT_HELP = "exit status:\n" + "\n".join(f"  {int(s):>3}  {text}" for s, text in
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
+def _error_table() -> tuple[tuple[type[BaseException], ExitStatus], ...]:
+    """Exception type -> exit status, most specific first (imported here: those modules import
+    this one)."""
+    from jobs.lock import OutputLockedError
+    from jobs.manifest import ManifestError
+    from jobs.output import OutputError
+    from jobs.pool import JobError
+    from jobs.preflight import ClusterUnavailableError, PreflightError
+
+    return (
+        (OutputWriteError, ExitStatus.IO_ERROR),  # --out failed mid-job (with the summary so far)
+        (OutputError, ExitStatus.IO_ERROR),  # --out failed (the storage boundary's typed error)
+        (OutputLockedError, ExitStatus.LOCKED),
+        (ClusterUnavailableError, ExitStatus.UNAVAILABLE),  # before PreflightError: a subclass
+        (PreflightError, ExitStatus.USAGE),
+        (ManifestError, ExitStatus.USAGE),
+        (JobError, ExitStatus.NO_WORKER),
+    )
+
+
+def exit_status(exc: BaseException) -> ExitStatus | None:
+    """The exit status of an error that ends ``vcut run`` (the one table: :func:`_error_table`,
+    and the signal statuses for :class:`Interrupted`); None for an error not in it (a bug)."""
+    if isinstance(exc, Interrupted):
+        return ExitStatus(exit_for_signal(exc.signum))
+    for cls, status in _error_table():
+        if isinstance(exc, cls):
+            return status
+    return None
+
+
 def exit_for_signal(reason: str | int) -> int:
     """130 for SIGINT, 143 for SIGTERM (``reason``: a signal name or number)."""
     signum = reason if isinstance(reason, int) else getattr(signal.Signals, str(reason), signal.SIGINT)

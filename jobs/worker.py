@@ -32,6 +32,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from jobs.macs import MAC_FIELDS
+from jobs.planner import RowTask
 from jobs.text import error_line
 from pipeline.notices import quiet_notices
 from pipeline.params import BATCH_PARAMS, JOB_PARAMS, ROW_PARAMS
@@ -71,6 +72,11 @@ def default_encoder() -> Callable[..., float]:
     from pipeline.encode import encode_video
 
     return encode_video
+
+
+def _now_us() -> int:
+    """Now, in µs since the epoch (a row's ``finished_at``: when its own work ended)."""
+    return time.time_ns() // 1000
 
 
 def _error(exc: BaseException) -> str:
@@ -287,30 +293,32 @@ class RenderWorker:
         )
         return frames
 
-    def _render(self, task: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    def _render(self, task: RowTask) -> tuple[dict[str, Any], Any]:
         """One row alone: its result and its frames (None when it failed)."""
         result = self._new_result()
         return result, self._render_row(task, result)
 
-    def _render_row(self, task: dict[str, Any], result: dict[str, Any], loaded: float = 0.0) -> Any:
+    def _render_row(
+        self, task: RowTask, result: dict[str, Any], loaded: float = 0.0, image: Any = None
+    ) -> Any:
         """Render one row with ``generate``; its frames, or None when it failed (``result`` says why).
-        ``loaded``: seconds already spent loading ``task["image"]`` (then a prepared image)."""
-        params = task["params"]
+        ``image``: the row's image already loaded (``loaded`` seconds), else ``task.image`` is."""
+        params = task.params
         start = time.perf_counter()
         try:
             self._reset_peak_memory()
             kwargs = {k: params[k] for k in ROW_PARAMS}
-            gen = self.renderer.generate(task["image"], **self.job_params, **kwargs)
+            gen = self.renderer.generate(task.image if image is None else image, **self.job_params, **kwargs)
             return self._fill(result, gen, params, loaded, loaded + time.perf_counter() - start)
         except Exception as exc:
             result.update(error=_error(exc), seconds=loaded + time.perf_counter() - start)
             return None
 
-    def _render_together(self, tasks: list[dict[str, Any]], results: list[dict[str, Any]]) -> list[Any]:
+    def _render_together(self, tasks: list[RowTask], results: list[dict[str, Any]]) -> list[Any]:
         """Rows sharing every generation value but seed: images loaded row by row (a bad one fails
         its row only), the rest rendered in one ``generate_batch`` call. Frames (or None) per row."""
         frames: list[Any] = [None] * len(tasks)
-        params = tasks[0]["params"]
+        params = tasks[0].params
         good: list[int] = []
         images: list[Any] = []
         load_seconds: list[float] = []
@@ -318,54 +326,60 @@ class RenderWorker:
             start = time.perf_counter()
             try:
                 images.append(
-                    self.renderer.prepare_image(task["image"], width=params["width"], height=params["height"])
+                    self.renderer.prepare_image(task.image, width=params["width"], height=params["height"])
                 )
             except Exception as exc:
-                result.update(error=_error(exc), seconds=time.perf_counter() - start)
+                result.update(error=_error(exc), seconds=time.perf_counter() - start, finished_at=_now_us())
                 continue
             good.append(i)
             load_seconds.append(time.perf_counter() - start)
         if len(good) <= 1:
             for i, image, loaded in zip(good, images, load_seconds, strict=True):
-                frames[i] = self._render_row(dict(tasks[i], image=image), results[i], loaded)
+                frames[i] = self._render_row(tasks[i], results[i], loaded, image)
             return frames
         start = time.perf_counter()
         try:
             self._reset_peak_memory()
             gens = self.renderer.generate_batch(
                 images,
-                seeds=[tasks[i]["params"]["seed"] for i in good],
+                seeds=[tasks[i].params["seed"] for i in good],
                 **self.job_params,
                 **{k: params[k] for k in BATCH_PARAMS},
             )
             share = (time.perf_counter() - start) / len(good)
             for i, gen, loaded in zip(good, gens, load_seconds, strict=True):
-                frames[i] = self._fill(results[i], gen, tasks[i]["params"], loaded, loaded + share)
+                frames[i] = self._fill(results[i], gen, tasks[i].params, loaded, loaded + share)
             return frames
         except Exception as exc:
             log.warning("a batch of %d rows failed (%s); rendering them one by one", len(good), _error(exc))
         for i, image, loaded in zip(good, images, load_seconds, strict=True):
             results[i].clear()  # a row may have been filled before the failure
             results[i].update(self._new_result())
-            frames[i] = self._render_row(dict(tasks[i], image=image), results[i], loaded)
+            frames[i] = self._render_row(tasks[i], results[i], loaded, image)
         return frames
 
-    def _groups(self, tasks: list[dict[str, Any]]) -> list[list[int]]:
-        """Task indices to render together: rows sharing ``BATCH_PARAMS``, N (render_batch) at a time."""
+    def _groups(self, tasks: list[RowTask]) -> list[list[int]]:
+        """Task indices to render together: rows sharing their batching key (the planner's,
+        ``RowTask.key``), N (render_batch) at a time."""
         if self.rows_per_call == 1:
             return [[i] for i in range(len(tasks))]
         by_key: dict[tuple, list[int]] = {}
         for i, task in enumerate(tasks):
-            by_key.setdefault(tuple(task["params"][k] for k in BATCH_PARAMS), []).append(i)
+            by_key.setdefault(task.key, []).append(i)
         return [
             rows[start : start + self.rows_per_call]
             for rows in by_key.values()
             for start in range(0, len(rows), self.rows_per_call)
         ]
 
-    def _encode(self, frames: Any, out: str | None, fps: int) -> tuple[float, bytes | None]:
+    def _encode(self, frames: Any, out: str | None, fps: int) -> tuple[float, bytes | None, int]:
         """Encode to ``out``; with no ``out`` (layout webdataset), to a local temporary file
-        whose bytes are returned, for the driver to put into a shard."""
+        whose bytes are returned, for the driver to put into a shard. Returns (seconds, bytes
+        or None, when the encode ended: the row's ``finished_at``, µs since the epoch)."""
+        seconds, video = self._encode_bytes(frames, out, fps)
+        return seconds, video, _now_us()
+
+    def _encode_bytes(self, frames: Any, out: str | None, fps: int) -> tuple[float, bytes | None]:
         if out is not None:
             return self._encode_to(frames, out, fps), None
         fd, tmp = tempfile.mkstemp(prefix="vcut-video-", suffix=f".{self.output['format']}")
@@ -392,10 +406,10 @@ class RenderWorker:
         )
         return float(seconds) if seconds is not None else time.perf_counter() - start
 
-    def render_batch(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def render_batch(self, tasks: list[RowTask]) -> list[dict[str, Any]]:
         """Render and encode every task; one result dict per task, in order.
 
-        A task is ``{"id", "image", "output", "params"}``; a result holds the worker-side
+        A task is the planner's record (``jobs.planner.RowTask``); a result holds the worker-side
         fields (status, error, timings, frames, MACs, cache hit, worker, node) and, for a task
         whose ``output`` is None (layout webdataset), ``video``: the encoded bytes. Rows render
         ``workers.render_batch`` at a time where their generation values allow it.
@@ -412,18 +426,17 @@ class RenderWorker:
                     rendered = self._render_together([tasks[i] for i in group], [results[i] for i in group])
                 for i, frames in zip(group, rendered, strict=True):
                     if frames is not None:
-                        futures[i] = self._encoder.submit(
-                            self._encode, frames, tasks[i]["output"], results[i]["fps"]
-                        )
+                        out, fps = tasks[i].output, results[i]["fps"]
+                        futures[i] = self._encoder.submit(self._encode, frames, out, fps)
+                    else:
+                        results[i].setdefault("finished_at", _now_us())
         for result, future, task in zip(results, futures, tasks, strict=True):
             if future is not None:
                 try:
-                    result["encode_seconds"], video = future.result()
-                    result.update(status="ok", output=task["output"])
+                    result["encode_seconds"], video, result["finished_at"] = future.result()
+                    result.update(status="ok", output=task.output)
                     if video is not None:
                         result["video"] = video
                 except Exception as exc:
-                    result.update(status="failed", error=f"encode: {_error(exc)}")
-            # one encode thread: futures finish in order, so this is the row's own end (µs, UTC)
-            result["finished_at"] = time.time_ns() // 1000
+                    result.update(status="failed", error=f"encode: {_error(exc)}", finished_at=_now_us())
         return results

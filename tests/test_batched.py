@@ -19,7 +19,7 @@ from PIL import Image
 
 from jobs.config import check_config, load_config
 from jobs.main import main
-from jobs.runner import plan_batches, render_key, resolve_params, rows_per_task
+from jobs.planner import RowTask, batch_key_of, plan_batches, render_key, resolve_params, rows_per_task
 from jobs.worker import RenderWorker
 from pipeline import Renderer, fit_image, frames_to_uint8, load_image, read_video
 from pipeline.params import ROW_PARAMS
@@ -185,9 +185,9 @@ class _Recorder:
         return 0.001
 
 
-def _task(cfg: dict, image: Any, seed: int, name: str, **params: Any) -> dict[str, Any]:
-    row = {"seed": seed, **params}
-    return {"id": name, "image": image, "output": name, "params": resolve_params(row, cfg["defaults"])}
+def _task(cfg: dict, image: Any, seed: int, name: str, **params: Any) -> RowTask:
+    resolved = resolve_params({"seed": seed, **params}, cfg["defaults"])
+    return RowTask(name, image, resolved, batch_key_of(resolved), output=name)
 
 
 def test_worker_batches_compatible_rows_and_a_bad_image_fails_only_its_row(
@@ -228,8 +228,8 @@ def test_worker_batches_compatible_rows_and_a_bad_image_fails_only_its_row(
         assert result["macs"] > 0 and result["seconds"] > 0 and result["frames"] == 4
     assert results[0]["denoise_seconds"] == results[2]["denoise_seconds"]  # the batch's share
     for task in (tasks[0], tasks[2], tasks[3]):
-        alone = renderer.generate(task["image"], **{k: task["params"][k] for k in ROW_PARAMS}).frames
-        assert _maxdiff(encoder.frames[task["output"]], alone) <= 1
+        alone = renderer.generate(task.image, **{k: task.params[k] for k in ROW_PARAMS}).frames
+        assert _maxdiff(encoder.frames[task.output], alone) <= 1
 
 
 class _FakeGeneration:
@@ -286,12 +286,13 @@ def test_runner_packs_compatible_rows_and_keeps_incompatible_apart() -> None:
     rows = [{"id": f"r{i}", "_image": img, **params} for i, (img, params) in enumerate(spec)]
     counters = {"skipped": 0}
 
-    def key(row: dict) -> tuple:
-        return render_key(row, defaults)
+    def key(row: dict | RowTask) -> tuple:
+        return row.key if isinstance(row, RowTask) else render_key(row, defaults)
 
     done = np.zeros(0, dtype=np.uint64)
-    batches = list(plan_batches(iter([rows[:6], rows[6:]]), done, 3, counters, key))
-    ids = [[r["id"] for r in b.rows] for b in batches]
+    make = lambda row: RowTask.from_row(row, defaults)  # noqa: E731
+    batches = list(plan_batches(iter([rows[:6], rows[6:]]), done, 3, counters, make, by_key=True))
+    ids = [[r.id for r in b.rows] for b in batches]
     # window 1: default values (a, a, c), motion bucket 50 (b, b), fps 9 (d, still open);
     # window 2: the fps-9 row joins the open batch, the default-valued one starts a new batch
     assert ids == [["r0", "r2", "r3"], ["r1", "r4"], ["r5", "r6"], ["r7"]]
@@ -299,8 +300,8 @@ def test_runner_packs_compatible_rows_and_keeps_incompatible_apart() -> None:
         assert len({key(r) for r in batch.rows}) == 1
     assert key(rows[0]) == key(rows[7])  # the seed is not part of the key
     # without a key (render_batch 1) the old packing: by image only
-    old = list(plan_batches(iter([rows[:6]]), done, 3, {"skipped": 0}))
-    assert [[r["id"] for r in b.rows] for b in old] == [["r0", "r2"], ["r1", "r4", "r3"], ["r5"]]
+    old = list(plan_batches(iter([rows[:6]]), done, 3, {"skipped": 0}, make))
+    assert [[r.id for r in b.rows] for b in old] == [["r0", "r2"], ["r1", "r4", "r3"], ["r5"]]
 
 
 def test_render_batch_config(tmp_path: Path, capsys) -> None:

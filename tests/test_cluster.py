@@ -303,7 +303,8 @@ def test_workers_beyond_the_gpus_do_not_delay_the_first_rows(cluster, tmp_path, 
     rows = _results(tmp_path)
     assert len({r["id"] for r in rows}) == len(rows) == summary["ok"] == len(hook.rows)
     assert (
-        f"worker-2 could not start on ?: TimeoutError: not ready within workers.start_timeout_s={timeout}"
+        "worker-2 could not start (never placed on a node): "
+        f"TimeoutError: not ready within workers.start_timeout_s={timeout}"
         in (caplog.text)
     )
     assert states == {"worker-0": "ALIVE", "worker-1": "ALIVE", "worker-2": "DEAD"}
@@ -314,9 +315,9 @@ def test_gpu_node_joining_mid_job_gets_a_worker_then_stop(cluster, tmp_path, mon
     """workers.count=auto: a node with a GPU that joins mid-job gets a worker that renders rows
     (its node id is in the results); then ``request_stop`` ends the job early, committed rows
     intact, and a rerun renders exactly the rest."""
-    from jobs import runner as jr
+    from jobs import dispatch
 
-    monkeypatch.setattr(jr, "ELASTIC_PERIOD_S", 0.5)
+    monkeypatch.setattr(dispatch, "ELASTIC_PERIOD_S", 0.5)
     joined: list[Any] = []
     runner = None
 
@@ -389,7 +390,7 @@ def test_gpu_worker_without_cuda_refuses_to_start(cluster, tmp_path):
 
 
 def test_batch_deadline_from_measured_time_with_floors():
-    from jobs.runner import BATCH_DEADLINE_FACTOR, BATCH_DEADLINE_FLOOR_S, batch_deadline
+    from jobs.dispatch import BATCH_DEADLINE_FACTOR, BATCH_DEADLINE_FLOOR_S, batch_deadline
 
     # nothing measured yet: the start timeout (generous: the first call may compile)
     assert batch_deadline(4, [], None, 600.0) == 600.0
@@ -406,8 +407,8 @@ def test_batch_deadline_from_measured_time_with_floors():
 
 def test_workers_count_auto_config_flag_and_sizing():
     from jobs.config import check_config, load_config
+    from jobs.dispatch import size_workers
     from jobs.main import build_parser
-    from jobs.runner import size_workers
 
     cfg = load_config(None, {"workers.count": "auto"})
     check_config(cfg)
@@ -449,8 +450,10 @@ def test_worker_given_a_gpu_without_cuda_refuses_unless_cpu_fallback(monkeypatch
     cfg["workers"]["allow_cpu_fallback"] = True
     allowed = jw.RenderWorker(cfg, "w1", renderer_factory=fake_renderer, encoder=fake_encode)
     assert "error" not in allowed.info() and allowed.info()["device"] == "cpu"
+    from jobs.planner import RowTask, batch_key_of
+
     params = {k: cfg["defaults"][k] for k in ROW_PARAMS}
-    task = {"id": "a", "image": "x.png", "output": "/dev/null", "params": params}
+    task = RowTask("a", "x.png", params, batch_key_of(params), output="/dev/null")
     assert allowed.render_batch([task])[0]["status"] == "ok"
     # no GPU given: no check at all (torch not even needed)
     monkeypatch.setattr(jw, "_assigned_gpus", lambda: [])

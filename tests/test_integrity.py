@@ -156,6 +156,7 @@ def test_underscore_columns_are_carried(tmp_path):
     committed: list[dict] = []
     runner._commit_rows = committed.extend
     runner._commit(mf_batch(rows), [{"status": "ok"} for _ in rows])
+    assert [r["image"] for r in committed] == ["a.png", "b.png"]  # the manifest's value, not resolved
     writer = results.ResultWriter(tmp_path / "out", info.carried_schema)
     writer.commit(committed)
     table = results.read_results(tmp_path / "out")
@@ -164,9 +165,9 @@ def test_underscore_columns_are_carried(tmp_path):
 
 
 def mf_batch(rows):
-    from jobs.runner import Batch
+    from jobs.planner import Batch, RowTask
 
-    return Batch(rows)
+    return Batch([RowTask.from_row(r, {}) for r in rows])
 
 
 def test_private_names_are_refused(tmp_path):

@@ -17,9 +17,10 @@ from conftest import FakeClock
 
 from jobs import manifest, output, results
 from jobs.config import load_config
+from jobs.dispatch import size_workers
 from jobs.main import main
+from jobs.planner import RowTask, plan_batches, resolve_params
 from jobs.progress import Progress, format_summary
-from jobs.runner import plan_batches, resolve_params, size_workers
 
 
 def _write(path, table: pa.Table) -> str:
@@ -202,8 +203,9 @@ def test_plan_batches_groups_shared_images_and_skips_done():
     rows = [{"id": f"r{i}", "_image": img} for i, img in enumerate("abacbaddd")]
     counters = {"skipped": 0}
     done = np.sort(manifest.hash_ids(["r8"]))
-    batches = list(plan_batches(iter([rows[:6], rows[6:]]), done, 3, counters))
-    ids = [[r["id"] for r in b.rows] for b in batches]
+    make = lambda r: RowTask.from_row(r, {})  # noqa: E731
+    batches = list(plan_batches(iter([rows[:6], rows[6:]]), done, 3, counters, make))
+    ids = [[r.id for r in b.rows] for b in batches]
     assert counters["skipped"] == 1
     assert ids == [["r0", "r2", "r5"], ["r1", "r4", "r3"], ["r6", "r7"]]
 

@@ -21,7 +21,7 @@ from PIL import Image
 from jobs import manifest, results
 from jobs.config import GenerationConfig, check_config, load_config
 from jobs.main import build_parser
-from jobs.runner import render_key, resolve_params
+from jobs.planner import render_key, resolve_params
 from pipeline.params import (
     BATCH_PARAMS,
     GENERATION_PARAMS,
@@ -280,6 +280,8 @@ def test_the_worker_passes_job_parameters_to_every_call():
 
     cfg = OmegaConf.to_container(load_config(dotlist=["defaults.decode_chunk_size=4"]))
     worker = RenderWorker(cfg, "w0", renderer_factory=lambda m, c: Recorder(), encoder=lambda *a, **k: 0.0)
-    result, frames = worker._render({"image": "x.png", "params": dict(cfg["defaults"])})
+    from jobs.planner import RowTask
+
+    result, frames = worker._render(RowTask.from_row({"id": "x", "image": "x.png"}, cfg["defaults"]))
     assert frames is None and "recorded" in result["error"]
     assert calls and calls[0]["decode_chunk_size"] == 4

@@ -311,7 +311,7 @@ def _colour_blocks(img: np.ndarray, block: int = 8, threshold: float = 6.0) -> n
 
 
 def test_a_report_failure_is_a_warning_never_the_jobs(tmp_path, monkeypatch, caplog):
-    from jobs import runner
+    from jobs import loop
     from jobs.config import load_config
 
     assert load_config().output.report is True
@@ -322,5 +322,5 @@ def test_a_report_failure_is_a_warning_never_the_jobs(tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(report, "write_report", broken)
     with caplog.at_level(logging.WARNING, logger="jobs"):
-        runner._write_report(output.open_output(tmp_path))
+        loop.write_report(output.open_output(tmp_path))
     assert "job report not written: OSError: disk full" in caplog.text

@@ -95,7 +95,7 @@ def _run_job(args: argparse.Namespace, signals: Any) -> int:
     from jobs.preflight import ClusterUnavailableError, PreflightError, run_preflight
     from jobs.progress import format_summary
     from jobs.runner import JobError, run_job
-    from jobs.stop import OutputWriteError, exit_for_signal, quiet_orphaned_storage_errors
+    from jobs.stop import OutputWriteError, exit_for_signal, exit_status, quiet_orphaned_storage_errors
     from jobs.testing import seams_from_env
 
     setup_logging(args.verbose)
@@ -135,28 +135,24 @@ def _run_job(args: argparse.Namespace, signals: Any) -> int:
         summary = run_job(
             cfg, args.manifest, out, hook=hook, info=info, verbose=args.verbose, signals=signals, **seams
         )
-    except OutputLockedError as exc:  # another driver runs on this --out
-        fail(exc)
-        return ExitStatus.LOCKED
-    except ClusterUnavailableError as exc:  # joining the cluster failed after all
-        fail(exc)
-        return ExitStatus.UNAVAILABLE
-    except PreflightError as exc:  # the cluster has too few GPUs
-        return fail(exc)
     except OutputWriteError as exc:  # disk full, read-only, object store gone: what is kept
         print(format_summary(exc.summary))
         fail(
             f"{exc}; {exc.summary.get('rendered_this_run', 0)} rows committed this run are kept, "
             f"{_left(exc.summary)} left: rerun the same command to resume"
         )
-        return ExitStatus.IO_ERROR
+        return exit_status(exc)
     except ManifestError as exc:
-        return fail_lines(exc)
+        fail_lines(exc)
+        return exit_status(exc)
     except JobError as exc:
         logs = f"; details in {out.uri_of('logs')}" if (exc.causes or log_file) else ""
         for cause in exc.causes or [""]:
             print(f"vcut: error: {exc}{': ' + cause if cause else ''}{logs}", file=sys.stderr)
-        return ExitStatus.NO_WORKER
+        return exit_status(exc)
+    except (OutputLockedError, PreflightError) as exc:  # --out held; the cluster cannot be joined
+        fail(exc)
+        return exit_status(exc)  # the one table (jobs.stop): 75, 69 or 2
     finally:
         hook.close()
     print(format_summary(summary))
