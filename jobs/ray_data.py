@@ -37,8 +37,8 @@ import pyarrow as pa
 from jobs.config import DEFAULT_MODEL, check_config, load_config
 from jobs.manifest import default_id
 from jobs.output import open_output, video_path
+from jobs.planner import RowTask, batch_key_of, resolve_params
 from jobs.results import RESULT_SCHEMA
-from jobs.runner import resolve_params
 from jobs.worker import RenderWorker
 from pipeline.params import ROW_PARAMS
 
@@ -108,8 +108,8 @@ class RenderVideos:
                 results[i] = result
         return _table(rows, results, self.cfg)
 
-    def _task(self, row: dict[str, Any]) -> dict[str, Any]:
-        """The worker's task for one row (``jobs.worker.RenderWorker.render_batch``)."""
+    def _task(self, row: dict[str, Any]) -> RowTask:
+        """The worker's record of one row (``jobs.worker.RenderWorker.render_batch``)."""
         image = row.get("image")
         if image is None:
             raise ValueError("the row has no image")
@@ -120,12 +120,8 @@ class RenderVideos:
         params = resolve_params(_present(row), self.cfg["defaults"])
         row["id"] = row.get("id") or _content_id(row, params)
         row["_params"] = params
-        return {
-            "id": row["id"],
-            "image": image,
-            "output": video_path(self.out, row["id"], self.cfg["output"]["format"]),
-            "params": params,
-        }
+        output = video_path(self.out, row["id"], self.cfg["output"]["format"])
+        return RowTask(row["id"], image, params, batch_key_of(params), output=output)
 
 
 def _rows(batch: Any) -> list[dict[str, Any]]:
