@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 
+from jobs.levers import GRAMMAR_HELP
 from pipeline.params import GENERATION_PARAMS, add_flags
 from vcut.modes import MODES  # torch-free
 
@@ -32,8 +33,10 @@ def _cmd_macs(args: argparse.Namespace) -> int:
             guidance=not args.no_guidance,
             step_cache=args.step_cache,
             step_cache_depth=args.step_cache_depth,
+            guidance_start=args.guidance_start,
+            guidance_stop=args.guidance_stop,
         )
-    except ValueError as exc:  # a bad shape, steps or step-cache setting: say which
+    except ValueError as exc:  # a bad shape, steps, step-cache or guidance setting: say which
         print(f"vcut macs: error: {exc}", file=sys.stderr)
         return 2
     if args.json:
@@ -490,6 +493,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--no-guidance", action="store_true", help="count without classifier-free guidance (batch 1)"
     )
+    add_flags(p, ("guidance_start", "guidance_stop"))  # guidance on part of the schedule
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=_cmd_macs)
 
@@ -506,9 +510,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--configs",
         default=",".join(MODES),
-        help=f"comma-separated VCUT modes ({', '.join(MODES)}), each optionally +cacheN for a step-cache "
-        "interval N >= 2, e.g. off,exact,full,full+cache3; 'off' is the reference, added when missing "
-        f"(default: {','.join(MODES)})",
+        help=f"comma-separated configurations, each {GRAMMAR_HELP}; e.g. off,full,full+cache3+g0-0.6; "
+        f"'off' is the reference, added when missing (default: {','.join(MODES)})",
     )
     p.add_argument("--out", help="output folder (or URI) for the report files (required)")
     seeds = p.add_mutually_exclusive_group()

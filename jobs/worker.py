@@ -37,7 +37,7 @@ from pipeline.params import BATCH_PARAMS, JOB_PARAMS, ROW_PARAMS
 log = logging.getLogger(__name__)
 
 #: MAC fields of a result row (see ``count_macs``).
-MAC_FIELDS = ("macs", "macs_saved", "macs_saved_vcut", "macs_saved_step_cache")
+MAC_FIELDS = ("macs", "macs_saved", "macs_saved_vcut", "macs_saved_step_cache", "macs_saved_guidance")
 
 
 def load_renderer(model: dict[str, Any], cache: dict[str, Any]) -> Any:
@@ -231,9 +231,13 @@ class RenderWorker:
     def _on_cuda(self) -> bool:
         return str(self._device()).startswith("cuda")
 
-    def count_macs(self, height: int, width: int, frames: int, steps: int, guidance: bool) -> dict:
-        """The row's MAC fields: ``macs``, ``macs_saved`` and the latter per lever (None if unknown)."""
+    def count_macs(
+        self, height: int, width: int, frames: int, steps: int, guidance: bool, interval: tuple = (0.0, 1.0)
+    ) -> dict:
+        """The row's MAC fields: ``macs``, ``macs_saved`` and the latter per lever (None if unknown).
+        ``interval``: the row's (guidance_start, guidance_stop)."""
         key = (height, width, frames, steps, self.vcut_mode, guidance, self.step_cache, self.step_cache_depth)
+        key += tuple(interval)
         if key not in self._macs:
             try:
                 if getattr(self.renderer, "unet_config", None) is None:  # no import of vcut for nothing
@@ -250,6 +254,8 @@ class RenderWorker:
                     guidance=guidance,
                     step_cache=self.step_cache,
                     step_cache_depth=self.step_cache_depth,
+                    guidance_start=interval[0],
+                    guidance_stop=interval[1],
                 )
                 # For mode "off" without step caching, vcut_macs is the baseline and macs_saved is 0.
                 self._macs[key] = {
@@ -257,6 +263,7 @@ class RenderWorker:
                     "macs_saved": int(report.macs_saved),
                     "macs_saved_vcut": int(report.macs_saved_vcut),
                     "macs_saved_step_cache": int(report.macs_saved_step_cache),
+                    "macs_saved_guidance": int(report.macs_saved_guidance),
                 }
             except Exception as exc:  # MAC counting must never fail a video
                 if not self._macs_warned:
@@ -304,9 +311,9 @@ class RenderWorker:
             # The peak of the pipeline call that rendered this row (a batch's, when batched).
             result["gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated())
         guidance = float(params["max_guidance_scale"]) > 1.0
-        result.update(
-            self.count_macs(int(frames.shape[1]), int(frames.shape[2]), int(frames.shape[0]), steps, guidance)
-        )
+        interval = (float(params["guidance_start"]), float(params["guidance_stop"]))
+        h, w, f = int(frames.shape[1]), int(frames.shape[2]), int(frames.shape[0])
+        result.update(self.count_macs(h, w, f, steps, guidance, interval))
         return frames
 
     def _render(self, task: dict[str, Any]) -> tuple[dict[str, Any], Any]:

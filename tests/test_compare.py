@@ -222,6 +222,66 @@ def test_parse_configs() -> None:
             parse_configs(bad)
 
 
+@pytest.mark.parametrize(
+    "name, renderer, generate",
+    [
+        (
+            "full+cache3+g0-0.6",
+            {"vcut": "full", "step_cache": 3},
+            {"guidance_start": 0.0, "guidance_stop": 0.6},
+        ),
+        (
+            "exact+g.2-1+compile",
+            {"vcut": "exact", "compile": "default"},
+            {"guidance_start": 0.2, "guidance_stop": 1.0},
+        ),
+        ("off+fp8", {"vcut": "off", "quantize": "fp8"}, {}),
+    ],
+)
+def test_the_lever_grammar(name: str, renderer: dict, generate: dict) -> None:
+    config = parse_config(name)
+    assert (config.renderer_kwargs(), config.generate_kwargs()) == (renderer, generate)
+    assert config.macs_kwargs() == {
+        "mode": renderer["vcut"],
+        **generate,
+        **({"step_cache": 3} if "cache3" in name else {}),
+    }
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("full+cach3", "configuration 'full+cach3': unknown token 'cach3'"),
+        ("full+g0.6-0.2", "token 'g0.6-0.2': the guidance interval needs 0 <= A < B <= 1, got A=0.6, B=0.2"),
+        ("full+g0-1.5", "token 'g0-1.5'"),
+        ("full+fp8+fp8", "token 'fp8' sets quantize a second time"),
+        ("fast+cache3", "'fast' is not a VCUT mode"),
+    ],
+)
+def test_grammar_errors_are_one_line_naming_the_token(name: str, message: str) -> None:
+    with pytest.raises(CompareError) as err:
+        parse_configs(name)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_same_levers_in_another_order_are_listed_twice() -> None:
+    with pytest.raises(CompareError, match="listed twice"):
+        parse_configs("full+cache3+g0-0.6,full+g0-0.6+cache3")
+
+
+def test_fp8_is_passed_to_the_renderer_or_refused_before_loading(monkeypatch) -> None:
+    import inspect
+
+    from pipeline.renderer import Renderer
+
+    if "quantize" in inspect.signature(Renderer.from_pipe).parameters:
+        configs, _ = parse_configs("full+fp8")  # the renderer decides (and refuses without FP8)
+        assert configs[1].renderer_kwargs()["quantize"] == "fp8"
+    else:
+        with pytest.raises(CompareError, match="token 'fp8' needs Renderer"):
+            parse_configs("full+fp8")
+
+
 # -- metrics on known inputs ----------------------------------------------------------------
 
 
