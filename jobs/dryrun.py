@@ -53,10 +53,12 @@ def _macs_model(model_id: str) -> str:
     return "svd-xt" if "xt" in model_id.lower() else "svd"
 
 
-def _count(model: str, shape: tuple[int, int, int, int], guidance: bool, cfg: Any):
+def _count(model: str, shape: tuple[int, int, int, int], guidance: tuple[float, float] | None, cfg: Any):
+    """``guidance``: the rows' guidance interval (guidance_start, guidance_stop), None without CFG."""
     from vcut import count_macs
 
     h, w, f, steps = shape
+    start, stop = guidance or (0.0, 1.0)
     return count_macs(
         model,
         height=h,
@@ -64,9 +66,11 @@ def _count(model: str, shape: tuple[int, int, int, int], guidance: bool, cfg: An
         num_frames=f,
         num_inference_steps=steps,
         mode=str(cfg.model.vcut.value if hasattr(cfg.model.vcut, "value") else cfg.model.vcut),
-        guidance=guidance,
+        guidance=guidance is not None,
         step_cache=cfg.model.step_cache,
         step_cache_depth=int(cfg.model.step_cache_depth),
+        guidance_start=start,
+        guidance_stop=stop,
     )
 
 
@@ -148,7 +152,7 @@ def dry_run(cfg: Any, manifest: str, out: OutputDir, stream: TextIO) -> int:
     defaults = dict(cfg.defaults)
     rows = skipped = 0
     images: set[int] = set()
-    shapes: Counter[tuple[int, int, int, int, bool]] = Counter()
+    shapes: Counter[tuple[int, int, int, int, tuple[float, float] | None]] = Counter()
     for chunk in iter_manifest(manifest, int(cfg.workers.window_rows)):
         skip = results.is_done(hash_ids([r["id"] for r in chunk]), done)
         skipped += int(skip.sum())
@@ -160,7 +164,8 @@ def dry_run(cfg: Any, manifest: str, out: OutputDir, stream: TextIO) -> int:
             p = resolve_params(row, defaults)
             frames = int(p["num_frames"] if p["num_frames"] is not None else frames_default)
             key = (int(p["height"]), int(p["width"]), frames, int(p["num_inference_steps"]))
-            shapes[(*key, float(p["max_guidance_scale"]) > 1.0)] += 1
+            interval = (float(p["guidance_start"]), float(p["guidance_stop"]))
+            shapes[(*key, interval if float(p["max_guidance_scale"]) > 1.0 else None)] += 1
 
     def say(line: str = "") -> None:
         print(line, file=stream)
@@ -180,6 +185,8 @@ def dry_run(cfg: Any, manifest: str, out: OutputDir, stream: TextIO) -> int:
         say("shapes (HxWxF, steps): rows")
         for (h, w, f, steps, guidance), n in sorted(shapes.items(), key=lambda kv: -kv[1]):
             cfg_note = "" if guidance else ", no guidance"
+            if guidance and guidance != (0.0, 1.0):
+                cfg_note = f", guidance on [{guidance[0]:g}, {guidance[1]:g})"
             say(f"  {h}x{w}x{f}, {steps} steps{cfg_note}: {n}")
             try:
                 macs[(h, w, f, steps, guidance)] = _count(model, (h, w, f, steps), guidance, cfg)
@@ -191,13 +198,15 @@ def dry_run(cfg: Any, manifest: str, out: OutputDir, stream: TextIO) -> int:
         tot = {
             k: sum(getattr(r, k) * shapes[s] for s, r in macs.items())
             for k in ("vcut_macs", "baseline_macs", "macs_saved_vcut", "macs_saved_step_cache")
+            + ("macs_saved_guidance",)
         }
         note = "" if model == str(cfg.model.id) else f" (UNet config of {model!r})"
         say(f"MACs ({lever}){note}:")
         say(f"  spent {_fmt_macs(tot['vcut_macs'])} of {_fmt_macs(tot['baseline_macs'])} stock")
         say(
             f"  saved by VCUT {_fmt_macs(tot['macs_saved_vcut'])}, "
-            f"by step caching {_fmt_macs(tot['macs_saved_step_cache'])}"
+            f"by step caching {_fmt_macs(tot['macs_saved_step_cache'])}, "
+            f"by the guidance interval {_fmt_macs(tot['macs_saved_guidance'])}"
         )
     if mac_error:
         say(f"MACs: not counted for every shape ({mac_error})")

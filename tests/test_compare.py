@@ -171,7 +171,9 @@ def test_cache_configs_reach_the_renderer_factory(
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"--configs": "off,fulll"}, "unknown configuration 'fulll'"),
+        ({"--configs": "off,fulll"}, "configuration 'fulll': 'fulll' is not a VCUT mode"),
+        ({"--configs": "off,full+g0.7-0.7"}, "token 'g0.7-0.7': the guidance interval needs 0 <= A < B <= 1"),
+        ({"--guidance-start": "0.7", "--guidance-stop": "0.5"}, "--guidance-start must be < --guidance-stop"),
         ({"--configs": "full+cache0"}, "step-cache interval must be >= 2"),
         ({"--configs": "exact,exact"}, "listed twice"),
         ({"image": "missing.png"}, "image"),
