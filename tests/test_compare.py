@@ -124,6 +124,20 @@ def test_step_cache_config_differs_from_off(
     assert cached["macs_saved_vs_off"] > cached["mac_report"]["macs_saved_vcut"] > 0
 
 
+def test_guidance_interval_config_differs_from_off_and_counts_its_macs(
+    tiny_model_dir: Path, images: list[str], tmp_path
+) -> None:
+    out = tmp_path / "guidance"
+    argv = ["compare", images[0], "--model", str(tiny_model_dir), "--configs", "off,off+g0-0.5"]
+    assert main([*argv, "--out", str(out), *SHAPE, "--steps", "4"]) == 0
+    c = _configs(out)
+    g = c["off+g0-0.5"]
+    assert (g["guidance_start"], g["guidance_stop"]) == (0.0, 0.5) and c["off"]["guidance_start"] is None
+    assert not g["quality"]["identical"] and g["quality"]["psnr_worst"] < 50.0
+    assert (g["mac_report"]["guided_calls"], g["mac_report"]["unguided_calls"]) == (2, 2)
+    assert g["macs_saved_vs_off"] == g["mac_report"]["macs_saved_guidance"] > 0
+
+
 def test_cache_configs_reach_the_renderer_factory(
     tiny_model_dir: Path, images, tmp_path, monkeypatch
 ) -> None:

@@ -165,6 +165,38 @@ def test_composes_with_the_step_cache(stock_pipe) -> None:
     assert shallow_steps(2, [1, 2, 2, 2]) == [False, False, False, True]
 
 
+def test_the_step_cache_follows_a_video_into_its_conditional_half_only(stock_pipe) -> None:
+    unet = copy.deepcopy(stock_pipe.unet)
+    vcut.apply_step_cache(unet, 2)
+    state = vcut.step_cache_state(unet)
+    torch.manual_seed(0)
+    sample = torch.randn(2, 2, 8, 8, 8)
+    ids = torch.tensor([[6.0, 127.0, 0.02]] * 2)
+    emb = torch.randn(2, 1, stock_pipe.unet.config.cross_attention_dim)
+    schedule = torch.tensor([9.0, 8.0, 7.0, 6.0])
+
+    def call(step: int, half: bool, e: torch.Tensor = emb) -> tuple[int, bool]:
+        x, i, e = (sample[1:], ids[1:], e[1:]) if half else (sample, ids, e)
+        with torch.no_grad():
+            unet(x, schedule[step], encoder_hidden_states=e, added_time_ids=i)
+        return state.step, state.shallow
+
+    assert [call(0, False), call(1, True), call(2, True), call(3, False)] == [
+        (0, False),
+        (1, True),  # the conditional half of the stored CFG feature
+        (2, False),
+        (3, False),  # back to CFG: no unconditional feature stored, a full step
+    ]
+    videos = state.videos
+    call(0, False)
+    with torch.no_grad():  # the unconditional half is no continuation: a new video
+        unet(sample[:1], schedule[1], encoder_hidden_states=emb[:1], added_time_ids=ids[:1])
+    assert (state.videos, state.step) == (videos + 2, 0)
+    call(0, False)
+    call(1, True, emb.clone())  # another embedding: a new video
+    assert (state.videos, state.step) == (videos + 4, 0)
+
+
 def test_batched_rows_share_the_interval(stock_pipe) -> None:
     renderer = Renderer.from_pipe(copy.deepcopy(stock_pipe), vcut="full", step_cache=2)
     kw = dict(RENDER, guidance_start=0.0, guidance_stop=0.5)
