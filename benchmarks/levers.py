@@ -5,8 +5,10 @@ Usage (from the repository root)::
     python -m benchmarks.levers --size tiny --threads 2
     python -m benchmarks.levers --size svd-xt-small --threads 2 --rounds 5
 
-Each configuration is a lever on top of ``off`` (the stock UNet through the Renderer):
+Each configuration is a lever on top of ``off`` (the stock UNet through the Renderer), named in
+the lever grammar of :mod:`jobs.levers` (the one ``vcut compare --configs`` takes):
 ``exact`` and ``full`` (VCUT), ``full+cache3`` (VCUT plus the step cache, interval 3),
+``full+g0-0.6`` (VCUT plus classifier-free guidance on the first 60 % of the schedule only),
 ``full+compile`` (VCUT plus ``torch.compile``, its first video, the compile, reported apart).
 All configurations share one set of random weights (the UNet is copied with its parameters
 shared, as in ``benchmarks.unet_ab``), render the same image with the same seed, and run in
@@ -34,13 +36,12 @@ import torch
 from PIL import Image
 
 from benchmarks.common import RESULTS_DIR, header, machine_info, rotated, summarize, write_json
-from jobs import compare
+from jobs import levers
+from jobs.levers import LeverConfig
 from vcut import shared_weight_copy
 from vcut.modes import MODES
 
-CONFIGS = (*MODES, "full+cache3", "full+compile")
-#: The lever only this benchmark has: ``<configuration>+compile`` renders it under ``torch.compile``.
-COMPILE_SUFFIX = "+compile"
+CONFIGS = (*MODES, "full+cache3", "full+g0-0.6", "full+compile")
 
 SIZES: dict[str, dict[str, int]] = {
     # pixels of the video, frames, and the default number of denoising steps
@@ -82,15 +83,9 @@ def build_pipeline(size: str, dtype: torch.dtype, seed: int = 0):
     return pipe
 
 
-def parse_config(name: str) -> dict[str, Any]:
-    """A configuration name -> ``Renderer.from_pipe`` keywords: ``vcut compare``'s grammar
-    (:func:`jobs.compare.parse_config`) with this benchmark's own lever, a trailing ``+compile``
-    (``torch.compile``, default mode)."""
-    compiled = name.strip().endswith(COMPILE_SUFFIX)
-    kwargs = compare.parse_config(name.strip().removesuffix(COMPILE_SUFFIX)).renderer_kwargs()
-    if compiled:
-        kwargs["compile"] = "default"
-    return kwargs
+def parse_config(name: str) -> LeverConfig:
+    """A configuration in the lever grammar (:func:`jobs.levers.parse_config`)."""
+    return levers.parse_config(name)
 
 
 def make_renderers(pipe, configs: tuple[str, ...]) -> dict[str, Any]:
@@ -103,26 +98,27 @@ def make_renderers(pipe, configs: tuple[str, ...]) -> dict[str, Any]:
     for name in configs:
         components = dict(pipe.components, unet=shared_weight_copy(pipe.unet))
         copy = StableVideoDiffusionPipeline(**components)
-        renderers[name] = Renderer.from_pipe(copy, model_id="bench", **parse_config(name))
+        renderers[name] = Renderer.from_pipe(copy, model_id="bench", **parse_config(name).renderer_kwargs())
     return renderers
 
 
 def predicted_ratios(unet_config: dict, configs, steps: int, height: int, width: int, frames: int):
     """The denoising loop's MACs per configuration over ``off``'s (``vcut.count_macs``)."""
-    from jobs.macs import Levers, VideoShape, count_video_macs
+    from jobs.macs import VideoShape, count_video_macs
 
     out = {}
-    shape = VideoShape(height, width, frames, steps)
     for name in configs:
-        kw = parse_config(name)
         if name == "off":
             continue
-        report = count_video_macs(unet_config, shape, Levers(kw["vcut"], kw.get("step_cache")))
+        config = parse_config(name)
+        interval = VideoShape(height, width, frames, steps, **config.generate_kwargs())
+        report = count_video_macs(unet_config, interval, config.levers())
         out[name] = {
             "baseline_macs": report.baseline_macs,
             "macs": report.baseline_macs - report.macs_saved,
             "macs_saved_vcut": report.macs_saved_vcut,
             "macs_saved_step_cache": report.macs_saved_step_cache,
+            "macs_saved_guidance": report.macs_saved_guidance,
             "predicted_ratio": 1 - report.macs_saved / report.baseline_macs,
         }
     return out
@@ -145,12 +141,18 @@ def main(argv: list[str] | None = None) -> int:
     configs = tuple(c.strip() for c in args.configs.split(",") if c.strip())
     if "off" not in configs:
         configs = ("off", *configs)
+    for name in configs:  # every name checked before anything is built: one line naming the token
+        try:
+            parse_config(name)
+        except levers.LeverError as exc:
+            p.error(str(exc))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
     out = args.out or RESULTS_DIR / f"levers_{args.size}_cpu.json"
 
     pipe = build_pipeline(args.size, dtype)
     unet_config = dict(pipe.unet.config)
     renderers = make_renderers(pipe, configs)
+    config_kw = {name: parse_config(name).generate_kwargs() for name in configs}  # gA-B
     image = Image.new("RGB", (size["width"], size["height"]), (200, 120, 40))
     gen_kw = dict(
         seed=0,
@@ -176,9 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     with torch.inference_mode():
         for name in configs:  # first video of each (compile happens here), then one warm video
             t0 = time.perf_counter()
-            frames0[name] = renderers[name].generate(image, **gen_kw).frames
+            frames0[name] = renderers[name].generate(image, **gen_kw, **config_kw[name]).frames
             first[name] = time.perf_counter() - t0
-            renderers[name].generate(image, **gen_kw)
+            renderers[name].generate(image, **gen_kw, **config_kw[name])
             print(f"[levers] first video {name}: {first[name]:.3f}s", flush=True)
         ref = frames0["off"].astype("int16")
         result["first_video_s"] = first
@@ -189,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in range(args.rounds):
             per = {}
             for name in rotated(list(configs), r):
-                gen = renderers[name].generate(image, **gen_kw)
+                gen = renderers[name].generate(image, **gen_kw, **config_kw[name])
                 per[name] = {"total": gen.timings["total"], "denoise": gen.timings["denoise"]}
             rounds.append(per)
             print(

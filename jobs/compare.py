@@ -1,9 +1,10 @@
 """``vcut compare``: render the same images with the same seeds under several configurations
 and measure how far each one lands from ``off`` (stock SVD), how long it took and its MACs.
 
-A configuration is a VCUT mode (``off``, ``exact``, ``full``), optionally followed by
-``+cacheN``: the step cache with interval N (N >= 2). ``off`` is the reference; it is added
-when not listed, and always rendered first.
+A configuration names every lever in the grammar of :mod:`jobs.levers`, e.g. ``full``,
+``full+cache3``, ``full+cache3+fp8+g0-0.6``. ``off`` is the reference; it is added when not
+listed, and always rendered first. The distances (PSNR, SSIM, LPIPS) say how far a lever
+moves the frames from stock SVD on the same weights and inputs, not whether a video looks good.
 
 Loading: the model is loaded once (:func:`pipeline.loading.load_svd_pipeline`). Each
 configuration gets its own UNet, because VCUT and the step cache patch a UNet in place and
@@ -31,13 +32,13 @@ from typing import Any
 
 import numpy as np
 
-from jobs.macs import Levers, VideoShape, count_video_macs
+from jobs.levers import LeverConfig, LeverError
+from jobs.levers import parse_config as parse_lever_config
+from jobs.macs import VideoShape, count_video_macs
 from pipeline.params import GENERATION_PARAMS
 from pipeline.storage import is_remote, local_path
 from vcut import shared_weight_copy
-from vcut.modes import MODES as VCUT_MODES
 
-_CONFIG_RE = re.compile(r"^(?P<mode>[a-z]+)(?:\+cache(?P<interval>\d+))?$")
 REFERENCE = "off"
 
 
@@ -45,50 +46,16 @@ class CompareError(ValueError):
     """A bad argument of ``vcut compare`` (reported in one line, exit status 2)."""
 
 
-@dataclass(frozen=True)
-class CompareConfig:
-    """One configuration: a VCUT mode and an optional step-cache interval."""
-
-    name: str
-    mode: str
-    step_cache: int | None = None
-
-    def renderer_kwargs(self) -> dict[str, Any]:
-        """The keywords of :meth:`pipeline.Renderer.from_pipe` this configuration sets (the
-        step-cache keyword only when it uses one)."""
-        kwargs: dict[str, Any] = {"vcut": self.mode}
-        if self.step_cache is not None:
-            kwargs["step_cache"] = self.step_cache
-        return kwargs
-
-    def levers(self, step_cache_depth: int = 1) -> Levers:
-        """Its MAC levers (``jobs.macs``): the depth counts only with a step cache."""
-        return Levers(self.mode, self.step_cache, step_cache_depth)
+#: A configuration of ``vcut compare``: :class:`jobs.levers.LeverConfig`.
+CompareConfig = LeverConfig
 
 
-def parse_config(text: str) -> CompareConfig:
-    """``"full"`` -> full VCUT; ``"full+cache3"`` -> full VCUT plus the step cache, interval 3.
-
-    The one grammar of a configuration, also ``benchmarks.levers``'s (which adds its own
-    ``+compile`` lever on top: ``vcut compare`` measures the output, which compiling does not
-    change).
-    """
-    name = text.strip()
-    m = _CONFIG_RE.match(name)
-    if m is None or m["mode"] not in VCUT_MODES:
-        raise CompareError(
-            f"unknown configuration {name!r}: expected a VCUT mode ({', '.join(VCUT_MODES)}), "
-            "optionally followed by +cacheN (step-cache interval N >= 2), e.g. full+cache3"
-        )
-    interval = None
-    if m["interval"] is not None:
-        interval = int(m["interval"])
-        if interval < 2:
-            raise CompareError(
-                f"configuration {name!r}: the step-cache interval must be >= 2 (interval 1 would be no "
-                "cache: leave +cacheN out)"
-            )
-    return CompareConfig(name=name, mode=m["mode"], step_cache=interval)
+def parse_config(text: str) -> LeverConfig:
+    """One configuration name in the lever grammar (:func:`jobs.levers.parse_config`)."""
+    try:
+        return parse_lever_config(text)
+    except LeverError as exc:
+        raise CompareError(str(exc)) from None
 
 
 def parse_configs(text: str) -> tuple[list[CompareConfig], bool]:
@@ -97,14 +64,31 @@ def parse_configs(text: str) -> tuple[list[CompareConfig], bool]:
     if not names:
         raise CompareError("--configs names no configuration")
     configs = [parse_config(n) for n in names]
-    seen: set[str] = set()
+    keys: dict[tuple, str] = {}
     for c in configs:
-        if c.name in seen:
-            raise CompareError(f"configuration {c.name!r} is listed twice")
-        seen.add(c.name)
-    added = REFERENCE not in seen
+        if c.key in keys:
+            same = "" if keys[c.key] == c.name else f" (as {keys[c.key]!r})"
+            raise CompareError(f"configuration {c.name!r} is listed twice{same}")
+        keys[c.key] = c.name
+        if c.quantize is not None:
+            check_quantize_supported(c)
     ref = CompareConfig(REFERENCE, REFERENCE)
-    return [ref] + [c for c in configs if c.name != REFERENCE], added
+    added = ref.key not in keys
+    return [ref] + [c for c in configs if c.key != ref.key], added
+
+
+def check_quantize_supported(config: LeverConfig) -> None:
+    """Refuse ``fp8`` before anything is loaded when this build's renderer has no ``quantize``
+    keyword; where it has one, the renderer decides (and refuses a device without FP8)."""
+    import inspect
+
+    from pipeline.renderer import Renderer
+
+    if "quantize" not in inspect.signature(Renderer.from_pipe).parameters:
+        raise CompareError(
+            f"configuration {config.name!r}: token 'fp8' needs Renderer(quantize=...), which this build "
+            "does not have"
+        )
 
 
 def check_model(model: str, allow_pickle: bool = False) -> None:
@@ -146,8 +130,8 @@ def image_labels(images: Sequence[str]) -> list[str]:
 def make_renderer(stock: Any, config: CompareConfig, *, model_id: str, step_cache_depth: int = 1) -> Any:
     """A :class:`pipeline.Renderer` for ``config`` on a pipeline that shares ``stock``'s weights.
 
-    ``stock`` itself is never patched. The step-cache keywords are passed only for a
-    ``+cacheN`` configuration (:meth:`CompareConfig.renderer_kwargs`).
+    ``stock`` itself is never patched. Only the keywords of the levers the configuration uses
+    are passed (:meth:`jobs.levers.LeverConfig.renderer_kwargs`; ``fp8`` as ``quantize``).
     """
     from pipeline.renderer import Renderer
     from vcut import vcut_mode
@@ -175,9 +159,13 @@ def config_macs(
     steps: int,
     guidance: bool,
     step_cache_depth: int = 1,
+    guidance_start: float = 0.0,
+    guidance_stop: float = 1.0,
 ) -> Any:
-    """:class:`vcut.MacReport` of ``config`` for one video of this shape (no weights needed)."""
-    shape = VideoShape(height, width, num_frames, steps, guidance)
+    """:class:`vcut.MacReport` of ``config`` for one video of this shape (no weights needed);
+    the guidance interval is the configuration's (``gA-B``), else the one given."""
+    interval = config.generate_kwargs() or {"guidance_start": guidance_start, "guidance_stop": guidance_stop}
+    shape = VideoShape(height, width, num_frames, steps, guidance, **interval)
     return count_video_macs(unet_config, shape, config.levers(step_cache_depth))
 
 
@@ -266,12 +254,13 @@ def run_compare(
         res = ConfigResult(config)
         renderer = make_renderer(stock, config, model_id=str(model), step_cache_depth=step_cache_depth)
         res.vcut_report = renderer.vcut_report.to_dict() if renderer.vcut_report is not None else None
+        config_kw = {**kw, **config.generate_kwargs()}  # a gA-B token over --guidance-start/-stop
         for _ in range(warmup):  # not timed; then forget the caches, so each timed video starts cold
-            renderer.generate(images[0], seed=seeds[0], **kw)
+            renderer.generate(images[0], seed=seeds[0], **config_kw)
         renderer.cache.clear()
         clear_vcut_cache(renderer.pipe)
         for image, seed, label in zip(images, seeds, labels, strict=True):
-            gen = renderer.generate(image, seed=seed, **kw)
+            gen = renderer.generate(image, seed=seed, **config_kw)
             res.seconds.append(float(gen.timings["total"]))
             res.timings.append(dict(gen.timings))
             frames = gen.frames
@@ -298,6 +287,8 @@ def run_compare(
             steps=kw["num_inference_steps"],
             guidance=guidance,
             step_cache_depth=step_cache_depth,
+            guidance_start=config_kw["guidance_start"],
+            guidance_stop=config_kw["guidance_stop"],
         )
         results.append(res)
 

@@ -83,6 +83,10 @@ def build_json(meta: dict[str, Any], results: list[Any]) -> dict[str, Any]:
                 "name": c.name,
                 "mode": c.mode,
                 "step_cache": c.step_cache,
+                "quantize": c.quantize,
+                "compile": c.compile,
+                "guidance_start": c.guidance_start,  # null: the command's --guidance-start/-stop
+                "guidance_stop": c.guidance_stop,
                 "reference": c.name == REFERENCE,
                 "seconds_per_video_mean": float(np.mean(res.seconds)),
                 "seconds_per_video": res.seconds,
@@ -100,7 +104,8 @@ def build_json(meta: dict[str, Any], results: list[Any]) -> dict[str, Any]:
     return {
         "reference": REFERENCE,
         "notes": [
-            "Distances are to 'off' (stock SVD) rendered from the same images with the same seeds.",
+            "Distances are to 'off' (stock SVD) rendered from the same images with the same seeds: "
+            "they measure how far a lever moves the frames from stock, not whether a video looks good.",
             "PSNR (dB, data range 255) and SSIM (RGB) per frame from scikit-image; a bit-identical "
             "frame has infinite PSNR, written as null and counted in identical_frames.",
             "psnr_mean averages the frames that differ; psnr_worst is the lowest frame "

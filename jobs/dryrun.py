@@ -27,7 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from jobs import results
-from jobs.macs import Levers, VideoShape, count_video_macs
+from jobs.macs import MAC_FIELDS, Levers, VideoShape, count_video_macs
 from jobs.manifest import hash_ids, id_hash, iter_manifest, validate_manifest
 from jobs.output import OutputDir, open_output
 from jobs.text import error_line, si
@@ -123,9 +123,12 @@ def read_timing(path: str, levers: Levers) -> tuple[Timings, tuple[float, str] |
         ) from exc
 
 
-def _count(model: str, key: tuple[int, int, int, int, bool], levers: Levers) -> Any:
+def _count(model: str, key: tuple[int, int, int, int, tuple[float, float] | None], levers: Levers) -> Any:
+    """``key``'s last item: the rows' guidance interval (guidance_start, guidance_stop), None
+    without classifier-free guidance."""
     h, w, f, steps, guidance = key
-    return count_video_macs(model, VideoShape(h, w, f, steps, guidance), levers)
+    start, stop = guidance or (0.0, 1.0)
+    return count_video_macs(model, VideoShape(h, w, f, steps, guidance is not None, start, stop), levers)
 
 
 def dry_run(cfg: Any, manifest: str, out: OutputDir, stream: TextIO, *, timing: str | None = None) -> int:
@@ -158,7 +161,7 @@ def dry_run(cfg: Any, manifest: str, out: OutputDir, stream: TextIO, *, timing: 
     defaults = dict(cfg.defaults)
     rows = skipped = 0
     images: set[int] = set()
-    shapes: Counter[tuple[int, int, int, int, bool]] = Counter()
+    shapes: Counter[tuple[int, int, int, int, tuple[float, float] | None]] = Counter()
     for chunk in iter_manifest(manifest, int(cfg.workers.window_rows)):
         skip = results.is_done(hash_ids([r["id"] for r in chunk]), done)
         skipped += int(skip.sum())
@@ -170,7 +173,8 @@ def dry_run(cfg: Any, manifest: str, out: OutputDir, stream: TextIO, *, timing: 
             p = resolve_params(row, defaults)
             frames = int(p["num_frames"] if p["num_frames"] is not None else frames_default)
             key = (int(p["height"]), int(p["width"]), frames, int(p["num_inference_steps"]))
-            shapes[(*key, float(p["max_guidance_scale"]) > 1.0)] += 1
+            interval = (float(p["guidance_start"]), float(p["guidance_stop"]))
+            shapes[(*key, interval if float(p["max_guidance_scale"]) > 1.0 else None)] += 1
 
     def say(line: str = "") -> None:
         print(line, file=stream)
@@ -189,6 +193,8 @@ def dry_run(cfg: Any, manifest: str, out: OutputDir, stream: TextIO, *, timing: 
         say("shapes (HxWxF, steps): rows")
         for (h, w, f, steps, guidance), n in sorted(shapes.items(), key=lambda kv: -kv[1]):
             cfg_note = "" if guidance else ", no guidance"
+            if guidance and guidance != (0.0, 1.0):
+                cfg_note = f", guidance on [{guidance[0]:g}, {guidance[1]:g})"
             say(f"  {h}x{w}x{f}, {steps} steps{cfg_note}: {n}")
             try:
                 macs[(h, w, f, steps, guidance)] = _count(model, (h, w, f, steps, guidance), levers)
@@ -199,14 +205,15 @@ def dry_run(cfg: Any, manifest: str, out: OutputDir, stream: TextIO, *, timing: 
     if macs:
         tot = {
             k: sum(getattr(r, k) * shapes[s] for s, r in macs.items())
-            for k in ("vcut_macs", "baseline_macs", "macs_saved_vcut", "macs_saved_step_cache")
+            for k in ("vcut_macs", "baseline_macs", *MAC_FIELDS[2:])
         }
         note = "" if model == str(cfg.model.id) else f" (UNet config of {model!r})"
         say(f"MACs ({lever}){note}:")
         say(f"  spent {si(tot['vcut_macs'], 'MAC')} of {si(tot['baseline_macs'], 'MAC')} stock")
         say(
             f"  saved by VCUT {si(tot['macs_saved_vcut'], 'MAC')}, "
-            f"by step caching {si(tot['macs_saved_step_cache'], 'MAC')}"
+            f"by step caching {si(tot['macs_saved_step_cache'], 'MAC')}, "
+            f"by the guidance interval {si(tot['macs_saved_guidance'], 'MAC')}"
         )
     if mac_error:
         say(f"MACs: not counted for every shape ({mac_error})")

@@ -12,19 +12,23 @@ from dataclasses import dataclass
 from typing import Any
 
 #: A result row's MAC columns, in the results schema's order (``jobs.results``).
-MAC_FIELDS = ("macs", "macs_saved", "macs_saved_vcut", "macs_saved_step_cache")
+MAC_FIELDS = ("macs", "macs_saved", "macs_saved_vcut", "macs_saved_step_cache", "macs_saved_guidance")
 
 
 @dataclass(frozen=True)
 class VideoShape:
     """What one video costs in UNet work: its size, frames (None: the model's own), denoising
-    steps, and whether classifier-free guidance doubles the UNet batch."""
+    steps, whether classifier-free guidance doubles the UNet batch, and on which part of the
+    schedule (``guidance_start`` / ``guidance_stop``, the row's generation values: 0 and 1 = every
+    step)."""
 
     height: int
     width: int
     num_frames: int | None
     steps: int
     guidance: bool = True
+    guidance_start: float = 0.0
+    guidance_stop: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,8 @@ def count_args(shape: VideoShape, levers: Levers) -> dict[str, Any]:
         "guidance": bool(shape.guidance),
         "step_cache": levers.step_cache,
         "step_cache_depth": int(levers.step_cache_depth) if (levers.step_cache or 1) > 1 else 1,
+        "guidance_start": float(shape.guidance_start),
+        "guidance_stop": float(shape.guidance_stop),
     }
 
 
@@ -78,6 +84,7 @@ def mac_fields(report: Any) -> dict[str, int]:
         "macs_saved": int(report.macs_saved),
         "macs_saved_vcut": int(report.macs_saved_vcut),
         "macs_saved_step_cache": int(report.macs_saved_step_cache),
+        "macs_saved_guidance": int(report.macs_saved_guidance),
     }
 
 

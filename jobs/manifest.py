@@ -23,7 +23,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 
-from pipeline.params import GENERATION_PARAMS, ORDERED_PAIRS, ROW_PARAMS, check_value
+from pipeline.params import (
+    GENERATION_PARAMS,
+    ORDERED_PAIRS,
+    ROW_PARAMS,
+    STRICTLY_ORDERED_PAIRS,
+    check_value,
+)
 from pipeline.storage import is_remote, local_path, put_atomic, url_to_fs
 
 #: Optional generation columns: the row parameters of ``pipeline.params.GENERATION_PARAMS``,
@@ -213,16 +219,19 @@ def _outside_ints(col: pa.Array | pa.ChunkedArray, low: int, high: int) -> pa.Ar
 
 
 def _check_order(batch: pa.RecordBatch, offset: int) -> str | None:
-    """The declared order of parameter pairs (``min_guidance_scale`` <= ``max_guidance_scale``)."""
-    for a, b in ORDERED_PAIRS:
+    """The declared order of parameter pairs (``min_guidance_scale`` <= ``max_guidance_scale``,
+    ``guidance_start`` < ``guidance_stop``)."""
+    pairs = [(a, b, pc.greater, "above") for a, b in ORDERED_PAIRS]
+    pairs += [(a, b, pc.greater_equal, "not below") for a, b in STRICTLY_ORDERED_PAIRS]
+    for a, b, wrong, text in pairs:
         if a not in batch.schema.names or b not in batch.schema.names:
             continue
         lo, hi = batch.column(a), batch.column(b)
         if not (_is_num(lo.type) and _is_num(hi.type)):
             continue
-        bad = _first_bad(pc.greater(pc.cast(lo, pa.float64()), pc.cast(hi, pa.float64())))
+        bad = _first_bad(wrong(pc.cast(lo, pa.float64()), pc.cast(hi, pa.float64())))
         if bad is not None:
-            return f"column {a!r} is above {b!r} at row {offset + bad}"
+            return f"column {a!r} is {text} {b!r} at row {offset + bad}"
     return None
 
 

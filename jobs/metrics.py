@@ -23,7 +23,8 @@ What is counted, exactly (``row`` is one result row):
   ``summary.json``'s ``total_macs`` / ``total_macs_saved`` (a row that rendered but failed to
   encode is not counted).
 * ``vcut_macs_saved_by_lever_total{lever,worker,node}``: the row's ``macs_saved_vcut``
-  (``lever="vcut"``) and ``macs_saved_step_cache`` (``lever="step_cache"``) over ``ok`` rows;
+  (``lever="vcut"``), ``macs_saved_step_cache`` (``lever="step_cache"``) and
+  ``macs_saved_guidance`` (``lever="guidance"``, guidance on part of the schedule) over ``ok`` rows;
   summed over ``lever`` it equals ``vcut_macs_saved_total``.
 * ``vcut_embedding_cache_hits_total`` / ``..._misses_total``: rows (any status) whose
   ``cache_hit`` is true / false; rows with a null ``cache_hit`` are not counted.
@@ -69,7 +70,11 @@ ENCODE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 
 WORKER_LABELS = ("worker", "node")
 
 #: ``lever`` label values of ``vcut_macs_saved_by_lever_total`` -> the result row's field.
-MAC_LEVERS = {"vcut": "macs_saved_vcut", "step_cache": "macs_saved_step_cache"}
+MAC_LEVERS = {
+    "vcut": "macs_saved_vcut",
+    "step_cache": "macs_saved_step_cache",
+    "guidance": "macs_saved_guidance",
+}
 
 #: name -> (Prometheus type, label names). Counter names include ``_total`` as exposed.
 METRICS: dict[str, tuple[str, tuple[str, ...]]] = {
@@ -148,7 +153,7 @@ class JobMetrics:
         )
         self.macs_saved_by_lever = Counter(
             "vcut_macs_saved_by_lever",
-            "Multiply-accumulates saved versus the stock UNet, per lever (vcut, step_cache).",
+            "Multiply-accumulates saved versus the stock UNet, per lever (vcut, step_cache, guidance).",
             ["lever", *wl], registry=r,
         )
         self.cache_hits = Counter(

@@ -50,6 +50,7 @@ RESULT_SCHEMA = pa.schema(
         ("macs_saved", pa.int64()),
         ("macs_saved_vcut", pa.int64()),
         ("macs_saved_step_cache", pa.int64()),
+        ("macs_saved_guidance", pa.int64()),
         ("worker", pa.string()),
         ("worker_pid", pa.int64()),
         ("cache_hit", pa.bool_()),

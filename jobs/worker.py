@@ -230,16 +230,20 @@ class RenderWorker:
     def _on_cuda(self) -> bool:
         return str(self._device()).startswith("cuda")
 
-    def count_macs(self, height: int, width: int, frames: int, steps: int, guidance: bool) -> dict:
-        """The row's MAC fields: ``macs``, ``macs_saved`` and the latter per lever (None if unknown)."""
+    def count_macs(
+        self, height: int, width: int, frames: int, steps: int, guidance: bool, interval: tuple = (0.0, 1.0)
+    ) -> dict:
+        """The row's MAC fields: ``macs``, ``macs_saved`` and the latter per lever (None if unknown).
+        ``interval``: the row's (guidance_start, guidance_stop)."""
         key = (height, width, frames, steps, self.vcut_mode, guidance, self.step_cache, self.step_cache_depth)
+        key += tuple(interval)
         if key not in self._macs:
             try:
                 if getattr(self.renderer, "unet_config", None) is None:  # no import of vcut for nothing
                     raise ValueError("the renderer has no unet_config")
                 from jobs.macs import Levers, VideoShape, count_video_macs, mac_fields
 
-                shape = VideoShape(height, width, frames, steps, guidance)
+                shape = VideoShape(height, width, frames, steps, guidance, *interval)
                 levers = Levers(self.vcut_mode, self.step_cache, self.step_cache_depth)
                 self._macs[key] = mac_fields(count_video_macs(self.renderer.unet_config, shape, levers))
             except Exception as exc:  # MAC counting must never fail a video
@@ -288,9 +292,9 @@ class RenderWorker:
             # The peak of the pipeline call that rendered this row (a batch's, when batched).
             result["gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated())
         guidance = float(params["max_guidance_scale"]) > 1.0
-        result.update(
-            self.count_macs(int(frames.shape[1]), int(frames.shape[2]), int(frames.shape[0]), steps, guidance)
-        )
+        interval = (float(params["guidance_start"]), float(params["guidance_stop"]))
+        h, w, f = int(frames.shape[1]), int(frames.shape[2]), int(frames.shape[0])
+        result.update(self.count_macs(h, w, f, steps, guidance, interval))
         return frames
 
     def _render(self, task: RowTask) -> tuple[dict[str, Any], Any]:

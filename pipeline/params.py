@@ -1,8 +1,8 @@
 """The generation parameters, declared once: :data:`GENERATION_PARAMS`.
 
-Each parameter (seed, frame count, fps, motion bucket, noise augmentation, steps, guidance,
-size, decode chunk) has one :class:`GenerationParam`: name, kind, range, default and
-description. Everything else is derived from it, so no two places can disagree:
+Each parameter (seed, frame count, fps, motion bucket, noise augmentation, steps, guidance
+scales, guidance interval, size, decode chunk) has one :class:`GenerationParam`: name, kind,
+range, default and description. Everything else is derived from it, so no two places can disagree:
 
 - the job config's ``defaults.*`` section (``jobs.config.GenerationConfig`` is built from it,
   and ``check_config`` checks it with :func:`check_generation`);
@@ -114,6 +114,24 @@ GENERATION_PARAMS: dict[str, GenerationParam] = {
             3.0,
             "classifier-free guidance of the last frame; <= 1: no guidance (half the UNet work)",
         ),
+        _P(
+            "guidance_start",
+            "float",
+            0.0,
+            1.0,
+            0.0,
+            "fraction of the schedule where classifier-free guidance starts (steps before it run the "
+            "conditional half only: half the UNet work), below guidance_stop",
+        ),
+        _P(
+            "guidance_stop",
+            "float",
+            0.0,
+            1.0,
+            1.0,
+            "fraction of the schedule where classifier-free guidance stops (later steps run the "
+            "conditional half only); 0 and 1: every step guided, as stock SVD",
+        ),
         _P("width", "int", 8, 8192, 1024, "video width in pixels", multiple_of=8),
         _P("height", "int", 8, 8192, 576, "video height in pixels", multiple_of=8),
         _P(
@@ -131,6 +149,8 @@ GENERATION_PARAMS: dict[str, GenerationParam] = {
 
 #: Pairs (a, b) of parameters whose values must satisfy a <= b.
 ORDERED_PAIRS: tuple[tuple[str, str], ...] = (("min_guidance_scale", "max_guidance_scale"),)
+#: Pairs (a, b) of parameters whose values must satisfy a < b.
+STRICTLY_ORDERED_PAIRS: tuple[tuple[str, str], ...] = (("guidance_start", "guidance_stop"),)
 #: Parameters a manifest row may set (its optional columns; also results columns), in order.
 ROW_PARAMS: tuple[str, ...] = tuple(n for n, p in GENERATION_PARAMS.items() if p.per_row)
 #: What rows must share to render in one pipeline call: every row parameter but the seed.
@@ -167,7 +187,8 @@ def check_generation(
 
     The one check of the config defaults, the renderer and ``vcut compare``: each value in its
     declared range, ``width``/``height`` a multiple of their ``multiple_of``, and
-    ``min_guidance_scale`` <= ``max_guidance_scale`` (:data:`ORDERED_PAIRS`). Only the names
+    ``min_guidance_scale`` <= ``max_guidance_scale`` (:data:`ORDERED_PAIRS`), ``guidance_start``
+    < ``guidance_stop`` (:data:`STRICTLY_ORDERED_PAIRS`). Only the names
     given are checked (a name not declared raises). Messages name a parameter as
     ``label(name)`` (``defaults.fps``, ``--fps``; default: the name). Raises ValueError.
     """
@@ -187,6 +208,10 @@ def check_generation(
         lo, hi = out.get(a), out.get(b)
         if lo is not None and hi is not None and lo > hi:
             raise ValueError(f"{label(a)} must be <= {label(b)}, got {lo} > {hi}")
+    for a, b in STRICTLY_ORDERED_PAIRS:
+        lo, hi = out.get(a), out.get(b)
+        if lo is not None and hi is not None and lo >= hi:
+            raise ValueError(f"{label(a)} must be < {label(b)}, got {lo} >= {hi}")
     return out
 
 

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vcut.guidance import guided_steps
 from vcut.modes import MODES as VCUT_MODES
 from vcut.step_cache import check_step_cache_args
 
@@ -99,6 +100,15 @@ class RenderRecord:
     format: str = "mp4"
     duration_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+def unet_batches(call: dict[str, Any]) -> tuple[bool, bool]:
+    """Which UNet batch variants a call's steps use: (a CFG batch on some step, the conditional
+    half only on some step) (:mod:`vcut.guidance`); each is one compiled graph variant."""
+    if not call["max_guidance_scale"] > 1.0:
+        return False, True
+    plan = guided_steps(call["num_inference_steps"], call["guidance_start"], call["guidance_stop"])
+    return any(plan), not all(plan)
 
 
 def frames_to_uint8(frames: np.ndarray) -> np.ndarray:
@@ -302,6 +312,8 @@ class Renderer:
         noise_aug_strength: float = 0.02,
         min_guidance_scale: float = 1.0,
         max_guidance_scale: float = 3.0,
+        guidance_start: float = 0.0,
+        guidance_stop: float = 1.0,
         decode_chunk_size: int | None = None,
         fit: str = "crop",
         filesystem: Any = None,
@@ -313,9 +325,12 @@ class Renderer:
         to diffusers' ``StableVideoDiffusionPipeline.__call__`` with a generator seeded by
         ``seed``. ``num_frames=None`` uses the UNet's configured frame count,
         ``decode_chunk_size=None`` decodes all frames at once (halved on CUDA OOM).
+        ``guidance_start``/``guidance_stop`` (fractions of the schedule, defaults 0 and 1 =
+        stock) limit classifier-free guidance to the steps in that interval; the others run the
+        conditional half of the UNet batch only (half their work; :mod:`vcut.guidance`).
         Raises ``ValueError`` naming the bad parameter (a range of :mod:`pipeline.params`, a size
-        that is no multiple of 8, ``min_guidance_scale`` above ``max_guidance_scale``), or
-        ``ImageError`` for a bad image.
+        that is no multiple of 8, ``min_guidance_scale`` above ``max_guidance_scale``,
+        ``guidance_start`` not below ``guidance_stop``), or ``ImageError`` for a bad image.
         This is :meth:`generate_batch` with one row.
         """
         # every keyword but the row's own image and seed, passed on as it came
@@ -336,6 +351,8 @@ class Renderer:
         noise_aug_strength: float = 0.02,
         min_guidance_scale: float = 1.0,
         max_guidance_scale: float = 3.0,
+        guidance_start: float = 0.0,
+        guidance_stop: float = 1.0,
         decode_chunk_size: int | None = None,
         fit: str = "crop",
         filesystem: Any = None,
@@ -447,7 +464,7 @@ class Renderer:
                 call["width"],
                 call["num_frames"],
                 call["decode_chunk_size"],
-                call["max_guidance_scale"] > 1.0,
+                *unet_batches(call),  # the UNet batch variants (CFG, conditional half only)
             )
             self._note_compile(shape, watch)
 

@@ -25,6 +25,20 @@
   when the VAE decode raises ``torch.OutOfMemoryError``, instead of failing the video. A
   retried video is valid but not bit-identical to one decoded with the larger chunk.
 
+- ``__call__`` takes ``guidance_start`` and ``guidance_stop`` (fractions of the schedule;
+  defaults 0 and 1: diffusers' own call, untouched): classifier-free guidance runs on the
+  steps in ``[guidance_start, guidance_stop)`` only, and the UNet runs the conditional half of
+  the batch alone on the others (guidance scale 1 there, half the UNet work;
+  :mod:`vcut.guidance`). Why hooks and a step callback rather than diffusers' documented
+  "dynamic CFG" callback alone (set ``_guidance_scale`` and swap the embeddings from
+  ``callback_on_step_end``): SVD's ``__call__`` takes back only ``latents`` from the callback
+  and keeps its CFG image latents, embeddings and time ids in locals, so turning CFG off
+  mid-loop breaks its batch; copying the loop would fork diffusers. So the loop stays
+  diffusers' own: ``callback_on_step_end`` (diffusers' per-step mechanism) counts the steps,
+  and :class:`vcut.guidance.CondOnlyHook` on the UNet runs the conditional half on the steps
+  outside the interval and hands its prediction back as both halves, so the pipeline's
+  guidance step yields the conditional prediction exactly.
+
 Batches: with one CPU generator per row (a list), diffusers draws every random tensor of
 ``__call__`` (the noise augmentation of the conditioning image, then the initial latents)
 with ``randn_tensor``, which draws row ``i`` from generator ``i`` only, in the same order
@@ -34,6 +48,7 @@ as for a single video; the scheduler's Euler step draws nothing that is used
 
 from __future__ import annotations
 
+import inspect
 import logging
 import time
 from typing import Any
@@ -43,6 +58,8 @@ from diffusers import StableVideoDiffusionPipeline
 from diffusers.hooks import HookRegistry, ModelHook
 from torch import nn
 from transformers.models.clip.modeling_clip import CLIPVisionModelOutput
+
+from vcut.guidance import check_guidance_interval, guided, install_cond_only_hook, is_stock
 
 from .cache import EmbeddingCache, image_key
 from .oom import halve_on_oom
@@ -138,6 +155,9 @@ class RenderPipeline(StableVideoDiffusionPipeline):
             feature_extractor=feature_extractor,
         )
         self.embedding_hook = install_embedding_cache_hook(self.image_encoder)
+        self.cond_only_hook = install_cond_only_hook(self.unet)  # inert outside a guidance interval
+        self._guidance_interval: tuple[float, float] = (0.0, 1.0)
+        self._guidance_step = 0
         self.marks: dict[str, float] = {}
         self.last_decode_chunk_size: int | None = None
         self.last_decode_retries: int = 0
@@ -169,6 +189,40 @@ class RenderPipeline(StableVideoDiffusionPipeline):
     def last_cache_hit(self) -> bool:
         """Every image of the last call was a hit."""
         return bool(self.last_cache_hits) and all(self.last_cache_hits)
+
+    # -- guidance on part of the schedule -------------------------------------------------------
+    def __call__(self, *args: Any, guidance_start: float = 0.0, guidance_stop: float = 1.0, **kwargs: Any):
+        """diffusers' ``StableVideoDiffusionPipeline.__call__``, with classifier-free guidance on
+        the steps in ``[guidance_start, guidance_stop)`` of the schedule only (see the module doc).
+        The defaults (0, 1) call diffusers unchanged."""
+        start, stop = check_guidance_interval(guidance_start, guidance_stop)
+        if is_stock(start, stop):
+            return super().__call__(*args, **kwargs)
+        user_callback = kwargs.pop("callback_on_step_end", None)
+
+        def next_step(pipe: Any, step: int, timestep: Any, callback_kwargs: dict) -> dict:
+            self._guidance_step = step + 1
+            return user_callback(pipe, step, timestep, callback_kwargs) if user_callback else {}
+
+        call = inspect.signature(StableVideoDiffusionPipeline.__call__).bind_partial(self, *args, **kwargs)
+        call.apply_defaults()
+        if not float(call.arguments["max_guidance_scale"]) > 1.0:  # no CFG at all: nothing to halve
+            return super().__call__(*args, **kwargs, callback_on_step_end=user_callback)
+        self._guidance_interval, self._guidance_step = (start, stop), 0
+        self.cond_only_hook.decide = self._conditional_only
+        try:
+            return super().__call__(*args, callback_on_step_end=next_step, **kwargs)
+        finally:
+            self.cond_only_hook.decide = None
+            self.cond_only_hook.clear()
+            self._guidance_interval = (0.0, 1.0)
+
+    def _conditional_only(self) -> bool:
+        """Asked by the UNet's hook at each UNet call: this step runs the conditional half only."""
+        start, stop = self._guidance_interval
+        # diffusers sets _num_timesteps before the loop (step 0 is guided iff start == 0 anyway).
+        steps = max(1, int(getattr(self, "_num_timesteps", 0) or 1))
+        return not guided(self._guidance_step, steps, start, stop)
 
     # -- timing -----------------------------------------------------------------------------
     def mark(self, name: str) -> None:

@@ -15,6 +15,7 @@ from PIL import Image
 
 from jobs.compare import CompareConfig, CompareError, parse_config, parse_configs
 from jobs.compare_report import GAP, HEADER_H, LABEL_W, contact_sheet_size
+from jobs.macs import Levers
 from jobs.main import main
 from pipeline import probe_video
 from pipeline.quality import LpipsMetric, frame_psnr, frame_ssim, video_distance
@@ -124,6 +125,20 @@ def test_step_cache_config_differs_from_off(
     assert cached["macs_saved_vs_off"] > cached["mac_report"]["macs_saved_vcut"] > 0
 
 
+def test_guidance_interval_config_differs_from_off_and_counts_its_macs(
+    tiny_model_dir: Path, images: list[str], tmp_path
+) -> None:
+    out = tmp_path / "guidance"
+    argv = ["compare", images[0], "--model", str(tiny_model_dir), "--configs", "off,off+g0-0.5"]
+    assert main([*argv, "--out", str(out), *SHAPE, "--steps", "4"]) == 0
+    c = _configs(out)
+    g = c["off+g0-0.5"]
+    assert (g["guidance_start"], g["guidance_stop"]) == (0.0, 0.5) and c["off"]["guidance_start"] is None
+    assert not g["quality"]["identical"] and g["quality"]["psnr_worst"] < 50.0
+    assert (g["mac_report"]["guided_calls"], g["mac_report"]["unguided_calls"]) == (2, 2)
+    assert g["macs_saved_vs_off"] == g["mac_report"]["macs_saved_guidance"] > 0
+
+
 def test_cache_configs_reach_the_renderer_factory(
     tiny_model_dir: Path, images, tmp_path, monkeypatch
 ) -> None:
@@ -171,7 +186,9 @@ def test_cache_configs_reach_the_renderer_factory(
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"--configs": "off,fulll"}, "unknown configuration 'fulll'"),
+        ({"--configs": "off,fulll"}, "configuration 'fulll': 'fulll' is not a VCUT mode"),
+        ({"--configs": "off,full+g0.7-0.7"}, "token 'g0.7-0.7': the guidance interval needs 0 <= A < B <= 1"),
+        ({"--guidance-start": "0.7", "--guidance-stop": "0.5"}, "--guidance-start must be < --guidance-stop"),
         ({"--configs": "full+cache0"}, "step-cache interval must be >= 2"),
         ({"--configs": "exact,exact"}, "listed twice"),
         ({"image": "missing.png"}, "image"),
@@ -220,6 +237,62 @@ def test_parse_configs() -> None:
     for bad in ("fulll", "full+cache1", "full+cachex", "full+", "FULL", ""):
         with pytest.raises(CompareError):
             parse_configs(bad)
+
+
+@pytest.mark.parametrize(
+    "name, renderer, generate",
+    [
+        (
+            "full+cache3+g0-0.6",
+            {"vcut": "full", "step_cache": 3},
+            {"guidance_start": 0.0, "guidance_stop": 0.6},
+        ),
+        (
+            "exact+g.2-1+compile",
+            {"vcut": "exact", "compile": "default"},
+            {"guidance_start": 0.2, "guidance_stop": 1.0},
+        ),
+        ("off+fp8", {"vcut": "off", "quantize": "fp8"}, {}),
+    ],
+)
+def test_the_lever_grammar(name: str, renderer: dict, generate: dict) -> None:
+    config = parse_config(name)
+    assert (config.renderer_kwargs(), config.generate_kwargs()) == (renderer, generate)
+    assert config.levers() == Levers(renderer["vcut"], 3 if "cache3" in name else None)
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("full+cach3", "configuration 'full+cach3': unknown token 'cach3'"),
+        ("full+g0.6-0.2", "token 'g0.6-0.2': the guidance interval needs 0 <= A < B <= 1, got A=0.6, B=0.2"),
+        ("full+g0-1.5", "token 'g0-1.5'"),
+        ("full+fp8+fp8", "token 'fp8' sets quantize a second time"),
+        ("fast+cache3", "'fast' is not a VCUT mode"),
+    ],
+)
+def test_grammar_errors_are_one_line_naming_the_token(name: str, message: str) -> None:
+    with pytest.raises(CompareError) as err:
+        parse_configs(name)
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_same_levers_in_another_order_are_listed_twice() -> None:
+    with pytest.raises(CompareError, match="listed twice"):
+        parse_configs("full+cache3+g0-0.6,full+g0-0.6+cache3")
+
+
+def test_fp8_is_passed_to_the_renderer_or_refused_before_loading(monkeypatch) -> None:
+    import inspect
+
+    from pipeline.renderer import Renderer
+
+    if "quantize" in inspect.signature(Renderer.from_pipe).parameters:
+        configs, _ = parse_configs("full+fp8")  # the renderer decides (and refuses without FP8)
+        assert configs[1].renderer_kwargs()["quantize"] == "fp8"
+    else:
+        with pytest.raises(CompareError, match="token 'fp8' needs Renderer"):
+            parse_configs("full+fp8")
 
 
 # -- metrics on known inputs ----------------------------------------------------------------

@@ -27,6 +27,7 @@ from pipeline.params import (
     GENERATION_PARAMS,
     ROW_PARAMS,
     SEED_MAX,
+    STRICTLY_ORDERED_PAIRS,
     check_generation,
     check_value,
     defaults,
@@ -100,7 +101,11 @@ def test_config_types_and_docs_of_each_parameter() -> None:
 def test_config_refuses_each_value_outside_its_range(name: str) -> None:
     low, high = _outside(name)
     top = [f"defaults.{n}={GENERATION_PARAMS[n].high}" for n in (name, "max_guidance_scale")]
-    check_config(load_config(dotlist=top))  # the highest value is accepted
+    if name in {a for a, _ in STRICTLY_ORDERED_PAIRS}:  # its highest value is its partner's highest
+        with pytest.raises(ValueError, match=f"defaults.{name} must be < "):
+            check_config(load_config(dotlist=top))
+    else:
+        check_config(load_config(dotlist=top))  # the highest value is accepted
     with pytest.raises(ValueError, match=re.escape(_message(name, high, f"defaults.{name}"))):
         check_config(load_config(dotlist=[f"defaults.{name}={high}"]))
 
@@ -225,15 +230,43 @@ def test_compare_flags_reach_the_declared_names() -> None:
 def test_levers_use_compares_grammar() -> None:
     from benchmarks.levers import parse_config as levers_config
     from jobs.compare import CompareError, parse_config
+    from jobs.levers import LeverError
 
-    assert levers_config("full+cache3+compile") == {"vcut": "full", "step_cache": 3, "compile": "default"}
-    assert levers_config("exact") == {"vcut": "exact"}
+    config = levers_config("full+cache3+compile")
+    assert config.renderer_kwargs() == {"vcut": "full", "step_cache": 3, "compile": "default"}
+    assert parse_config("full+compile+cache3") == levers_config("full+compile+cache3")
+    assert levers_config("exact").renderer_kwargs() == {"vcut": "exact"}
     # Bugs: the benchmark's own copy of the grammar took these and failed later (or not at all).
-    for bad in ("fulll", "full+cache1", "full+compile+cache3"):
-        with pytest.raises(CompareError):
+    for bad in ("fulll", "full+cache1", "full+cache3+cache2"):
+        with pytest.raises(LeverError):
             levers_config(bad)
-    with pytest.raises(CompareError, match="unknown configuration 'full\\+compile'"):
-        parse_config("full+compile")  # vcut compare measures the output: compiling is not its lever
+        with pytest.raises(CompareError):
+            parse_config(bad)
+
+
+def test_the_guidance_interval_is_checked_as_a_pair_everywhere(
+    bare_renderer: Renderer, tmp_path: Path
+) -> None:
+    message = "guidance_start must be < guidance_stop, got 0.6 >= 0.6"
+    with pytest.raises(ValueError, match=message):
+        check_generation(guidance_start=0.6, guidance_stop=0.6)
+    with pytest.raises(ValueError, match="defaults." + message.replace("< ", "< defaults.")):
+        check_config(load_config(dotlist=["defaults.guidance_start=0.6", "defaults.guidance_stop=0.6"]))
+    with pytest.raises(ValueError, match=message):
+        bare_renderer.generate(Image.new("RGB", (8, 8)), seed=0, guidance_start=0.6, guidance_stop=0.6)
+    path = tmp_path / "m.parquet"
+    pq.write_table(
+        pa.table({"image": ["a", "b"], "guidance_start": [0.0, 0.7], "guidance_stop": [0.6, 0.7]}), path
+    )
+    with pytest.raises(
+        manifest.ManifestError, match="'guidance_start' is not below 'guidance_stop' at row 1"
+    ):
+        manifest.validate_manifest(str(path))
+    assert {"guidance_start", "guidance_stop"} <= set(BATCH_PARAMS)  # rows in one call share it
+    args = build_parser().parse_args(
+        ["compare", "a.png", "--guidance-start", "0.1", "--guidance-stop", "0.5"]
+    )
+    assert (args.guidance_start, args.guidance_stop) == (0.1, 0.5)
 
 
 @pytest.mark.slow

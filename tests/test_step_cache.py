@@ -376,7 +376,11 @@ def test_worker_passes_step_cache_and_rows_carry_macs_per_lever(stock_pipe, monk
         for s in metrics.macs_saved_by_lever.collect()[0].samples
         if s.name.endswith("_total")
     }
-    assert by_lever == {"vcut": result["macs_saved_vcut"], "step_cache": result["macs_saved_step_cache"]}
+    assert by_lever == {
+        "vcut": result["macs_saved_vcut"],
+        "step_cache": result["macs_saved_step_cache"],
+        "guidance": result["macs_saved_guidance"],
+    }
 
 
 def test_vcut_and_step_cache_under_inference_mode(stock_pipe):

@@ -2,8 +2,9 @@
 
 ``apply_vcut`` patches a diffusers SVD pipeline or UNet in place and ``remove_vcut`` undoes
 it; ``apply_step_cache`` / ``remove_step_cache`` add and remove opt-in step caching (reused
-deep features; changes the output); ``count_macs`` measures what both save on any shape
-without loading weights.
+deep features; changes the output); :mod:`vcut.guidance` runs classifier-free guidance on part
+of the schedule only (``guided_steps``; opt-in, changes the output); ``count_macs`` measures
+what each saves on any shape without loading weights.
 
 ``vcut.MODES`` (from :mod:`vcut.modes`) needs no torch: the names below are imported on first
 use (PEP 562), so ``import vcut.modes`` or ``from vcut import MODES`` stays light while
@@ -19,6 +20,8 @@ from vcut.modes import MODES
 
 # name -> submodule that defines it (imported lazily: they import torch and diffusers)
 _LAZY = {
+    "check_guidance_interval": "vcut.guidance",
+    "guided_steps": "vcut.guidance",
     "MacReport": "vcut.macs",
     "count_macs": "vcut.macs",
     "load_unet_config": "vcut.macs",
@@ -43,6 +46,7 @@ _LAZY = {
 __all__ = ["MODES", *_LAZY]
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports on demand
+    from vcut.guidance import check_guidance_interval, guided_steps  # noqa: F401
     from vcut.macs import MacReport, count_macs, load_unet_config  # noqa: F401
     from vcut.patch import (  # noqa: F401
         ConditioningKeys,
@@ -66,7 +70,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time __getattr__ imports
     )
 
 
-_SUBMODULES = ("macs", "modes", "patch", "step_cache", "tiny", "unet")
+_SUBMODULES = ("guidance", "macs", "modes", "patch", "step_cache", "tiny", "unet")
 
 
 def __getattr__(name: str) -> Any:

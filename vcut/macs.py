@@ -12,9 +12,18 @@ measured on a CPU in seconds for any shape. Conventions:
 * Step caching with interval ``N`` (:mod:`vcut.step_cache`): steps ``0, N, 2N, ...`` are full
   calls, the others shallow calls; both kinds are measured on the (VCUT-patched) UNet. The
   first step is a full call that also computes VCUT's constants.
+* Guidance on part of the schedule (``guidance_start``/``guidance_stop``, :mod:`vcut.guidance`):
+  the steps outside the interval are UNet calls on the conditional half only (batch 1),
+  measured as such. VCUT computes its constants once per conditioning tensor, so a video that
+  has both kinds of steps computes them once for the CFG batch and once for its conditional
+  half (each measured as the extra MACs of a first call). With the step cache, a shallow
+  step after a change of batch is counted as the step cache decides it
+  (:func:`vcut.step_cache.shallow_steps`): the conditional half of a stored CFG feature serves a
+  conditional-only shallow step; the other way round the step runs the whole UNet.
 * Savings are attributed lever by lever: ``macs_saved_vcut`` = stock minus VCUT without
   step caching; ``macs_saved_step_cache`` = VCUT without step caching minus VCUT with it;
-  ``macs_saved`` is their sum (stock minus what runs).
+  ``macs_saved_guidance`` = that minus the same with the guidance interval; ``macs_saved`` is
+  their sum (stock minus what runs).
 """
 
 from __future__ import annotations
@@ -29,9 +38,10 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from vcut.guidance import check_guidance_interval, guided_steps
 from vcut.modes import MODES
 from vcut.patch import apply_vcut
-from vcut.step_cache import apply_step_cache, check_step_cache_args
+from vcut.step_cache import apply_step_cache, check_step_cache_args, shallow_steps
 
 #: The published SVD UNets share one architecture, which is diffusers' default config
 #: for ``UNetSpatioTemporalConditionModel``; they differ in their frame count only.
@@ -104,6 +114,13 @@ class MacReport:
     shallow_call_macs: int = 0  # one shallow call (VCUT-patched) on the (CFG) batch
     macs_saved_vcut: int = 0  # stock minus VCUT without step caching
     macs_saved_step_cache: int = 0  # VCUT without step caching minus VCUT with it
+    # Guidance on part of the schedule (0 and 1: every step guided, stock).
+    guidance_start: float = 0.0
+    guidance_stop: float = 1.0
+    guided_calls: int = 0  # UNet calls per video on the CFG batch (0 without guidance)
+    unguided_calls: int = 0  # UNet calls per video on the conditional half only
+    unguided_call_macs: int = 0  # one such call (VCUT-patched, whole UNet)
+    macs_saved_guidance: int = 0  # VCUT (+ step cache) with CFG on every step minus with the interval
 
     @property
     def saved_fraction(self) -> float:
@@ -123,6 +140,11 @@ class MacReport:
             return f"{100 * x / self.baseline_macs:.2f} %" if self.baseline_macs else "0 %"
 
         cfg = "with CFG (batch 2)" if self.guidance else "no CFG (batch 1)"
+        if self.guidance and (self.guidance_start, self.guidance_stop) != (0.0, 1.0):
+            cfg = (
+                f"CFG on [{self.guidance_start:g}, {self.guidance_stop:g}) of the schedule: "
+                f"{self.guided_calls} calls on batch 2, {self.unguided_calls} on batch 1"
+            )
         cache, with_cache = "", ""
         if self.step_cache > 1:
             cache = f", step cache every {self.step_cache} steps at depth {self.step_cache_depth}"
@@ -135,6 +157,7 @@ class MacReport:
             f"  MACs saved per video  : {t(self.macs_saved)} ({100 * self.saved_fraction:.2f} %)",
             f"    by VCUT             : {t(self.macs_saved_vcut)} ({pct(self.macs_saved_vcut)})",
             f"    by step caching     : {t(self.macs_saved_step_cache)} ({pct(self.macs_saved_step_cache)})",
+            f"    by guidance interval: {t(self.macs_saved_guidance)} ({pct(self.macs_saved_guidance)})",
             f"  with attention kernels: stock {t(self.baseline_macs_with_attention)}, "
             f"VCUT {t(self.vcut_macs_with_attention)}, saved {t(self.macs_saved_with_attention)}",
             f"  UNet parameters, stock: {m(self.params_baseline)}",
@@ -187,12 +210,12 @@ class _CallMacs:
 
 @lru_cache(maxsize=256)
 def _count_calls(
-    config_json: str, height: int, width: int, num_frames: int, mode: str, guidance: bool, depth: int | None
+    config_json: str, height: int, width: int, num_frames: int, mode: str, batch: int, depth: int | None
 ) -> _CallMacs:
+    """Per-call MACs on a UNet batch of ``batch`` (2: a CFG call, 1: the conditional half)."""
     config = json.loads(config_json)
     unet = _meta_unet(config)
     latent_h, latent_w = height // 8, width // 8
-    batch = 2 if guidance else 1
     in_channels = config.get("in_channels", 8)
     sample = torch.empty(batch, num_frames, in_channels, latent_h, latent_w, device="meta")
     emb = torch.empty(batch, 1, config.get("cross_attention_dim", 1024), device="meta")
@@ -231,8 +254,25 @@ def _count_calls(
     return _CallMacs(stock, first, again, full, shallow, params_baseline, params_vcut)
 
 
+def _video(calls: dict[int, _CallMacs], batches: list[int], interval: int, k: int) -> int:
+    """MACs of one video whose step ``i`` runs the UNet on batch ``batches[i]``, with the step
+    cache's interval (1: off); ``k`` = 0 without, 1 of the attention kernels' matmuls.
+
+    VCUT computes its constants at the first call of each batch (each conditioning tensor):
+    the extra MACs of a first call over a reusing one.
+    """
+    total, seen = 0, set()
+    for batch, shallow in zip(batches, shallow_steps(interval, batches), strict=True):
+        c = calls[batch]
+        total += c.shallow[k] if shallow else c.full[k]
+        if batch not in seen:
+            seen.add(batch)
+            total += c.first[k] - c.again[k]
+    return total
+
+
 def _report(
-    calls: _CallMacs,
+    calls: dict[int, _CallMacs],
     height: int,
     width: int,
     num_frames: int,
@@ -241,21 +281,27 @@ def _report(
     guidance: bool,
     interval: int,
     depth: int,
+    start: float,
+    stop: float,
 ) -> MacReport:
-    n_full = -(-steps // interval)  # steps 0, N, 2N, ... run the whole UNet
-    n_shallow = steps - n_full
+    cfg = 2 if guidance else 1
+    every = [cfg] * steps  # CFG (if any) on every step: stock
+    plan = [2 if g else 1 for g in guided_steps(steps, start, stop)] if guidance else every
+    shallow = shallow_steps(interval, plan)
+    main = calls[cfg]
 
-    def per_video(k: int) -> tuple[int, int, int]:
-        """(stock, VCUT without step caching, VCUT with it) per video; k=0 without, 1 of attention."""
-        stock = steps * calls.stock[k]
-        vcut = calls.first[k] + (steps - 1) * calls.again[k]
-        cached = calls.first[k] + (n_full - 1) * calls.full[k] + n_shallow * calls.shallow[k]
-        return stock, vcut, cached
+    def per_video(k: int) -> tuple[int, int, int, int]:
+        """(stock, VCUT, + step cache, + guidance interval) per video."""
+        return (
+            steps * main.stock[k],
+            _video(calls, every, 1, k),
+            _video(calls, every, interval, k),
+            _video(calls, plan, interval, k),
+        )
 
-    baseline, vcut_only, vcut = per_video(0)
-    baseline_attn, _, vcut_attn = per_video(1)
-    baseline_attn += baseline
-    vcut_attn += vcut
+    baseline, vcut_only, cached, final = per_video(0)
+    attention = per_video(1)
+    baseline_attn, vcut_attn = baseline + attention[0], final + attention[3]
     return MacReport(
         mode=mode,
         height=height,
@@ -263,25 +309,31 @@ def _report(
         num_frames=num_frames,
         num_inference_steps=steps,
         guidance=guidance,
-        unet_call_macs=calls.stock[0],
-        vcut_first_call_macs=calls.first[0],
-        vcut_call_macs=calls.again[0],
+        unet_call_macs=main.stock[0],
+        vcut_first_call_macs=main.first[0],
+        vcut_call_macs=main.again[0],
         baseline_macs=baseline,
-        vcut_macs=vcut,
-        macs_saved=baseline - vcut,
+        vcut_macs=final,
+        macs_saved=baseline - final,
         baseline_macs_with_attention=baseline_attn,
         vcut_macs_with_attention=vcut_attn,
         macs_saved_with_attention=baseline_attn - vcut_attn,
-        params_baseline=calls.params_baseline,
-        params_vcut=calls.params_vcut,
-        params_removed=calls.params_baseline - calls.params_vcut,
+        params_baseline=main.params_baseline,
+        params_vcut=main.params_vcut,
+        params_removed=main.params_baseline - main.params_vcut,
         step_cache=interval,
         step_cache_depth=depth,
-        full_calls=n_full,
-        shallow_calls=n_shallow,
-        shallow_call_macs=calls.shallow[0] if n_shallow else 0,
+        full_calls=shallow.count(False),
+        shallow_calls=shallow.count(True),
+        shallow_call_macs=main.shallow[0] if any(shallow_steps(interval, every)) else 0,
         macs_saved_vcut=baseline - vcut_only,
-        macs_saved_step_cache=vcut_only - vcut,
+        macs_saved_step_cache=vcut_only - cached,
+        guidance_start=start,
+        guidance_stop=stop,
+        guided_calls=plan.count(2),
+        unguided_calls=plan.count(1),
+        unguided_call_macs=calls[1].again[0] if 1 in calls else 0,
+        macs_saved_guidance=cached - final,
     )
 
 
@@ -296,6 +348,8 @@ def count_macs(
     guidance: bool = True,
     step_cache: int | None = None,
     step_cache_depth: int = 1,
+    guidance_start: float = 0.0,
+    guidance_stop: float = 1.0,
 ) -> MacReport:
     """Measure MACs per video and parameters of the SVD UNet, stock versus VCUT ``mode``.
 
@@ -310,8 +364,11 @@ def count_macs(
             does whenever ``max_guidance_scale > 1``.
         step_cache: step-caching interval (see :func:`vcut.apply_step_cache`); None or 1: off.
         step_cache_depth: outer down/up levels that always run (step caching's ``depth``).
+        guidance_start, guidance_stop: guidance on that part of the schedule only
+            (:mod:`vcut.guidance`); the other steps are counted on the conditional half (batch 1).
+            Defaults 0 and 1: every step guided (no effect without ``guidance``).
 
-    Per-call counts are cached per (config, shape, mode, guidance, depth) in this process.
+    Per-call counts are cached per (config, shape, mode, batch, depth) in this process.
     """
     if mode not in MODES:
         raise ValueError(f"unknown VCUT mode {mode!r}; expected one of {', '.join(MODES)}")
@@ -319,6 +376,7 @@ def count_macs(
         raise ValueError(f"height and width must be positive multiples of 8, got {height}x{width}")
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
+    start, stop = check_guidance_interval(guidance_start, guidance_stop)
     config = load_unet_config(model)
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     frames = int(num_frames if num_frames is not None else config.get("num_frames", 25))
@@ -328,5 +386,8 @@ def count_macs(
     interval, depth = check_step_cache_args(step_cache, step_cache_depth, levels)
     key = json.dumps(config, sort_keys=True, default=str)
     h, w, steps, guidance = int(height), int(width), int(num_inference_steps), bool(guidance)
-    calls = _count_calls(key, h, w, frames, mode, guidance, depth if interval > 1 else None)
-    return _report(calls, h, w, frames, steps, mode, guidance, interval, depth)
+    batches = {2 if g and guidance else 1 for g in guided_steps(steps, start, stop)} | {2 if guidance else 1}
+    calls = {
+        b: _count_calls(key, h, w, frames, mode, b, depth if interval > 1 else None) for b in sorted(batches)
+    }
+    return _report(calls, h, w, frames, steps, mode, guidance, interval, depth, start, stop)

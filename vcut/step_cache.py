@@ -27,9 +27,12 @@ video (a full step, the stored feature dropped) when any of these holds:
 
 * :func:`reset_step_cache` was called since the last UNet call (the ``Renderer`` calls it at
   the start of every generation);
-* ``sample`` has another shape, dtype or device than in the last call;
-* ``encoder_hidden_states`` is not the same tensor object (same version counter) as in the
-  last call (the SVD pipeline passes one embedding tensor at every step of a video);
+* ``sample`` has another shape (but for its batch), dtype or device than in the last call;
+* ``encoder_hidden_states`` is not the same tensor region (the same base tensor, version
+  counter, offset and shape) as in the last call (the SVD pipeline passes one embedding
+  tensor at every step of a video), nor the conditional half of it or the tensor it is the
+  conditional half of (guidance on part of the schedule, :mod:`vcut.guidance`, runs the
+  conditional half of the CFG batch on some steps);
 * the timestep does not continue the last call's schedule. The SVD pipeline passes elements
   of ``scheduler.timesteps`` (a new tensor at every pipeline call), which are views of that
   tensor: a view continues the schedule when it views the same tensor at a later position
@@ -37,6 +40,11 @@ video (a full step, the stored feature dropped) when any of these holds:
   the schedule when its value is strictly below the last one (SVD's timesteps strictly
   decrease within a video); reading a CUDA tensor's value costs one small device-to-host
   copy per UNet call, a Python number costs nothing.
+
+When the batch changes within a video (a CFG step, then a conditional-only one), a shallow
+step reuses the conditional half of the stored feature; the other way round there is no stored
+feature for the unconditional half, so that step runs the whole UNet (:func:`reuses_feature`,
+:func:`shallow_steps`).
 
 Nothing is kept between videos: a new video starts with a full step and drops the stored
 feature before it runs.
@@ -131,15 +139,14 @@ class StepCacheState:
         if not isinstance(sample, torch.Tensor) or t is None:
             self.reset()
             return
-        sample_key = (tuple(sample.shape), sample.dtype, sample.device)
-        e_key = (e, tensor_version(e)) if isinstance(e, torch.Tensor) else (None, None)
+        sample_key = (tuple(sample.shape[1:]), sample.dtype, sample.device)  # the batch may halve
+        e_key = _embedding_key(e)
         t_key = self._timestep_key(t)
         last = self._last
         same_video = (
             last is not None
             and last[0] == sample_key
-            and last[1][0] is e_key[0]
-            and last[1][1] == e_key[1]
+            and _same_embedding(last[1], e_key)
             and self._continues(last[2], t_key)
         )
         if same_video:
@@ -149,7 +156,13 @@ class StepCacheState:
             self.deep = None  # never reuse another video's features
             self.videos += 1
         self._last = (sample_key, e_key, t_key)
-        self.shallow = self.step % self.interval != 0 and self.deep is not None
+        wants_shallow = self.step % self.interval != 0
+        rows = sample.shape[0] * sample.shape[1] if sample.ndim >= 2 else sample.shape[0]
+        if wants_shallow and self.deep is not None and self.deep.shape[0] != rows:
+            # The batch changed within the video (guidance on part of the schedule, vcut.guidance):
+            # the conditional half of a CFG step's feature serves a conditional-only step.
+            self.deep = self.deep[rows:] if reuses_feature(self.deep.shape[0], rows) else None
+        self.shallow = wants_shallow and self.deep is not None
         if self.shallow:
             self.shallow_steps += 1
         else:
@@ -162,6 +175,49 @@ class StepCacheState:
             # (torch.compile mode="reduce-overhead") the full step's tensors live in the graph's
             # memory pool and are overwritten by the next replay. One copy per full step.
             self.deep = self.deep.clone()
+
+
+def reuses_feature(stored: int, needed: int) -> bool:
+    """Whether a deep feature stored for ``stored`` batch rows serves a shallow step of ``needed``
+    rows: the same batch, or the conditional half of a classifier-free-guidance batch (its second
+    half, diffusers' order) for a step that runs the conditional half only."""
+    return stored in (needed, 2 * needed)
+
+
+def shallow_steps(interval: int, batches: list[int] | tuple[int, ...]) -> list[bool]:
+    """Which steps of a video are shallow, given each step's UNet batch: what
+    :meth:`StepCacheState.before_forward` decides step by step (used by :mod:`vcut.macs`)."""
+    out, stored = [], None
+    for step, batch in enumerate(batches):
+        wants = interval > 1 and step % interval != 0
+        shallow = wants and stored is not None and reuses_feature(stored, batch)
+        stored = batch
+        out.append(shallow)
+    return out
+
+
+def _embedding_key(e: Any) -> tuple | None:
+    """What identifies a conditioning tensor without reading it: its storage's base tensor (and
+    version), and its offset, shape and batch stride there."""
+    if not isinstance(e, torch.Tensor):
+        return None
+    root = e._base if e._base is not None else e
+    return (root, tensor_version(root), e.storage_offset(), tuple(e.shape), e.stride(0) if e.ndim else 0)
+
+
+def _same_embedding(a: tuple | None, b: tuple | None) -> bool:
+    """``b`` conditions the video of ``a``: the same tensor region, or the conditional (second)
+    half of the other's classifier-free-guidance batch (:mod:`vcut.guidance`)."""
+    if a is None or b is None:
+        return a is b
+    if a[0] is not b[0] or a[1] != b[1]:
+        return False
+    if a[2:] == b[2:]:
+        return True
+    small, big = (a, b) if a[3] and b[3] and a[3][0] < b[3][0] else (b, a)
+    if not small[3] or 2 * small[3][0] != big[3][0] or small[3][1:] != big[3][1:]:
+        return False
+    return small[2] == big[2] + small[3][0] * big[4]
 
 
 # -- the wrapped forwards (bound on the block instance; they call the class's own forward) ------

@@ -9,6 +9,7 @@ from typing import Any
 
 from jobs.cli.common import fail, int_list
 from jobs.cli.flags import add_param_flags, flag_name
+from jobs.levers import GRAMMAR_HELP
 from jobs.stop import ExitStatus
 from pipeline.params import GENERATION_PARAMS
 from vcut.modes import MODES  # torch-free
@@ -31,9 +32,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--configs",
         default=",".join(MODES),
-        help=f"comma-separated VCUT modes ({', '.join(MODES)}), each optionally +cacheN for a step-cache "
-        "interval N >= 2, e.g. off,exact,full,full+cache3; 'off' is the reference, added when missing "
-        f"(default: {','.join(MODES)})",
+        help=f"comma-separated configurations, each {GRAMMAR_HELP}; e.g. off,full,full+cache3+g0-0.6; "
+        f"'off' is the reference, added when missing (default: {','.join(MODES)})",
     )
     p.add_argument("--out", help="output folder (or URI) for the report files (required)")
     seeds = p.add_mutually_exclusive_group()

@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+from jobs.cli.flags import add_param_flags
 from jobs.stop import ExitStatus
 from vcut.modes import MODES  # torch-free
 
@@ -41,6 +42,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action="store_true",
         help="count without classifier-free guidance (UNet batch 1 instead of the CFG batch of 2)",
     )
+    add_param_flags(p, ("guidance_start", "guidance_stop"))  # guidance on part of the schedule
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(func=run)
 
@@ -48,11 +50,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from jobs.macs import Levers, VideoShape, count_video_macs
 
-    shape = VideoShape(args.height, args.width, args.num_frames, args.steps, guidance=not args.no_guidance)
+    shape = VideoShape(
+        args.height,
+        args.width,
+        args.num_frames,
+        args.steps,
+        guidance=not args.no_guidance,
+        guidance_start=args.guidance_start,
+        guidance_stop=args.guidance_stop,
+    )
     levers = Levers(args.mode, args.step_cache, args.step_cache_depth)
     try:
         report = count_video_macs(args.model, shape, levers)
-    except ValueError as exc:  # a bad shape, steps or step-cache setting: say which
+    except ValueError as exc:  # a bad shape, steps, step-cache or guidance setting: say which
         print(f"vcut macs: error: {exc}", file=sys.stderr)
         return ExitStatus.USAGE
     print(json.dumps(report.to_dict(), indent=2) if args.json else report.format_table())
