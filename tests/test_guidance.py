@@ -342,7 +342,11 @@ def test_worker_rows_count_the_interval(stock_pipe) -> None:
     renderer = Renderer.from_pipe(copy.deepcopy(stock_pipe), vcut="full", step_cache=2)
     worker = jw.RenderWorker(cfg, "w0", renderer_factory=lambda m, c: renderer, encoder=lambda *a, **k: 0.0)
     params = dict(cfg["defaults"], height=SIZE, width=SIZE, num_frames=3, num_inference_steps=STEPS)
-    result, frames = worker._render({"image": _image(0), "params": params})
+    from jobs.planner import RowTask, batch_key_of
+    from pipeline.params import ROW_PARAMS
+
+    params = {k: params[k] for k in ROW_PARAMS}
+    result, frames = worker._render(RowTask("a", _image(0), params, batch_key_of(params)))
     assert frames is not None and "error" not in result, result.get("error")
     report = vcut.count_macs(
         renderer.unet_config,
