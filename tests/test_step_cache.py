@@ -13,6 +13,8 @@ from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
 import vcut
+from jobs.planner import RowTask, batch_key_of
+from pipeline.params import ROW_PARAMS
 from vcut.tiny import make_tiny_pipeline
 
 SIZE = 32  # pixels (the tiny VAE downsamples by 2: 16x16 latents)
@@ -362,7 +364,8 @@ def test_worker_passes_step_cache_and_rows_carry_macs_per_lever(stock_pipe, monk
     renderer = pipeline.Renderer.from_pipe(copy.deepcopy(stock_pipe), vcut="full", step_cache=3)
     worker = jw.RenderWorker(cfg, "w0", renderer_factory=lambda m, c: renderer, encoder=lambda *a, **k: 0.0)
     params = dict(cfg["defaults"], height=SIZE, width=SIZE, num_frames=3, num_inference_steps=4)
-    result, frames = worker._render({"image": _image(0), "params": params})
+    params = {k: params[k] for k in ROW_PARAMS}
+    result, frames = worker._render(RowTask("a", _image(0), params, batch_key_of(params)))
     assert frames is not None and "error" not in result, result.get("error")
     for key in ("macs", "macs_saved", "macs_saved_vcut", "macs_saved_step_cache"):
         assert isinstance(result[key], int) and result[key] > 0, key
