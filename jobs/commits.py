@@ -115,14 +115,29 @@ class Committer:
             try:
                 if rows:
                     self.writer.commit([row for b in lists for row in b])
-            except BaseException as exc:  # handed to the loop; nothing more is written
-                self._error = exc
-                self._drain()
-                return
-            for b in lists:
-                self._done.put(b)
+            except BaseException as exc:
+                if len(lists) > 1:  # one list at a time: what fails alone is all that is lost
+                    self._commit_apart(lists)
+                else:
+                    self._error = exc
+                if self._error is not None:  # handed to the loop; nothing more is written
+                    self._drain()
+                    return
+            else:
+                for b in lists:
+                    self._done.put(b)
             if closing:
                 return
+
+    def _commit_apart(self, lists: list[list[dict[str, Any]]]) -> None:
+        """Commit ``lists`` one by one after they failed together; stop at the first failure."""
+        for b in lists:
+            try:
+                self.writer.commit(b)
+            except BaseException as exc:
+                self._error = exc
+                return
+            self._done.put(b)
 
     def _drain(self) -> None:
         """After a failure: empty the queue so that a waiting ``put`` returns (and raises)."""
