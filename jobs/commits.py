@@ -3,31 +3,46 @@
 The loop hands finished rows to :meth:`Committer.put` and goes on collecting results and
 sending batches; one thread writes them (``jobs.results.ResultWriter``: one part per write,
 merges every ``merge_every`` parts from memory). Whatever has queued up while a write was in
-progress is written as one part, so a slow store (20 ms a request) gets fewer, larger parts
-instead of slowing the loop. :meth:`Committer.committed` hands the loop the rows that are on
-storage (for counts, progress, hooks: they see only committed rows). A storage failure in the
-thread (``jobs.output.OutputError``) is raised to the loop by the next ``put``/``committed``/
-``close``; nothing after it is written. The queue is bounded (``max_pending`` row lists): when
-storage cannot keep up at all, ``put`` waits, so memory stays bounded.
+progress, or within ``LINGER_S`` of the previous write's start, is written as one part, so a
+slow store (20 ms a request) gets fewer, larger parts instead of slowing the loop.
+:meth:`Committer.committed` hands the loop the rows that are on storage (counts, progress and
+hooks see committed rows only). A storage failure in the thread (``jobs.output.OutputError``)
+is raised to the loop by the next ``put``, ``committed`` or ``close``; nothing after it is
+written. The queue is bounded (``max_pending`` row lists): when storage cannot keep up at all,
+``put`` waits, so memory stays bounded.
 """
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
+import time
 from typing import Any
 
 from jobs.results import ResultWriter
 
 _CLOSE = object()
+#: Seconds a part waits for more rows after the previous write began: at most ~1/LINGER_S parts
+#: a second (fewer requests on an object store, fewer fsyncs on a disk); a crash loses at most
+#: that much of finished work, which renders again on the next run.
+LINGER_S = 0.2
 
 
 class Committer:
     """One writer thread for one job's results (a context manager: ``close`` on exit)."""
 
-    def __init__(self, writer: ResultWriter, max_pending: int = 1024, max_rows_per_part: int = 4096):
+    def __init__(
+        self,
+        writer: ResultWriter,
+        max_pending: int = 1024,
+        max_rows_per_part: int = 4096,
+        linger_s: float = LINGER_S,
+    ):
         self.writer = writer
         self.max_rows_per_part = max_rows_per_part
+        self.linger_s = linger_s
+        self._last_write = -math.inf
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._done: queue.SimpleQueue = queue.SimpleQueue()
         self._error: BaseException | None = None
@@ -85,26 +100,44 @@ class Committer:
             closing = item is _CLOSE
             lists = [] if closing else [item]
             rows = 0 if closing else len(item)
-            while not closing and rows < self.max_rows_per_part:  # take what queued meanwhile
+            until = self._last_write + self.linger_s  # at most one part per linger_s
+            while not closing and rows < self.max_rows_per_part:  # take what queues meanwhile
+                wait = until - time.monotonic()
                 try:
-                    item = self._queue.get_nowait()
+                    item = self._queue.get(timeout=wait) if wait > 0 else self._queue.get_nowait()
                 except queue.Empty:
                     break
                 closing = item is _CLOSE
                 if not closing:
                     lists.append(item)
                     rows += len(item)
+            self._last_write = time.monotonic()
             try:
                 if rows:
                     self.writer.commit([row for b in lists for row in b])
-            except BaseException as exc:  # handed to the loop; nothing more is written
-                self._error = exc
-                self._drain()
-                return
-            for b in lists:
-                self._done.put(b)
+            except BaseException as exc:
+                if len(lists) > 1:  # one list at a time: what fails alone is all that is lost
+                    self._commit_apart(lists)
+                else:
+                    self._error = exc
+                if self._error is not None:  # handed to the loop; nothing more is written
+                    self._drain()
+                    return
+            else:
+                for b in lists:
+                    self._done.put(b)
             if closing:
                 return
+
+    def _commit_apart(self, lists: list[list[dict[str, Any]]]) -> None:
+        """Commit ``lists`` one by one after they failed together; stop at the first failure."""
+        for b in lists:
+            try:
+                self.writer.commit(b)
+            except BaseException as exc:
+                self._error = exc
+                return
+            self._done.put(b)
 
     def _drain(self) -> None:
         """After a failure: empty the queue so that a waiting ``put`` returns (and raises)."""

@@ -73,7 +73,7 @@ class OutputConfig:
 @dataclass
 class WorkersConfig:
     # None: one per GPU at start (else one CPU worker); "auto": the same, then one more worker
-    # on each GPU that joins mid-job (elastic clusters, jobs/runner.py); an int: that many.
+    # on each GPU that joins mid-job (elastic clusters, jobs/pool.py); an int: that many.
     count: Any = None
     num_cpus: float | None = None  # per worker; None: 1 on GPU, else (CPUs - 1) / count, >= 0.25
     num_gpus: float | None = None  # None: 1 when the cluster has GPUs, else 0
@@ -90,7 +90,7 @@ class WorkersConfig:
     max_restarts: int = 8  # replacement workers over the whole job
     start_timeout_s: float = 600.0  # model load per worker, counted from its own start
     # A batch not back by this many seconds: its worker is killed and the batch retried like a
-    # dead worker's. None: auto, from the job's measured seconds per row (jobs.runner.batch_deadline).
+    # dead worker's. None: auto, from the job's measured seconds per row (jobs.dispatch.batch_deadline).
     batch_timeout_s: float | None = None
     # A worker given a GPU on which torch sees no CUDA refuses to start, unless this is true
     # (then it renders on the CPU).

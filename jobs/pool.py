@@ -200,8 +200,10 @@ class WorkerPool:
         try:
             import ray
 
-            address = ray._private.state.actors(worker.actor._actor_id.hex()).get("Address") or {}
-            if address.get("IPAddress") and address.get("NodeID"):
+            state = ray._private.state.actors(worker.actor._actor_id.hex())
+            address = state.get("Address") or {}
+            # a process of its own (a pid): placed, maybe still starting; else it waits for room
+            if state.get("Pid") and address.get("IPAddress") and address.get("NodeID"):
                 return f"{address['IPAddress']} (node {address['NodeID'][:8]})"
         except Exception:
             pass

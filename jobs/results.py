@@ -118,10 +118,17 @@ class ResultWriter:
     """
 
     def __init__(
-        self, out_dir: str | OutputDir, carried_schema: pa.Schema | None = None, merge_every: int = 256
+        self,
+        out_dir: str | OutputDir,
+        carried_schema: pa.Schema | None = None,
+        merge_every: int = 256,
+        merge_rows: int = 8192,
     ):
         self.out = open_output(out_dir)
-        self.merge_every = merge_every  # merge this writer's small parts every N commits
+        # merge this writer's parts every ``merge_every`` parts or ``merge_rows`` rows (the rows
+        # it holds in memory until then: bounded whatever the part sizes)
+        self.merge_every, self.merge_rows = merge_every, merge_rows
+        self._recent_rows = 0
         self._recent: list[tuple[str, pa.Table]] = []  # parts since the last merge, as written
         self.dir = self.out.path("results")
         self.out.makedirs("results")
@@ -171,7 +178,8 @@ class ResultWriter:
         path = self.out.path("results", name)
         self.out.write_table(table, path)  # one request on an object store
         self._recent.append((path, table))
-        if len(self._recent) >= self.merge_every:
+        self._recent_rows += table.num_rows
+        if len(self._recent) >= self.merge_every or self._recent_rows >= self.merge_rows:
             self.merge()
         return name
 
@@ -179,7 +187,7 @@ class ResultWriter:
         """Merge the parts this writer committed since the last merge into few files, from the
         tables it still holds (nothing is read back): per run of parts with one schema, one
         put of the merged part and one bulk delete of the inputs."""
-        recent, self._recent = self._recent, []
+        recent, self._recent, self._recent_rows = self._recent, [], 0
         masks = _last_of_id([hash_ids(t.column("id").to_pylist()) for _, t in recent])
         start = 0
         while start < len(recent):

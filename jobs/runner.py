@@ -5,8 +5,9 @@ calls.
 How the job core is split, by role:
 
 * ``jobs.planner``: manifest rows -> one typed record per row (``RowTask``) -> batches;
+* ``jobs.dispatch``: the pool's decisions without Ray (sizes, shape affinity, deadlines);
 * ``jobs.pool``: the worker actors (starts, readiness, dispatch with shape affinity,
-  deadlines, elastic workers, requeue);
+  deadlines, elastic workers, requeue; labels reused by slot);
 * ``jobs.loop``: the driver's loop (``Runner``): collects results, hands commits to
   ``jobs.commits`` (a writer thread: the loop never waits on storage), writes the summary;
 * ``jobs.runner`` (here): the lock, Ray, ``run_job``.

@@ -329,7 +329,9 @@ def test_gpu_node_joining_mid_job_gets_a_worker_then_stop(cluster, tmp_path, mon
             runner.request_stop("test stop", 10.0)
 
     hook = Hook(join_then_stop)
-    runner = _runner(tmp_path, 400, "workers.count=auto", delay=0.1, hook=hook)
+    # 0.25 s a row: the job must outlast a node joining and its worker starting (the driver no
+    # longer slows it down with commits in its loop)
+    runner = _runner(tmp_path, 400, "workers.count=auto", delay=0.25, hook=hook)
     try:
         summary = runner.run()
         new_node = joined[1].node_id()

@@ -410,3 +410,34 @@ def test_final_lines_name_workers_that_never_started_and_never_print_results_non
     unreadable = {"manifest_rows": 2, "ok": "unknown", "failed": "unknown", "rendered_this_run": 1}
     unreadable.update(skipped_already_ok=0, wall_seconds=1.0)  # what is known when --out fails
     assert "None" not in format_summary(unreadable)
+
+
+def test_the_rows_held_for_a_merge_are_bounded(tmp_path):
+    out = output.open_output(tmp_path)
+    writer = results.ResultWriter(out, merge_every=1000, merge_rows=3)
+    writer.commit([{"id": "a", "status": "ok"}, {"id": "b", "status": "ok"}])
+    assert len(out.listdir("results")) == 1 and writer._recent_rows == 2
+    writer.commit([{"id": "c", "status": "ok"}, {"id": "d", "status": "ok"}])  # 4 rows >= 3: merged
+    assert len(out.listdir("results")) == 1 and writer._recent == [] and writer._recent_rows == 0
+    assert sorted(results.read_results(out).column("id").to_pylist()) == ["a", "b", "c", "d"]
+
+
+def test_rows_written_together_that_fail_are_written_apart_so_only_the_failing_ones_are_lost():
+    class Writer(_SlowWriter):
+        def commit(self, rows):
+            ids = [r["id"] for r in rows]
+            if "bad" in ids:
+                raise OSError(errno.EFBIG, "File too large")
+            super().commit(rows)
+
+    writer = Writer()
+    committer = Committer(writer, linger_s=0.0)
+    committer.put([{"id": "a"}])
+    assert writer.entered.wait(30)
+    for name in ("b", "bad", "c"):
+        committer.put([{"id": name}])
+    writer.release.set()
+    with pytest.raises(OSError, match="File too large"):
+        committer.close()
+    assert writer.parts == [["a"], ["b"]]  # b alone after b+bad+c failed; nothing after bad
+    assert [[r["id"] for r in rows] for rows in committer.committed()] == [["a"], ["b"]]
