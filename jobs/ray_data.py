@@ -102,7 +102,8 @@ class RenderVideos:
             try:
                 tasks.append((i, self._task(row)))
             except Exception as exc:  # a value that cannot be read: this row fails, not the batch
-                results[i] = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+                first = (str(exc).strip().splitlines() or [""])[0]
+                results[i] = {"status": "failed", "error": f"{type(exc).__name__}: {first}"}
         if tasks:
             for (i, _), result in zip(tasks, self.worker.render_batch([t for _, t in tasks]), strict=True):
                 results[i] = result
@@ -110,15 +111,19 @@ class RenderVideos:
 
     def _task(self, row: dict[str, Any]) -> RowTask:
         """The worker's record of one row (``jobs.worker.RenderWorker.render_batch``)."""
+        given = row.get("id")
+        if given not in (None, ""):
+            row["id"] = str(given)
         image = row.get("image")
         if image is None:
-            raise ValueError("the row has no image")
+            raise ValueError("column 'image' is null")
         if isinstance(image, np.ndarray):
             from PIL import Image
 
             image = Image.fromarray(image)
         params = resolve_params(_present(row), self.cfg["defaults"])
-        row["id"] = row.get("id") or _content_id(row, params)
+        if given in (None, ""):
+            row["id"] = _content_id(row, params)
         row["_params"] = params
         output = video_path(self.out, row["id"], self.cfg["output"]["format"])
         return RowTask(row["id"], image, params, batch_key_of(params), output=output)

@@ -194,6 +194,7 @@ def test_gpu_script_saves_after_each_stage_and_on_interrupt(tmp_path):
     assert json.loads((copy / out.name).read_text()) == final
 
 
+@pytest.mark.slow  # the benchmark's build and MAC stages, run as the script runs them
 def test_gpu_bench_budget_skips_stages_and_says_why(tmp_path):
     from benchmarks import gpu_bench
 

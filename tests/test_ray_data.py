@@ -91,6 +91,15 @@ def test_batch_formats_ids_and_array_images(tmp_path):
     assert render(frames[2])["image"].null_count == 2  # an array image is not carried back
 
 
+def test_a_null_image_fails_its_row_and_ids_are_text(tmp_path):
+    good, _ = _images(tmp_path / "in")
+    render = RenderVideos(str(tmp_path / "out"), "unused", renderer_factory=fake_renderer)
+    table = render({"id": np.array([7, 8]), "image": np.array([good, None], dtype=object)})
+    rows = table.to_pylist()
+    assert [r["id"] for r in rows] == ["7", "8"] and rows[0]["status"] == "ok"
+    assert rows[1]["status"] == "failed" and rows[1]["error"] == "ValueError: column 'image' is null"
+
+
 def test_a_model_that_does_not_load_fails_the_actor(tmp_path):
     with pytest.raises(RuntimeError, match="RenderVideos could not load the model: .*no-such-model"):
         RenderVideos(str(tmp_path / "out"), str(tmp_path / "no-such-model"), settings={"model.device": "cpu"})
