@@ -37,6 +37,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from jobs import manifest, output, results
+from jobs.config import compile_cache_uri
 from jobs.hooks import JobHook, SafeHook
 from jobs.progress import Progress
 from jobs.shards import ShardWriter, check_layout, scan
@@ -225,6 +226,9 @@ class Runner:
         self.manifest_path = manifest_path
         # Resolved once; the workers get URIs (strings), never this filesystem object.
         self.out = output.open_output(out_dir)
+        model = self.cfg_dict["model"]  # the workers' compile cache: DIR/compile-cache unless set
+        cache = compile_cache_uri(model.get("compile_cache"), self.out.uri_of("compile-cache"))
+        model["compile_cache"] = cache
         self.hook = SafeHook(hook)  # any object with some JobHook methods; its errors never stop the job
         self.renderer_factory = renderer_factory
         self.encoder = encoder
@@ -595,6 +599,9 @@ class Runner:
         if self.cfg.output.overwrite:
             done = np.zeros(0, dtype=np.uint64)
         count, self.num_cpus, self.num_gpus = size_workers(self.cfg, ray.cluster_resources())
+        # compile=auto's input (pipeline.compile.compile_pays): rows per worker and shape, taken
+        # as one shape (a planner that counts the job's shapes divides by their number)
+        self.cfg_dict["model"]["compile_rows"] = max(0, info.num_rows - int(done.size)) / max(1, count)
         if self.elastic and self.num_gpus <= 0:
             log.info("workers.count=auto follows GPUs only: %d CPU worker(s), none added mid-job", count)
         self._next_elastic_check = time.monotonic() + ELASTIC_PERIOD_S
