@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import REPO_ROOT, header, write_json
+from benchmarks.common import REPO_ROOT, header, machine_info, write_json
 
 DEFAULT_OUT = Path(__file__).parent / "results" / "compile_cache_tiny_cpu.json"
 SHAPE = dict(height=64, width=64, num_frames=4, num_inference_steps=2)
@@ -129,10 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             f"-> warm {warm['cpu_s'] + warm['children_cpu_s']:.1f}s; warm counters {warm['counters']}",
             flush=True,
         )
-    from benchmarks.common import machine_info
-
-    data["machine_at_end"] = machine_info()
-    print(f"wrote {write_json(args.out, data)}")
+        data["machine_at_end"] = machine_info()
+        print(f"wrote {write_json(args.out, data)}", flush=True)  # after every pair: a long run keeps them
     return 0
 
 

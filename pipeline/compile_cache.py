@@ -281,9 +281,11 @@ def plan_compile(
     compiling). ``auto`` is decided by :func:`pipeline.compile.compile_pays`, counting a cache
     entry for this setup (any shape) as a warm compile. ``key``: :func:`cache_key`'s model
     and lever fields."""
-    from pipeline.compile import compile_mode, compile_vae_by_default, resolve_compile
+    from pipeline.compile import compile_mode, compile_pays, compile_vae_by_default, resolve_compile
 
     mode = compile_mode(setting)
+    if mode == "auto" and not compile_pays(device.type, rows_per_worker_per_shape, cached=True):
+        mode = "off"  # not even a warm compile would pay (a CPU, or few rows): no cache I/O
     if mode == "off":
         return mode, None
     cache = None

@@ -524,3 +524,85 @@ def test_worker_reports_startup_and_compile_seconds(tiny_model_dir) -> None:
     from jobs.results import RESULT_SCHEMA
 
     assert RESULT_SCHEMA.field("compile_seconds").type == "double"
+
+
+@pytest.mark.slow
+def test_a_renderer_loads_the_entry_before_its_first_call_and_saves_after(tiny_pipe, tmp_path, monkeypatch):
+    fake = FakeTorchCache(monkeypatch, payload=b"renderer-artifacts")
+    first_backend = CountingBackend()
+    first = _renderer(tiny_pipe, "full", first_backend, compile_cache=str(tmp_path))
+    first.generate(_image(0), seed=0, **SHAPE)
+    assert first_backend.graphs == 1 and first.compile_cache.stats.saved == 1 and fake.loaded == []
+    (entry,) = tmp_path.rglob("*.bin")
+    assert f"{SHAPE['height']}-{SHAPE['width']}-{SHAPE['num_frames']}" in entry.name
+
+    second_backend = CountingBackend()
+    graphs_at_load: list[int] = []
+    real_load = fake.load
+    monkeypatch.setattr(
+        torch.compiler,
+        "load_cache_artifacts",
+        lambda data: (graphs_at_load.append(second_backend.graphs), real_load(data))[1],
+    )
+    second = _renderer(tiny_pipe, "full", second_backend, compile_cache=str(tmp_path))
+    second.generate(_image(1), seed=1, **SHAPE)
+    second.generate(_image(2), seed=2, **SHAPE)
+    assert fake.loaded == [b"renderer-artifacts"] and graphs_at_load == [0]  # before its compile
+    assert second.compile_cache.stats.saved == 0  # it loaded: nothing written again
+    other = _renderer(tiny_pipe, "exact", CountingBackend(), compile_cache=str(tmp_path))
+    assert other.compile_cache.uri != first.compile_cache.uri  # another VCUT mode: another key
+
+
+_REAL_WORKER = """
+import json, sys, torch
+from torch._dynamo.utils import counters
+from pipeline.compile import compile_module
+from pipeline.compile_cache import CompileCache, cache_key
+key = cache_key(model_id="mlp", vcut_mode="off", step_cache=None, step_cache_depth=1,
+                dtype=torch.float32, device="cpu", mode="default", backend="inductor", vae=False)
+cache = CompileCache(sys.argv[1], key)
+torch.manual_seed(0)
+m = compile_module(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.GELU(), torch.nn.Linear(8, 2)))
+shape = (2, 8)
+cache.before_call(shape)
+with torch.inference_mode():
+    m(torch.randn(*shape))
+cache.after_call(shape, compiled=True)
+print(json.dumps({"stats": vars(cache.stats), "inductor": dict(counters["inductor"]),
+                  "aot": dict(counters["aot_autograd"])}))
+"""
+
+
+@pytest.mark.slow
+def test_real_artifacts_make_a_fresh_process_hit_torchs_caches(tmp_path) -> None:
+    """torch's own save/load through the cache: a second process with an empty inductor cache
+    gets AOTAutograd and FX-graph cache hits (a small MLP: inductor on CPU is slow)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    script = tmp_path / "worker.py"
+    script.write_text(_REAL_WORKER)
+    runs = []
+    for i in range(2):
+        env = dict(
+            os.environ,
+            PYTHONPATH=str(root),
+            TORCHINDUCTOR_CACHE_DIR=str(tmp_path / f"inductor-{i}"),  # each its own, empty
+            TORCHINDUCTOR_COMPILE_THREADS="1",
+        )
+        proc = subprocess.run(
+            [sys.executable, str(script), str(tmp_path / "cache")], env=env, capture_output=True, text=True
+        )
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+    cold, warm = runs
+    assert cold["stats"]["saved"] == 1 and cold["inductor"].get("fxgraph_cache_miss", 0) >= 1
+    assert warm["stats"]["loaded"] == 1 and warm["stats"]["saved"] == 0
+    assert warm["inductor"].get("fxgraph_cache_hit", 0) >= 1 and not warm["inductor"].get(
+        "fxgraph_cache_miss"
+    )
+    assert warm["aot"].get("autograd_cache_hit", 0) >= 1
