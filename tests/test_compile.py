@@ -606,3 +606,16 @@ def test_real_artifacts_make_a_fresh_process_hit_torchs_caches(tmp_path) -> None
         "fxgraph_cache_miss"
     )
     assert warm["aot"].get("autograd_cache_hit", 0) >= 1
+
+
+def test_the_driver_gives_workers_the_jobs_compile_cache(tmp_path) -> None:
+    from jobs.config import load_config
+    from jobs.runner import Runner
+
+    out = tmp_path / "out"
+    runner = Runner(load_config(), str(tmp_path / "m.csv"), str(out))
+    assert runner.cfg_dict["model"]["compile_cache"] == str(out / "compile-cache")
+    off = Runner(load_config(dotlist=["model.compile_cache=off"]), str(tmp_path / "m.csv"), str(out))
+    assert off.cfg_dict["model"]["compile_cache"] is None
+    shared = Runner(load_config(dotlist=["model.compile_cache=s3://b/cc"]), str(tmp_path / "m.csv"), str(out))
+    assert shared.cfg_dict["model"]["compile_cache"] == "s3://b/cc"
