@@ -13,6 +13,7 @@ saves less there than on CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ import platform
 import posixpath
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -210,7 +211,9 @@ class CompileCache:
                 self.stats.shapes[name] = "missing"
             else:
                 payload = self.decode(shape, data)
-                if torch.compiler.load_cache_artifacts(payload) is None:
+                with _quiet_torch_cache_log():  # our one line says it; not torch's traceback too
+                    info = torch.compiler.load_cache_artifacts(payload)
+                if info is None:
                     raise ValueError("torch could not read its artifacts")
                 loaded = True
                 self.stats.loaded += 1
@@ -256,6 +259,18 @@ class CompileCache:
             logger.warning("compile cache: could not save %s/%s: %s", self.uri, name, _one_line(exc))
         finally:
             self.stats.save_seconds += time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _quiet_torch_cache_log() -> Iterator[None]:
+    """torch logs a failed deserialization as a warning with a traceback; we log one line."""
+    torch_log = logging.getLogger("torch.compiler._cache")
+    level = torch_log.level
+    torch_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        torch_log.setLevel(level)
 
 
 def _jsonable(value: Any) -> Any:

@@ -297,6 +297,7 @@ class FakeTorchCache:
         return object() if self.accept else None
 
 
+REAL_LOAD = torch.compiler.load_cache_artifacts
 SHAPE_A = (1, 64, 64, 4, None, True)
 SHAPE_B = (2, 64, 64, 4, None, True)
 
@@ -341,7 +342,7 @@ def _corrupt(kind: str, data: bytes) -> bytes:
 
 
 @pytest.mark.parametrize(
-    "kind", ["truncated", "flipped", "foreign", "header", "other-key", "refused", "raises"]
+    "kind", ["truncated", "flipped", "foreign", "header", "other-key", "refused", "raises", "torch-garbage"]
 )
 def test_a_bad_entry_is_one_warning_and_a_cold_compile(tmp_path, monkeypatch, caplog, kind) -> None:
     from pipeline.compile_cache import CompileCache
@@ -357,6 +358,9 @@ def test_a_bad_entry_is_one_warning_and_a_cold_compile(tmp_path, monkeypatch, ca
         entry.write_bytes(CompileCache(str(tmp_path), _key(dtype=torch.float16)).encode(SHAPE_A, b"x"))
     elif kind == "refused":
         fake.accept = False
+    elif kind == "torch-garbage":  # passes our checks; torch's own deserializer fails on it
+        entry.write_bytes(writer.encode(SHAPE_A, b"\x00\x01 not torch's format"))
+        monkeypatch.setattr(torch.compiler, "load_cache_artifacts", REAL_LOAD)
     elif kind == "raises":
         monkeypatch.setattr(torch.compiler, "load_cache_artifacts", lambda data: 1 / 0)
 
@@ -367,7 +371,7 @@ def test_a_bad_entry_is_one_warning_and_a_cold_compile(tmp_path, monkeypatch, ca
     assert len(warnings) == 1 and "\n" not in warnings[0].getMessage()
     assert "compiling cold" in warnings[0].getMessage() and entry.name in warnings[0].getMessage()
     assert reader.stats.ignored == 1 and reader.stats.loaded == 0
-    if kind not in ("refused",):
+    if kind != "refused":
         assert fake.loaded == []  # a corrupt or foreign blob never reaches torch
     reader.after_call(SHAPE_A, compiled=True)  # it compiled cold: its own good entry replaces it
     assert reader.stats.saved == 1
