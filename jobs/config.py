@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, make_dataclass
 from enum import Enum
 from typing import Any
@@ -10,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.compile_modes import compile_mode
 from pipeline.params import GENERATION_PARAMS, check_generation
+from pipeline.storage import is_remote, local_path
 from vcut.modes import MODES
 
 DEFAULT_MODEL = "stabilityai/stable-video-diffusion-img2vid-xt"
@@ -31,9 +33,13 @@ class ModelConfig:
     device: str | None = None  # None: cuda when the worker has a GPU, else cpu
     dtype: str | None = None  # None: fp16 on GPU, fp32 on CPU (the Renderer's choice)
     variant: str | None = None
-    # torch.compile mode: off, default, max-autotune or reduce-overhead (a YAML true/false
-    # is read as default/off); see model_compile_mode.
-    compile: str = "off"
+    # torch.compile mode: auto (compile on CUDA where the job's rows per worker and shape pay
+    # the compile back: pipeline.compile.compile_pays), off, default, max-autotune or
+    # reduce-overhead (a YAML true/false is read as default/off); see model_compile_mode.
+    compile: str = "auto"
+    # torch's compile artifacts shared by the job's workers and later jobs: a folder or URI
+    # (s3://...); null: DIR/compile-cache; off: none (pipeline.compile_cache).
+    compile_cache: str | None = None
     allow_pickle: bool = False
     local_files_only: bool | None = None
     # Step caching (changes the output): the whole UNet every N-th step, the shallow path between.
@@ -161,6 +167,17 @@ def model_compile_mode(value: Any) -> str:
     """``model.compile`` as a renderer compile mode (YAML booleans, read as "True"/"False", map
     to ``default``/``off``). Raises ValueError naming the key for anything else."""
     return compile_mode(value, label="model.compile", words=True)
+
+
+def compile_cache_uri(value: Any, default: str) -> str | None:
+    """``model.compile_cache`` as the folder or URI the workers use: ``default`` (the job's
+    ``DIR/compile-cache``) for null, None for off/false/no (YAML false reads as "False")."""
+    if value is None:
+        return default
+    text = str(value).strip()
+    if text.lower() in ("off", "false", "no", ""):
+        return None
+    return text if is_remote(text) else os.path.abspath(local_path(text))  # workers' cwd differs
 
 
 def check_config(cfg: DictConfig) -> None:

@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from jobs import manifest, output, results
 from jobs.commits import Committer
+from jobs.config import compile_cache_uri
 from jobs.dispatch import size_workers
 from jobs.hooks import JobHook, SafeHook
 from jobs.output import OutputError, storage_errors
@@ -61,6 +62,9 @@ class Runner:
         self.manifest_path = manifest_path
         # Resolved once (``run_job`` passes the OutputDir it opened); the workers get URIs.
         self.out = output.open_output(out_dir)
+        model = self.cfg_dict["model"]  # the workers' compile cache: DIR/compile-cache unless set
+        default_cache = self.out.uri_of("compile-cache")
+        model["compile_cache"] = compile_cache_uri(model.get("compile_cache"), default_cache)
         self.hook = SafeHook(hook)  # any object with some JobHook methods; its errors never stop the job
         self.renderer_factory = renderer_factory
         self.encoder = encoder
@@ -286,6 +290,9 @@ class Runner:
         )
         pool.stopping = bool(self.stopped)
         count, pool.num_cpus, pool.num_gpus = size_workers(self.cfg, ray.cluster_resources())
+        # compile=auto's input (pipeline.compile.compile_pays): rows per worker and shape, taken
+        # as one shape (a planner that counts the job's shapes divides by their number)
+        self.cfg_dict["model"]["compile_rows"] = max(0, info.num_rows - int(done.size)) / max(1, count)
         if pool.elastic and pool.num_gpus <= 0:
             log.info("workers.count=auto follows GPUs only: %d CPU worker(s), none added mid-job", count)
         batches = self._plan(done, webdataset)

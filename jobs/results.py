@@ -59,6 +59,7 @@ RESULT_SCHEMA = pa.schema(
         ("node_ip", pa.string()),
         ("frames", pa.int64()),
         ("denoise_seconds", pa.float64()),
+        ("compile_seconds", pa.float64()),  # torch.compile's part of the row (None: not compiled)
         ("gpu_memory_bytes", pa.int64()),
         ("attempts", pa.int64()),
         ("shard", pa.int64()),  # layout webdataset: the shard holding the row's video

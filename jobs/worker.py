@@ -65,6 +65,8 @@ def load_renderer(model: dict[str, Any], cache: dict[str, Any]) -> Any:
         local_files_only=model.get("local_files_only"),
         step_cache=model.get("step_cache"),
         step_cache_depth=int(model.get("step_cache_depth") or 1),
+        compile_cache=model.get("compile_cache"),  # set by the driver (jobs.config.compile_cache_uri)
+        compile_rows=model.get("compile_rows"),  # rows per worker and shape, set by the driver
     )
 
 
@@ -169,6 +171,7 @@ class RenderWorker:
         torch_threads: int | None = None,
         log_dir: str | None = None,
     ):
+        started = time.perf_counter()
         self.label = label
         self.node = socket.gethostname()
         self.node_id, self.node_ip = _ray_placement()
@@ -195,6 +198,7 @@ class RenderWorker:
         except Exception as exc:
             self.startup_error = {"error": error_line(exc), "traceback": traceback.format_exc()}
             log.error("%s could not start: %s", label, self.startup_error["traceback"])
+        self.startup_seconds = time.perf_counter() - started  # this object made to its model loaded
         self.vcut_mode = str(getattr(self.renderer, "vcut_mode", cfg["model"]["vcut"]))
         self.step_cache = getattr(self.renderer, "step_cache", cfg["model"].get("step_cache"))
         self.step_cache_depth = int(
@@ -217,6 +221,8 @@ class RenderWorker:
             "node_ip": self.node_ip,
             "pid": os.getpid(),
             "device": str(self._device()),
+            "startup_seconds": round(self.startup_seconds, 3),
+            "compile": getattr(self.renderer, "compile_mode", None),  # compile=auto resolved
         }
         if self.log_file:
             info["log"] = self.log_file
@@ -281,6 +287,7 @@ class RenderWorker:
         result.update(
             seconds=float(timings["total"]) + added if "total" in timings else wall,
             denoise_seconds=timings.get("denoise"),
+            compile_seconds=timings.get("compile"),  # torch.compile's part of this row (None: off)
             frames=int(frames.shape[0]),
             num_inference_steps=steps,
             cache_hit=bool(getattr(gen, "cache_hit", False)),

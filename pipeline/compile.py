@@ -23,6 +23,18 @@ and ``pipe.unet.compile()`` (which trace ``__call__`` and its hooks) work too: t
 run eagerly behind a graph break at the start and end of the call and the forward is one
 graph. Those share the per-code-object limit with every other module compiled that way,
 though: prefer :func:`compile_module` (or ``Renderer(compile=...)``).
+
+Two things make compiling pay in a fleet:
+
+* ``compile="auto"`` (:func:`resolve_compile`, :func:`compile_pays`): compile on CUDA when a
+  worker renders enough videos of a shape to pay the compile back (measured figures in
+  :data:`H200_SVD_XT`), never on a CPU.
+* :class:`pipeline.compile_cache.CompileCache`: torch's compile artifacts ("mega-cache",
+  ``torch.compiler.save_cache_artifacts``) in a folder or URI that a fleet shares. The first
+  worker to compile a shape saves them after its first compiled call of that shape; a later
+  worker (or job) loads them before its first call of that shape, and its compile becomes
+  a cache hit for AOTAutograd and inductor (on CUDA with the Triton kernels, which inductor
+  bundles; on a CPU inductor's C++ kernels are still built by the compiler).
 """
 
 from __future__ import annotations
@@ -30,6 +42,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +60,14 @@ _COMPILED_ATTR = "_vcut_compiled"
 
 class RecompileError(RuntimeError):
     """``torch.compile`` compiled inside a block that must not compile (see :class:`CompileWatch`)."""
+
+
+def _concrete(mode: str) -> str:
+    if mode == "auto":
+        raise ValueError(
+            "compile='auto' is decided per job: resolve it first (pipeline.compile.resolve_compile)"
+        )
+    return mode
 
 
 def compiled_mode(module: nn.Module) -> str | None:
@@ -88,7 +109,7 @@ def compile_module(
     compiled module again is a no-op with the same mode and a ``ValueError`` with another.
     Returns ``module``.
     """
-    mode = compile_mode(mode)
+    mode = _concrete(compile_mode(mode))
     if mode == "off":
         return module
     previous = compiled_mode(module)
@@ -142,7 +163,7 @@ def compile_pipeline(
     ``vae=None`` decides by the UNet's device (:func:`compile_vae_by_default`). Apply VCUT
     (and any other model surgery) first. Raises ``ValueError`` for a bad ``mode``.
     """
-    mode = compile_mode(mode)
+    mode = _concrete(compile_mode(mode))
     backend_name = backend if isinstance(backend, str) else getattr(backend, "__name__", repr(backend))
     if mode == "off":
         return CompileReport("off", backend_name, False, False)
@@ -234,3 +255,61 @@ def no_recompiles(what: str = "this block") -> Iterator[CompileWatch]:
     """``with no_recompiles("timed rounds"): ...``: raise :class:`RecompileError` on any compile inside."""
     with CompileWatch(strict=True, what=what) as watch:
         yield watch
+
+
+# -- compile="auto": compile where it pays ---------------------------------------------------
+@dataclass(frozen=True)
+class CompilePayback:
+    """What a compile costs and what it saves per video, in seconds (one GPU, one shape)."""
+
+    cold_s: float  # a first compile with no cache
+    warm_s: float  # a compile whose artifacts come from a cache
+    saved_per_video_s: float  # eager video minus compiled video
+
+    def rows_needed(self, cached: bool) -> int:
+        """Videos of one shape a worker must render for the compile to pay back."""
+        return math.ceil((self.warm_s if cached else self.cold_s) / self.saved_per_video_s)
+
+
+#: Measured on one H200 (torch 2.11, SVD-XT architecture, 1024x576, 25 frames, 25 steps, fp16,
+#: CFG; issue 17's table from ``benchmarks/gpu.sh``): a cold compile of the UNet 181 s plus 33 s
+#: for the step cache's shallow variant, 26 s with inductor's cache warm; a video with ``full`` +
+#: step cache 3 takes 12.44 s eager and 8.91 s compiled (3.53 s saved; ``full`` alone, 17.37 vs
+#: 12.24 s, saves more). The larger compile and the smaller saving: a conservative rule, 61
+#: videos per worker and shape cold, 8 with a cache entry. (The committed H100 run,
+#: ``benchmarks/results/gpu_bench_svd-xt-full_*``, stopped its compile at an 84 s limit: no
+#: compiled figure there.)
+H200_SVD_XT = CompilePayback(cold_s=181.0 + 33.0, warm_s=26.0, saved_per_video_s=12.44 - 8.91)
+
+
+def compile_pays(
+    device_kind: str,
+    rows_per_worker_per_shape: float | None,
+    cached: bool,
+    payback: CompilePayback = H200_SVD_XT,
+) -> bool:
+    """Whether ``compile="auto"`` compiles: on CUDA only, when a worker renders at least
+    ``payback.rows_needed(cached)`` videos of a shape (``cached``: a compile-cache entry
+    exists, so the compile is a warm one). ``rows_per_worker_per_shape=None`` (unknown: a
+    renderer used directly, not by a job) counts as enough. On a CPU inductor takes minutes
+    at full size and the figures above do not apply: never."""
+    if device_kind != "cuda":
+        return False
+    if rows_per_worker_per_shape is None:
+        return True
+    return rows_per_worker_per_shape >= payback.rows_needed(cached)
+
+
+def resolve_compile(
+    value: bool | str | None,
+    *,
+    device_kind: str,
+    rows_per_worker_per_shape: float | None = None,
+    cached: bool = False,
+) -> str:
+    """A ``compile`` setting as the mode to compile with: ``auto`` becomes ``default`` where
+    :func:`compile_pays`, else ``off``; any other value is :func:`compile_mode`'s."""
+    mode = compile_mode(value)
+    if mode != "auto":
+        return mode
+    return "default" if compile_pays(device_kind, rows_per_worker_per_shape, cached) else "off"

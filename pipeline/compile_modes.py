@@ -6,8 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
-#: ``off`` or a ``torch.compile`` mode.
-COMPILE_MODES = ("off", "default", "max-autotune", "reduce-overhead")
+#: ``off``, ``auto`` (compile where it pays: ``pipeline.compile.compile_pays``) or a
+#: ``torch.compile`` mode.
+COMPILE_MODES = ("off", "auto", "default", "max-autotune", "reduce-overhead")
 
 #: How YAML and command lines spell a boolean (omegaconf reads ``compile: true`` into a string
 #: field as "True"): accepted where ``words`` is set.

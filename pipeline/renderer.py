@@ -40,6 +40,7 @@ from vcut.step_cache import check_step_cache_args
 
 from .cache import EmbeddingCache
 from .compile import CompileWatch, compile_mode, compile_pipeline
+from .compile_cache import plan_compile
 from .encode import FORMATS, encode_video
 from .images import DEFAULT_MAX_PIXELS, FIT_MODES, ImageSource, fit_image, load_image
 from .loading import load_svd_pipeline
@@ -152,6 +153,8 @@ class Renderer:
         #: seconds spent in torch.compile by this renderer's renders so far
         self.compile_seconds = 0.0
         self._warm_shapes: set[tuple] = set()
+        #: torch's compile artifacts shared with other workers (pipeline.compile_cache); None: none
+        self.compile_cache: Any = None
 
     @classmethod
     def from_pretrained(
@@ -172,6 +175,8 @@ class Renderer:
         max_pixels: int = DEFAULT_MAX_PIXELS,
         step_cache: int | None = None,
         step_cache_depth: int = 1,
+        compile_cache: str | None = None,
+        compile_rows: float | None = None,
     ) -> Renderer:
         """Load ``model`` (hub id or local diffusers folder) and patch it with VCUT mode ``vcut``.
 
@@ -203,6 +208,8 @@ class Renderer:
             model_id=os.fspath(model),
             step_cache=step_cache,
             step_cache_depth=step_cache_depth,
+            compile_cache=compile_cache,
+            compile_rows=compile_rows,
         )
 
     @classmethod
@@ -220,6 +227,8 @@ class Renderer:
         model_id: str | None = None,
         step_cache: int | None = None,
         step_cache_depth: int = 1,
+        compile_cache: str | None = None,
+        compile_rows: float | None = None,
     ) -> Renderer:
         """A renderer around an already loaded ``StableVideoDiffusionPipeline`` (as diffusers' ``from_pipe``).
 
@@ -241,7 +250,10 @@ class Renderer:
         (``"eager"`` or ``"aot_eager"`` to debug). Compiling is lazy: the first render of each
         shape pays it, reported as ``timings["compile"]`` and summed in
         ``renderer.compile_seconds``; a later compile of a shape already rendered is logged
-        as a warning.
+        as a warning. ``compile="auto"`` compiles on CUDA when ``compile_rows`` (videos this
+        renderer will render per shape; None: unknown, counted as enough) pay the compile back
+        (:func:`pipeline.compile.compile_pays`). ``compile_cache`` (a folder or URI) shares
+        torch's compile artifacts with other processes (:mod:`pipeline.compile_cache`).
         """
         if vcut not in VCUT_MODES:
             raise ValueError(f"vcut must be one of {VCUT_MODES}, got {vcut!r}")
@@ -263,10 +275,23 @@ class Renderer:
         report = apply_vcut(render_pipe, vcut, keep_removed=False)
         # Order: VCUT, then the step cache, then compile.
         cache_report = apply_step_cache(render_pipe, interval, step_cache_depth)
+        mode, cache = plan_compile(
+            mode,
+            cache_uri=compile_cache,
+            rows_per_worker_per_shape=compile_rows,
+            device=render_pipe.unet.device,
+            backend=compile_backend,
+            vae=compile_vae,
+            model_id=model_id,
+            vcut_mode=vcut,
+            step_cache=interval if interval > 1 else None,
+            step_cache_depth=step_cache_depth,
+            dtype=torch_dtype,
+        )
         compile_report = None
         if mode != "off":
             compile_report = compile_pipeline(render_pipe, mode, vae=compile_vae, backend=compile_backend)
-        return cls(
+        renderer = cls(
             render_pipe,
             model_id=model_id,
             vcut_mode=vcut,
@@ -280,6 +305,8 @@ class Renderer:
             step_cache_report=cache_report,
             compile_report=compile_report,
         )
+        renderer.compile_cache = cache
+        return renderer
 
     def _begin_video(self) -> None:
         """Call before each pipeline call: the step cache starts a new video (a full step)."""
@@ -439,6 +466,17 @@ class Renderer:
         pipe.marks = {}
         pipe.last_decode_chunk_size = None
         pipe.last_decode_retries = 0
+        n = len(images)
+        shape = (
+            n,
+            call["height"],
+            call["width"],
+            call["num_frames"],
+            call["decode_chunk_size"],
+            *unet_batches(call),  # the UNet batch variants (CFG, conditional half only)
+        )
+        if self.compile_cache is not None:
+            self.compile_cache.before_call(shape)  # the shape's artifacts, before its first call
         t_start = time.perf_counter()
         self._begin_video()  # one pipeline call: its rows start their step cache together
         watch = CompileWatch(what="a render") if self.compile_mode != "off" else None
@@ -456,17 +494,10 @@ class Renderer:
                 watch.__exit__(None, None, None)
         videos = [frames_to_uint8(np.asarray(video)) for video in out.frames]
         t_end = time.perf_counter()
-        n = len(images)
         if watch is not None:
-            shape = (
-                n,
-                call["height"],
-                call["width"],
-                call["num_frames"],
-                call["decode_chunk_size"],
-                *unet_batches(call),  # the UNet batch variants (CFG, conditional half only)
-            )
             self._note_compile(shape, watch)
+            if self.compile_cache is not None:
+                self.compile_cache.after_call(shape, compiled=watch.compiles > 0)
 
         m = pipe.marks
         shared = {
