@@ -515,14 +515,9 @@ def test_worker_reports_startup_and_compile_seconds(tiny_model_dir) -> None:
     worker = RenderWorker(cfg, "w0", renderer_factory=lambda m, c: Fake(), encoder=lambda *a, **k: 0.0)
     info = worker.info()
     assert info["startup_seconds"] >= 0 and info["compile"] == "default"
-    from jobs.runner import resolve_params
+    from jobs.planner import RowTask
 
-    task = {
-        "id": "a",
-        "image": "x.png",
-        "output": "a.mp4",
-        "params": resolve_params({"seed": 1}, cfg["defaults"]),
-    }
+    task = RowTask.from_row({"id": "a", "image": "x.png", "seed": 1}, cfg["defaults"], output="a.mp4")
     (result,) = worker.render_batch([task])
     assert result["status"] == "ok" and result["compile_seconds"] == 1.25
     from jobs.results import RESULT_SCHEMA
