@@ -123,6 +123,8 @@ class Runner:
         for rows in self.committer.committed():
             ok = sum(r["status"] == "ok" for r in rows)
             self.counters["rendered"] += len(rows)
+            if self.pool is not None:
+                self.pool.note_committed(rows)
             for row in rows:
                 self.hook.on_result(row)
             self.progress.skipped = self.counters["skipped"]
@@ -235,6 +237,7 @@ class Runner:
         else:
             summary["videos"] = self.out.uri_of("videos")
         summary["vcut_mode"] = self.cfg_dict["model"]["vcut"]
+        summary["workers"] = self.pool.started_workers() if self.pool is not None else []
         summary["workers_not_started"] = self.pool.never_started() if self.pool is not None else []
 
     def _resume_state(self, webdataset: bool) -> np.ndarray:

@@ -71,11 +71,13 @@ class PoolWorker:
     alive: bool = True
     ready: bool = False  # its info() came back without a start-up error: it may get batches
     last_done: float = 0.0  # when its last batch came back (or it became ready)
+    ready_at: float = 0.0  # when its info() came back clean
     batches_done: int = 0
     info: dict = field(default_factory=dict)
     elastic: bool = False  # started on a GPU that joined (workers.count=auto)
     keys: set = field(default_factory=set)  # batching keys (shapes) it was sent
     startup_error: str | None = None  # why it never became ready
+    compile_seconds: float = 0.0  # torch.compile's part of its committed rows (compile=off: 0)
 
     def oldest(self) -> tuple[Any, float] | None:
         """Its oldest batch in flight and when that batch could start running (submitted, and
@@ -103,6 +105,7 @@ class WorkerPool:
         self.commit_failed = commit_failed
         self.renderer_factory, self.encoder = renderer_factory, encoder
         self.workers: list[PoolWorker] = []  # every worker started, in order (dead ones too)
+        self._ready_by_label: dict[str, PoolWorker] = {}  # the latest ready worker of each label
         self.inflight: dict[Any, tuple[PoolWorker, Batch]] = {}
         self.retry: deque[Batch] = deque()
         self.starting: dict[Any, PoolWorker] = {}  # info() refs of workers not yet ready
@@ -153,7 +156,8 @@ class WorkerPool:
         if info is not None and "error" not in info:
             worker.ready = True
             worker.info = info
-            worker.last_done = time.monotonic()
+            worker.last_done = worker.ready_at = time.monotonic()
+            self._ready_by_label[worker.label] = worker
             self._update_hunger(worker)
             log.info(
                 "%s ready after %.1f s on %s (ip %s, node %s, pid %s, %s)",
@@ -218,6 +222,31 @@ class WorkerPool:
     def start_failure_lines(self) -> list[str]:
         """One line per distinct start-up failure: the cause, then which workers and where."""
         return [f"{cause} [{'; '.join(where)}]" for cause, where in self.start_failures.items()]
+
+    def note_committed(self, rows: list[dict[str, Any]]) -> None:
+        """Add committed rows' compile seconds to the worker that rendered them (the latest
+        ready worker of the row's label: a replacement takes its predecessor's label)."""
+        for row in rows:
+            worker = self._ready_by_label.get(row.get("worker"))
+            if worker is not None and row.get("compile_seconds"):
+                worker.compile_seconds += float(row["compile_seconds"])
+
+    def started_workers(self) -> list[dict[str, Any]]:
+        """Every worker that became ready: where, its start-up seconds (its own, model loaded,
+        and as the driver saw it, submitted to ready) and its compile seconds (``summary.json``)."""
+        return [
+            {
+                "worker": w.label,
+                "node": self.node_of(w),
+                "pid": w.info.get("pid"),
+                "startup_seconds": w.info.get("startup_seconds"),
+                "ready_after_s": round(w.ready_at - w.started_at, 3) if w.ready_at else None,
+                "compile": w.info.get("compile"),
+                "compile_seconds": round(w.compile_seconds, 3),
+            }
+            for w in self.workers
+            if w.ready
+        ]
 
     def never_started(self) -> list[dict[str, Any]]:
         """The workers that never became ready: label, node and cause (for ``summary.json``)."""

@@ -207,6 +207,25 @@ def test_a_worker_that_never_started_is_named_with_its_node(pool):
     assert open(log).read().startswith("worker-0 on gpu-7 (10.0.0.7)\n")
 
 
+def test_each_started_worker_is_listed_with_its_startup_and_compile_seconds(pool):
+    first = pool.start_worker()
+    ref = next(r for r, w in pool.starting.items() if w is first)
+    del pool.starting[ref]
+    info = {"node": "n1", "node_ip": "127.0.0.1", "pid": 7, "device": "cpu", "startup_seconds": 2.5}
+    pool.started(first, dict(info, compile="default"), None)
+    pool.note_committed([{"worker": "worker-0", "compile_seconds": 30.0}, {"worker": "worker-0"}])
+    pool.worker_died(first, RuntimeError("gone"))  # its replacement takes the label
+    second = pool.workers[-1]
+    ref = next(r for r, w in pool.starting.items() if w is second)
+    del pool.starting[ref]
+    pool.started(second, dict(info, pid=8, startup_seconds=1.5, compile="default"), None)
+    pool.note_committed([{"worker": "worker-0", "compile_seconds": 4.0}])
+    listed = pool.started_workers()
+    seconds = [(w["pid"], w["startup_seconds"], w["compile_seconds"]) for w in listed]
+    assert seconds == [(7, 2.5, 30.0), (8, 1.5, 4.0)]
+    assert all(w["node"] == "n1 (127.0.0.1)" and w["ready_after_s"] >= 0 for w in listed)
+
+
 def test_deadline_median_is_computed_once_per_check(pool, monkeypatch):
     calls = []
     real = dispatch.statistics.median
