@@ -24,7 +24,7 @@ from typing import Any, TextIO
 import numpy as np
 import pyarrow.compute as pc
 
-from jobs import results
+from jobs import generation, results
 from jobs.manifest import hash_ids, id_hash, iter_manifest, validate_manifest
 from jobs.output import OutputDir
 
@@ -129,12 +129,11 @@ def dry_run(cfg: Any, manifest: str, out: OutputDir, stream: TextIO) -> int:
     info = validate_manifest(manifest, reserved=results.RESERVED_COLUMNS)
     check_layout(cfg, info)
     layout = str(cfg.output.layout.value if hasattr(cfg.output.layout, "value") else cfg.output.layout)
-    if cfg.output.overwrite:
-        done = np.zeros(0, dtype=np.uint64)
-    elif layout == "webdataset":
-        done = scan(out, clean=False).done
+    gen = generation.begin(out, bool(cfg.output.overwrite), write=False)  # an open overwrite resumes
+    if layout == "webdataset":
+        done = scan(out, clean=False, gen=gen).done
     else:
-        done = results.done_ids(out)
+        done = generation.done_ids(out, gen)
 
     model = _macs_model(str(cfg.model.id))
     frames_default = cfg.defaults.num_frames

@@ -36,10 +36,10 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from jobs import manifest, output, results
+from jobs import generation, manifest, output, results
 from jobs.hooks import JobHook, SafeHook
 from jobs.progress import Progress
-from jobs.shards import ShardWriter, check_layout, scan
+from jobs.shards import ShardBook, check_layout, pop_reports, scan
 from jobs.stop import OutputWriteError, StopSignals, output_failure
 from jobs.worker import RenderWorker
 from pipeline.params import BATCH_PARAMS, ROW_PARAMS
@@ -230,7 +230,7 @@ class Runner:
         self.encoder = encoder
         self.progress_stream = progress_stream
         self.counters = {"skipped": 0, "rendered": 0}
-        self.shards: ShardWriter | None = None  # layout webdataset
+        self.shards: ShardBook | None = None  # layout webdataset
         self.workers: list[_Worker] = []
         self.inflight: dict[Any, tuple[_Worker, Batch]] = {}
         self.retry: deque[Batch] = deque()
@@ -271,7 +271,8 @@ class Runner:
         )
         threads = max(1, math.floor(self.num_cpus))
         log_dir = self.out.path("logs") if self.out.local else None
-        actor = remote.remote(self.cfg_dict, label, self.renderer_factory, self.encoder, threads, log_dir)
+        args = (self.cfg_dict, label, self.renderer_factory, self.encoder, threads, log_dir)
+        actor = remote.remote(*args, shards=self.shards.spec if self.shards is not None else None)
         worker = _Worker(actor, label, elastic=elastic)
         self.workers.append(worker)
         self.starting[actor.info.remote()] = worker
@@ -404,6 +405,9 @@ class Runner:
             batch.last_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             self._requeue(batch)
         worker.inflight.clear()
+        if self.shards is not None:  # rows in its unpublished shards render again
+            orphans, size = self.shards.orphans(worker.label), rows_per_task(self.cfg)
+            self.retry.extendleft(Batch(orphans[i : i + size]) for i in range(0, len(orphans), size))
         try:
             ray.kill(worker.actor, no_restart=True)
         except Exception:
@@ -426,31 +430,40 @@ class Runner:
     # -- results -----------------------------------------------------------------------
 
     def _task(self, row: dict[str, Any]) -> dict[str, Any]:
-        return {
+        task = {
             "id": row["id"],
             "image": row["_image"],
             "output": None if self.shards else output.video_path(self.out, row["id"], self.cfg.output.format),
             "params": resolve_params(row, self.cfg_dict["defaults"]),
         }
+        if self.shards is not None:  # the sample's metadata, written into the shard by the worker
+            task["row"] = {k: v for k, v in row.items() if k not in manifest.PRIVATE_KEYS}
+            task["row"].update(task["params"], vcut_mode=self.cfg_dict["model"]["vcut"])
+            task["row"][generation.COLUMN] = self.generation.id
+        return task
 
     def _commit(self, batch: Batch, results: list[dict[str, Any]]) -> None:
+        reports = pop_reports(results)
         rows = []
         for row, result in zip(batch.rows, results, strict=True):
             out = {k: v for k, v in row.items() if k not in manifest.PRIVATE_KEYS}  # `_x` columns too
             out.update(resolve_params(row, self.cfg_dict["defaults"]))
             out.setdefault("vcut_mode", self.cfg_dict["model"]["vcut"])
-            video = result.pop("video", None)
             out.update(result)
             out["attempts"] = batch.attempts + 1
             if self.shards is not None and out["status"] == "ok":
-                # committed with its shard, once the shard is published (jobs/shards.py)
-                self.shards.add(out, video if video is not None else b"")
+                self.shards.hold(out, row)  # committed with its shard, once published (jobs/shards.py)
             else:
                 rows.append(out)
         if rows:
             self._commit_rows(rows)
+        if self.shards is not None and results:
+            for shard_rows in self.shards.receive(reports, results[0].get("worker")):
+                self._commit_rows(shard_rows)
 
     def _commit_rows(self, rows: list[dict[str, Any]]) -> None:
+        for row in rows:
+            row[generation.COLUMN] = self.generation.id
         self.writer.commit(rows)
         ok = sum(r["status"] == "ok" for r in rows)
         self.counters["rendered"] += len(rows)
@@ -474,7 +487,8 @@ class Runner:
                 if batch is None:
                     exhausted = True
                     break
-                ref = worker.actor.render_batch.remote([self._task(r) for r in batch.rows])
+                numbers = self.shards.numbers_for(worker.label) if self.shards is not None else None
+                ref = worker.actor.render_batch.remote([self._task(r) for r in batch.rows], numbers)
                 worker.inflight[ref] = now
                 self.inflight[ref] = (worker, batch)
         return not exhausted or bool(self.inflight) or bool(self.retry)
@@ -536,8 +550,6 @@ class Runner:
             failure = output_failure(exc)
             if failure is None or not _from_output_code(exc):
                 raise
-            if self.shards is not None:  # its spool cannot be published: no temporary left
-                self.shards.abort()
             raise OutputWriteError(self.out.uri, *failure, self._summary_after(exc, started)) from exc
 
     def _summary_after(self, exc: BaseException, started: float) -> dict[str, Any]:
@@ -578,22 +590,16 @@ class Runner:
         self.out.makedirs("shards" if webdataset else "videos")
         output.clean_temporaries(self.out)
         self.writer = results.ResultWriter(self.out, info.carried_schema)
+        # --overwrite: a new generation, resumed by the next runs until complete (jobs/generation.py)
+        self.generation = generation.begin(self.out, bool(self.cfg.output.overwrite))
         if webdataset:  # resume at shard granularity: rows in a published shard are done
-            state = scan(self.out, clean=True)
+            state = scan(self.out, clean=True, gen=self.generation)
             done = state.done
-            self.shards = ShardWriter(
-                self.out,
-                first_number=state.next_number,
-                shard_size=int(self.cfg.output.shard_size),
-                fmt=str(self.cfg.output.format),
-                schema=self.writer.input_schema,  # the rows' own types; commit casts them
-                commit=self._commit_rows,
-                caption_column=self.cfg.output.caption_column,
+            self.shards = ShardBook.for_job(
+                self.cfg, self.out, self.writer.input_schema, state.next_number, rows_per_task(self.cfg)
             )
         else:
-            done = np.zeros(0, dtype=np.uint64) if self.cfg.output.overwrite else results.done_ids(self.out)
-        if self.cfg.output.overwrite:
-            done = np.zeros(0, dtype=np.uint64)
+            done = generation.done_ids(self.out, self.generation)
         count, self.num_cpus, self.num_gpus = size_workers(self.cfg, ray.cluster_resources())
         if self.elastic and self.num_gpus <= 0:
             log.info("workers.count=auto follows GPUs only: %d CPU worker(s), none added mid-job", count)
@@ -641,13 +647,9 @@ class Runner:
                 self.hook.on_workers(
                     sum(w.alive for w in self.workers), sum(bool(w.inflight) for w in self.workers)
                 )
-        except Exception:
-            if self.shards is not None:  # e.g. every worker died: keep what was rendered
-                try:
-                    self.shards.publish()
-                except Exception as exc:
-                    log.warning("the open shard could not be published: %s: %s", type(exc).__name__, exc)
-            raise
+            if self.shards is not None:  # each idle worker publishes its open shard
+                idle = [(w.label, w.actor) for w in self.workers if w.alive and w.ready and not w.inflight]
+                self.shards.flush(idle, self._commit_rows)
         finally:
             for worker in self.workers:
                 try:
@@ -661,11 +663,11 @@ class Runner:
                 self.stopped,
                 len(self.inflight),
             )
-        if self.shards is not None:
-            self.shards.publish()  # the last, partial shard
         results.compact(self.out)
-        if self.shards is not None:  # shards whose rows were all rendered again (--overwrite)
-            scan(self.out, clean=True)
+        lost = self.shards.pending() if self.shards is not None else 0
+        self.generation = generation.finish(self.out, self.generation, not self.stopped and not lost)
+        if self.shards is not None:  # shards of no committed row, or of an older generation only
+            scan(self.out, clean=True, gen=self.generation)
         summary = results.summarize(
             self.out,
             manifest_rows=info.num_rows,
@@ -678,6 +680,8 @@ class Runner:
         if self.shards is not None:
             summary["shards"] = self.out.uri_of("shards")
             summary["shards_published_this_run"] = self.shards.published
+        if self.generation.id is not None:
+            summary["output_generation"] = self.generation.summary()
         else:
             summary["videos"] = self.out.uri_of("videos")
         summary["vcut_mode"] = self.cfg_dict["model"]["vcut"]

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from jobs.shards import WorkerShards
 from pipeline.notices import quiet_notices
 from pipeline.params import BATCH_PARAMS, JOB_PARAMS, ROW_PARAMS
 
@@ -169,6 +170,7 @@ class RenderWorker:
         encoder: Callable[..., float] | None = None,
         torch_threads: int | None = None,
         log_dir: str | None = None,
+        shards: Any = None,
     ):
         self.label = label
         self.node = socket.gethostname()
@@ -176,6 +178,7 @@ class RenderWorker:
         self.log_file = _log_to_file(log_dir, label) if log_dir else None
         quiet_notices()  # before pipeline.svd imports diffusers' SVD module (pipeline.notices says why)
         self.output = cfg["output"]
+        self.shards = WorkerShards(shards, label) if shards is not None else None  # layout webdataset
         self.renderer: Any = None
         # A start-up failure (the model does not load, CUDA out of memory ...) is kept, not
         # raised: ``info()`` hands it to the driver, which reports one line per cause and keeps
@@ -385,22 +388,18 @@ class RenderWorker:
             for start in range(0, len(rows), self.rows_per_call)
         ]
 
-    def _encode(self, frames: Any, out: str | None, fps: int) -> tuple[float, bytes | None]:
+    def _encode(self, frames: Any, out: str | None, fps: int) -> tuple[float, str | None]:
         """Encode to ``out``; with no ``out`` (layout webdataset), to a local temporary file
-        whose bytes are returned, for the driver to put into a shard."""
+        whose path is returned, for this worker's open shard (``jobs.shards.WorkerShards``)."""
         if out is not None:
             return self._encode_to(frames, out, fps), None
         fd, tmp = tempfile.mkstemp(prefix="vcut-video-", suffix=f".{self.output['format']}")
         os.close(fd)
         try:
-            seconds = self._encode_to(frames, tmp, fps)
-            with open(tmp, "rb") as f:
-                return seconds, f.read()
-        finally:
-            try:
-                os.remove(tmp)
-            except FileNotFoundError:
-                pass
+            return self._encode_to(frames, tmp, fps), tmp
+        except BaseException:
+            os.remove(tmp)
+            raise
 
     def _encode_to(self, frames: Any, out: str, fps: int) -> float:
         start = time.perf_counter()
@@ -414,13 +413,21 @@ class RenderWorker:
         )
         return float(seconds) if seconds is not None else time.perf_counter() - start
 
-    def render_batch(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def publish_shard(self, numbers: list[int]) -> list[dict[str, Any]]:
+        """Layout webdataset, end of the job: publish the open shard; the reports."""
+        return self.shards.reports(numbers, flush=True) if self.shards is not None else []
+
+    def render_batch(
+        self, tasks: list[dict[str, Any]], shard_numbers: list[int] | None = None
+    ) -> list[dict[str, Any]]:
         """Render and encode every task; one result dict per task, in order.
 
         A task is ``{"id", "image", "output", "params"}``; a result holds the worker-side
-        fields (status, error, timings, frames, MACs, cache hit, worker, node) and, for a task
-        whose ``output`` is None (layout webdataset), ``video``: the encoded bytes. Rows render
-        ``workers.render_batch`` at a time where their generation values allow it.
+        fields (status, error, timings, frames, MACs, cache hit, worker, node), never a video:
+        a task whose ``output`` is None (layout webdataset) goes into this worker's open shard
+        with its ``row`` (``jobs.shards.WorkerShards``; ``shard_numbers``: the numbers the driver
+        reserved for it), and the first result carries the reports of the shards published.
+        Rows render ``workers.render_batch`` at a time where their generation values allow it.
         """
         if self.startup_error:  # the driver never sends work to a worker that did not start
             raise RuntimeError(f"{self.label} did not start: {self.startup_error['error']}")
@@ -442,10 +449,16 @@ class RenderWorker:
                 try:
                     result["encode_seconds"], video = future.result()
                     result.update(status="ok", output=task["output"])
-                    if video is not None:
-                        result["video"] = video
                 except Exception as exc:
                     result.update(status="failed", error=f"encode: {_error(exc)}")
+                    video = None
             # one encode thread: futures finish in order, so this is the row's own end (µs, UTC)
             result["finished_at"] = time.time_ns() // 1000
+            if future is not None and video is not None:  # layout webdataset: this worker's open shard
+                try:
+                    self.shards.add({**task["row"], **result}, video)
+                except Exception as exc:
+                    result.update(status="failed", error=f"shard: {_error(exc)}", output=None)
+        if self.shards is not None:  # shards that are full are published; reports ride back
+            self.shards.attach(results, shard_numbers or [])
         return results

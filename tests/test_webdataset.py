@@ -64,14 +64,14 @@ def _cfg(*extra: str):
     return cfg
 
 
-def _run(manifest: str, out: str) -> dict:
+def _run(manifest: str, out: str, *extra: str) -> dict:
     from benchmarks import orchestration as seams
     from jobs.runner import run_job
     from pipeline.encode import encode_video
 
     with open(os.devnull, "w") as devnull:
         return run_job(
-            _cfg(),
+            _cfg(*extra),
             manifest,
             out,
             renderer_factory=seams.stub_renderer,
@@ -197,22 +197,22 @@ import os, sys
 from jobs import shards
 
 where = sys.argv[4]
-original_add, original_publish = shards.ShardWriter.add, shards.ShardWriter.publish
+original_hold, original_receive = shards.ShardBook.hold, shards.ShardBook.receive
 
-def add(self, row, video):
-    original_add(self, row, video)
-    if where == "spool" and self.number == 1 and len(self.rows) == 1:
-        os._exit(9)  # a sample of shard 1 is in its spool: die mid-shard
+def hold(self, row, source):
+    original_hold(self, row, source)
+    if where == "spool" and self.published == 1:
+        os._exit(9)  # a sample of the second shard is in its worker's spool: die mid-shard
 
-def publish(self):
-    if where == "commit" and self.number == 1:
-        self.commit = lambda rows: os._exit(9)  # shard 1 published, its rows not committed
-    original_publish(self)
+def receive(self, reports, label):
+    if where == "commit" and any(r.get("shard") == 1 for r in reports):
+        os._exit(9)  # shard 1 published by its worker, its rows not committed
+    return original_receive(self, reports, label)
 
-shards.ShardWriter.add, shards.ShardWriter.publish = add, publish
+shards.ShardBook.hold, shards.ShardBook.receive = hold, receive
 import ray, test_webdataset as t
 ray.init(address=sys.argv[3], logging_level="WARNING")
-t._run(sys.argv[1], sys.argv[2])
+t._run(sys.argv[1], sys.argv[2], "workers.inflight_per_worker=1")
 """
 
 
@@ -253,9 +253,9 @@ def test_driver_crash_leaves_no_partial_shard(ray_env, tmp_path, where, store):
     names = listdir()
     committed = results()
     assert {r["shard"] for r in committed} == {0} and len(committed) == SHARD_SIZE
-    if where == "spool":  # shard 1 only exists as the hidden spool file
+    if where == "spool":  # shard 1 only exists as its worker's hidden spool file
         assert names[1:] == ["00000.parquet", "00000.tar", "00000_stats.json"]
-        assert names[0].startswith(".00001.tar.tmp-") and is_temporary(names[0])
+        assert names[0].startswith(".worker-0.tar.tmp-") and is_temporary(names[0])
     else:  # shard 1 is complete under its final names, but no committed row names it
         assert names == [f"{n:05d}{s}" for n in range(2) for s in (".parquet", ".tar", "_stats.json")]
         with tarfile.open(local_tar("00001.tar")) as tar:
