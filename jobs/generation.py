@@ -152,3 +152,14 @@ def done_ids(out: OutputDir, gen: Generation) -> np.ndarray:
         keep &= pc.equal(table.column(COLUMN), gen.id).fill_null(False).to_numpy(zero_copy_only=False)
         ok.append(hash_ids(pc.filter(table.column("id"), pa.array(keep)).to_pylist()))
     return np.sort(np.concatenate(ok)) if ok else np.zeros(0, dtype=np.uint64)
+
+
+def resume_note(summary: dict) -> str:
+    """For the stop line: how a rerun treats an open overwrite (empty when none is open)."""
+    gen = summary.get("output_generation") or {}
+    if not gen or gen.get("complete"):
+        return ""
+    return (
+        f" (it continues the --overwrite begun at {gen.get('started_at')}, with or without "
+        "--overwrite: rows rendered before it render again, rows rendered since are kept)"
+    )

@@ -254,6 +254,8 @@ def _left(summary: dict) -> str:
 
 def _stopped_line(reason: str, summary: dict | None) -> str:
     """The last line of a job stopped by a signal (``summary``: None when stopped at once)."""
+    from jobs.generation import resume_note
+
     if summary is None:
         return (
             f"vcut: stopped by {reason}: the rows committed so far are kept (no summary was written); "
@@ -261,7 +263,7 @@ def _stopped_line(reason: str, summary: dict | None) -> str:
         )
     return (
         f"vcut: stopped by {reason}: {summary.get('rendered_this_run', 0)} rows committed this run, "
-        f"{_left(summary)} left; rerun the same command to resume"
+        f"{_left(summary)} left; rerun the same command to resume{resume_note(summary)}"
     )
 
 

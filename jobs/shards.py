@@ -394,6 +394,7 @@ class ShardBook:
         self.numbers: dict[str, list[int]] = {}  # worker label -> reserved, not reported used
         self.parked: list[tuple[str, dict[str, Any]]] = []  # reports naming rows not back yet
         self.published = 0
+        self.orphaned = 0  # rows a dead worker held, sent to render again
 
     @classmethod
     def for_job(
@@ -446,6 +447,7 @@ class ShardBook:
         """The manifest rows a dead worker held in its open or unreported shards: they render
         again. Its reserved numbers are never handed out again."""
         held = self.held.pop(label, {})
+        self.orphaned += len(held)
         self.numbers.pop(label, None)
         self.parked = [(owner, rep) for owner, rep in self.parked if owner != label]
         if held:

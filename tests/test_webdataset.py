@@ -310,3 +310,188 @@ def test_s3_shards_read_back_and_lost_shard(ray_env, tmp_path):
     assert names == [f"{n:05d}{s}" for n in (1, 2, 3) for s in (".parquet", ".tar", "_stats.json")]
     results = pq.read_table(f"{BUCKET}/wds/out/results", filesystem=fs).to_pylist()
     assert len(results) == 5 and {r["id"] for r in results if r["shard"] == 3} == lost
+
+
+# -- worker-written shards: the driver's book and the worker's spool, in process --------------
+
+
+def _held(row_id: str, worker: str) -> dict:
+    return {"id": row_id, "worker": worker, "status": "ok", "output": None}
+
+
+def test_book_numbers_never_collide_and_commit_only_reports_whose_rows_are_back():
+    from jobs.shards import ShardBook
+
+    book = ShardBook(first_number=5, reserve=2)
+    assert book.numbers_for("w0") == [5, 6] and book.numbers_for("w1") == [7, 8]
+    assert book.numbers_for("w0") == [5, 6]  # the same reservation until one is reported used
+    # w0 published shard 5 with r0 (its result not back yet: another batch) and r1 (this batch)
+    book.hold(_held("r1", "w0"), {"id": "r1"})
+    assert book.receive([{"shard": 5, "tar": "t5", "ids": ["r0", "r1"]}], "w0") == []
+    assert book.numbers_for("w0") == [6, 9]  # 5 is used: a new number, never one of w1's
+    book.hold(_held("r0", "w0"), {"id": "r0"})
+    [rows] = book.receive([], "w0")
+    assert [(r["id"], r["shard"], r["output"]) for r in rows] == [("r0", 5, "t5"), ("r1", 5, "t5")]
+    assert book.pending() == 0 and book.published == 1
+    # a shard the worker could not write: its rows are committed as failed, with the cause
+    book.hold(_held("r2", "w1"), {"id": "r2"})
+    [rows] = book.receive([{"dropped": ["r2"], "error": "OSError: disk full"}], "w1")
+    assert rows[0]["status"] == "failed" and "disk full" in rows[0]["error"] and rows[0]["output"] is None
+    # a worker dies: the rows it held render again; its parked report and numbers are forgotten
+    book.hold(_held("r3", "w1"), {"id": "r3", "_image": "x.png"})
+    assert book.receive([{"shard": 7, "tar": "t7", "ids": ["r3", "r4"]}], "w1") == []
+    assert book.orphans("w1") == [{"id": "r3", "_image": "x.png"}]
+    assert book.pending() == 0 and book.parked == [] and book.orphaned == 1
+    assert min(book.numbers_for("w2")) > 9  # w1's reserved 8 is never handed out again
+
+
+def _spec(out: str, size: int):
+    from jobs.results import RESULT_SCHEMA
+    from jobs.shards import ShardSpec
+
+    return ShardSpec(out, size, "mp4", pa.schema([*RESULT_SCHEMA, pa.field("key", pa.string())]), None)
+
+
+def _video(folder: Path, i: int) -> str:
+    path = folder / f"v{i}.mp4"
+    path.write_bytes(b"\0\0\0\x18ftypmp42" + bytes([i]) * 100)
+    return str(path)
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
+def test_worker_shard_is_invisible_until_published_and_waits_for_a_number(store, tmp_path, request):
+    from jobs.shards import WorkerShards
+
+    if store == "local":
+        out = str(tmp_path / "out")
+        names = lambda: sorted(os.listdir(Path(out) / "shards"))  # noqa: E731
+        fetch = lambda name: str(Path(out) / "shards" / name)  # noqa: E731
+    else:
+        fs = request.getfixturevalue("s3")
+        out = f"s3://{BUCKET}/worker-{tmp_path.name}/out"
+
+        def names() -> list[str]:
+            fs.invalidate_cache()
+            return sorted(k.rsplit("/", 1)[1] for k in fs.find(f"{out[5:]}/shards"))
+
+        def fetch(name: str) -> str:
+            fs.get_file(f"{out[5:]}/shards/{name}", str(tmp_path / name))
+            return str(tmp_path / name)
+
+    shards = WorkerShards(_spec(out, 2), "worker-3")
+    videos = [_video(tmp_path, i) for i in range(3)]
+    for i, video in enumerate(videos):
+        shards.add({"id": f"r{i}", "status": "ok", "worker": "worker-3"}, video)
+    assert not any(os.path.exists(v) for v in videos)  # each video file moved into a spool
+    # one full spool and one open: hidden temporaries locally, nothing at all on the store
+    assert all(is_temporary(n) for n in names()) and len(names()) == (2 if store == "local" else 0)
+    assert shards.reports([]) == []  # full, but no number reserved: it waits
+    [report] = shards.reports([7])
+    assert (report["shard"], report["ids"]) == (7, ["r0", "r1"])
+    assert report["tar"].endswith("/shards/00007.tar")
+    [report] = shards.reports([7, 8], flush=True)  # 7 is used: never twice
+    assert (report["shard"], report["ids"]) == (8, ["r2"])
+    assert names() == [f"{n:05d}{s}" for n in (7, 8) for s in (".parquet", ".tar", "_stats.json")]
+    samples = _read_webdataset([fetch("00007.tar"), fetch("00008.tar")])
+    assert [json.loads(s["json"])["id"] for s in samples] == ["r0", "r1", "r2"]
+    assert [s["mp4"][-1] for s in samples] == [0, 1, 2]
+    shard = pq.read_table(fetch("00008.parquet")).to_pylist()
+    assert [(r["id"], r["shard"], r["key"]) for r in shard] == [("r2", 8, "r2")]
+    stats = json.loads(Path(fetch("00007_stats.json")).read_text())
+    assert (stats["count"], stats["worker"], stats["video_bytes"]) == (2, "worker-3", 2 * 112)
+
+
+def test_stop_line_says_how_an_overwrite_resumes():
+    from jobs.main import _stopped_line
+
+    summary = {"manifest_rows": 5, "ok": 2, "rendered_this_run": 2}
+    plain = _stopped_line("SIGTERM", summary)
+    assert plain.endswith("rerun the same command to resume")
+    summary["output_generation"] = {"id": "abc", "started_at": "2026-12-04T20:00:00Z", "complete": False}
+    line = _stopped_line("SIGTERM", summary)
+    assert line.startswith(plain) and "continues the --overwrite begun at 2026-12-04T20:00:00Z" in line
+
+
+# -- --overwrite: a generation that a rerun resumes --------------------------------------------
+
+
+class _StopAfter:
+    """``run_job``'s ``signals`` (the runner sets ``target``) and a hook that asks the job to stop,
+    with no grace, once ``rows`` rows are committed: an interrupted run, in process."""
+
+    def __init__(self, rows: int):
+        self.rows, self.seen, self.target = rows, 0, None
+
+    def on_result(self, row: dict) -> None:
+        self.seen += 1
+        if self.seen == self.rows and self.target is not None:
+            self.target("test stop", 0.0)
+
+
+def _job(manifest: Path, out: Path, layout: str, *flags: str, stop: _StopAfter | None = None) -> dict:
+    from benchmarks import orchestration as seams
+    from jobs.runner import run_job
+    from pipeline.encode import encode_video
+
+    extra = [f"output.layout={layout}", *flags]
+    with open(os.devnull, "w") as devnull:
+        return run_job(
+            _cfg(*extra),
+            str(manifest),
+            str(out),
+            renderer_factory=seams.stub_renderer,
+            encoder=encode_video,
+            progress_stream=devnull,
+            hook=stop,
+            signals=stop,
+        )
+
+
+def _published_samples(out: Path) -> list[dict]:
+    tars = sorted(str(p) for p in (out / "shards").glob("*.tar"))
+    return [json.loads(s["json"]) for s in _read_webdataset(tars)]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["webdataset", "files"])
+def test_interrupted_overwrite_resumes_and_leaves_no_old_sample(ray_env, tmp_path, layout):
+    manifest, out = _manifest(tmp_path / "in"), tmp_path / "out"
+    first = _job(manifest, out, layout)
+    assert first["ok"] == 5 and "output_generation" not in first
+    old_shards = sorted(p.name for p in (out / "shards").glob("*.tar")) if layout == "webdataset" else []
+
+    # --overwrite, stopped once the first rows of the new generation are committed
+    stop = _StopAfter(SHARD_SIZE if layout == "webdataset" else 1)
+    stopped = _job(manifest, out, layout, "output.overwrite=true", stop=stop)
+    assert stopped["stopped"] == "test stop" and stopped["output_generation"]["complete"] is False
+    gen = stopped["output_generation"]["id"]
+    assert json.loads((out / "generation.json").read_text())["id"] == gen
+    rows = pq.read_table(out / "results").to_pylist()
+    kept = {r["id"] for r in rows if r["output_generation"] == gen}
+    assert 0 < len(kept) < 5 and all(r["status"] == "ok" for r in rows)
+
+    # the same command again: only the rows not yet rendered in this generation render
+    again = _job(manifest, out, layout, "output.overwrite=true")
+    assert (again["rendered_this_run"], again["skipped_already_ok"]) == (5 - len(kept), len(kept))
+    assert again["output_generation"]["id"] == gen and again["output_generation"]["complete"] is True
+    rows = pq.read_table(out / "results").to_pylist()
+    assert sorted(r["id"] for r in rows) == sorted(IDS)
+    assert {(r["status"], r["output_generation"]) for r in rows} == {("ok", gen)}
+    if layout == "webdataset":  # each id once, all of this generation; the old shards are gone
+        samples = _published_samples(out)
+        assert sorted(s["id"] for s in samples) == sorted(IDS)
+        assert {s["output_generation"] for s in samples} == {gen}
+        assert not set(old_shards) & {p.name for p in (out / "shards").glob("*.tar")}
+        assert not [n for n in os.listdir(out / "shards") if is_temporary(n)]
+    else:
+        assert sorted(os.listdir(out / "videos")) == sorted(f"{output.safe_name(i)}.mp4" for i in IDS)
+
+    # complete: a plain rerun renders nothing; a new --overwrite is a new generation
+    assert _job(manifest, out, layout)["rendered_this_run"] == 0
+    new = _job(manifest, out, layout, "output.overwrite=true")
+    assert new["rendered_this_run"] == 5 and new["output_generation"]["id"] != gen
+    if layout == "webdataset":
+        samples = _published_samples(out)
+        assert len(samples) == 5 and {s["output_generation"] for s in samples} == {
+            new["output_generation"]["id"]
+        }
