@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -495,3 +496,142 @@ def test_interrupted_overwrite_resumes_and_leaves_no_old_sample(ray_env, tmp_pat
         assert len(samples) == 5 and {s["output_generation"] for s in samples} == {
             new["output_generation"]["id"]
         }
+
+
+# -- a real multi-node cluster: a node dies while its worker holds an open shard ---------------
+
+#: ``python -c CLUSTER_DRIVER MANIFEST OUT ADDRESS VICTIMS RESULT``: a webdataset job on the
+#: cluster at ADDRESS; the first time a worker on a node of VICTIMS (JSON: node id -> the PID
+#: of its ``ray start`` process group) holds two rendered rows in its open shard, that node is
+#: killed. Writes the summary, the committed rows the hook saw and the rows sent to render
+#: again to RESULT (JSON).
+CLUSTER_DRIVER = """
+import functools, json, os, signal, sys
+import ray
+from benchmarks.orchestration import stub_encode_bytes
+from jobs import shards
+from jobs.config import check_config, load_config
+from jobs.runner import Runner
+from test_cluster import slow_renderer
+
+manifest, out, address, result = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[5]
+victims = json.loads(sys.argv[4])
+killed, committed = [], []
+original_hold = shards.ShardBook.hold
+
+def hold(self, row, source):
+    original_hold(self, row, source)
+    if not killed and row["node_id"] in victims and len(self.held[row["worker"]]) >= 2:
+        killed.append(row["worker"])
+        os.killpg(victims[row["node_id"]], signal.SIGKILL)
+
+shards.ShardBook.hold = hold
+
+class Hook:
+    def on_result(self, row):
+        committed.append(row)
+
+ray.init(address=address, logging_level="WARNING")
+cfg = load_config(None, None, [
+    "output.layout=webdataset", "output.shard_size=4", "workers.count=2", "workers.num_gpus=1",
+    "workers.allow_cpu_fallback=true", "workers.batch_size=1", "workers.start_timeout_s=20",
+    "output.report=false", "progress_interval_s=3600",
+])
+check_config(cfg)
+runner = Runner(
+    cfg, manifest, out, hook=Hook(),
+    renderer_factory=functools.partial(slow_renderer, delay=0.3),
+    encoder=functools.partial(stub_encode_bytes, size=1000),
+    progress_stream=open(os.devnull, "w"),
+)
+summary = runner.run()
+found = {"summary": summary, "killed": killed, "orphaned": runner.shards.orphaned, "committed": committed}
+with open(result, "w") as f:
+    json.dump(found, f, default=lambda v: ["BYTES", len(v)] if isinstance(v, bytes) else str(v))
+"""
+
+
+@pytest.mark.slow
+def test_cluster_node_death_rows_in_its_open_shard_render_again_once(s3, tmp_path):  # noqa: F811
+    from test_cluster import RayCluster
+
+    fs = s3
+    if shutil.which("ray", path=os.path.dirname(sys.executable)) is None:
+        pytest.skip("the ray CLI is not installed beside this Python")
+    n = 16
+    from PIL import Image
+
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "in" / "img.png")
+    ids = [f"r{i:03d}" for i in range(n)]
+    pq.write_table(
+        pa.Table.from_pylist([{"id": i, "image": "img.png"} for i in ids]), tmp_path / "in" / "m.parquet"
+    )
+    out = f"s3://{BUCKET}/cluster/out"
+    cluster = RayCluster()  # its nodes inherit the moto S3 variables of this process
+    cluster.env["TMPDIR"] = str(tmp_path / "node-tmp")  # the workers' local spools (object store)
+    (tmp_path / "node-tmp").mkdir()
+    try:
+        cluster.add(gpus=0, cpus=0)  # the driver's head
+        gpu_nodes = [cluster.add(), cluster.add()]
+        env = {k: v for k, v in cluster.env.items() if k != "TMPDIR"}
+        env["OMP_NUM_THREADS"] = "1"
+        probe = subprocess.run(
+            [sys.executable, "-c", _NODE_IDS, cluster.address, json.dumps([x.port for x in gpu_nodes])],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert probe.returncode == 0, probe.stderr[-3000:]
+        victims = {
+            node_id: node.pid for node_id, node in zip(json.loads(probe.stdout), gpu_nodes, strict=True)
+        }
+        result = tmp_path / "result.json"
+        args = [str(tmp_path / "in" / "m.parquet"), out, cluster.address, json.dumps(victims), str(result)]
+        proc = subprocess.run(
+            [sys.executable, "-c", CLUSTER_DRIVER, *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=400,
+        )
+        assert proc.returncode == 0, proc.stderr[-4000:]
+    finally:
+        cluster.close()
+    found = json.loads(result.read_text())
+    summary = found["summary"]
+    assert found["killed"] and found["orphaned"] >= 2  # the dead worker's open shard was lost
+    assert (summary["ok"], summary["failed"]) == (n, 0)
+
+    # no video byte reached the driver: the committed rows hold none
+    assert sorted(r["id"] for r in found["committed"]) == ids
+    assert not [
+        v for r in found["committed"] for v in r.values() if isinstance(v, list) and v[:1] == ["BYTES"]
+    ]
+    assert not [r for r in found["committed"] if "video" in r]
+
+    # every id in exactly one published shard; nothing half-written on the store
+    fs.invalidate_cache()
+    keys = sorted(fs.find(f"{BUCKET}/cluster/out/shards"))
+    assert not [k for k in keys if is_temporary(k.rsplit("/", 1)[1]) or ".tmp" in k]
+    tars = [k for k in keys if k.endswith(".tar")]
+    for key in tars:
+        fs.get_file(key, str(tmp_path / key.rsplit("/", 1)[1]))
+    samples = _read_webdataset([str(tmp_path / k.rsplit("/", 1)[1]) for k in tars])
+    assert sorted(json.loads(s["json"])["id"] for s in samples) == ids
+    assert all(len(s["mp4"]) == 1000 for s in samples)
+    rows = pq.read_table(f"{BUCKET}/cluster/out/results", filesystem=fs).to_pylist()
+    assert sorted(r["id"] for r in rows) == ids
+    numbers = {int(k.rsplit("/", 1)[1][:-4]) for k in tars}
+    assert {r["shard"] for r in rows} == numbers
+
+
+#: ``python -c _NODE_IDS ADDRESS PORTS``: the Ray node ids of the nodes on those manager ports.
+_NODE_IDS = """
+import json, sys
+import ray
+ray.init(address=sys.argv[1], logging_level="WARNING")
+by_port = {n["NodeManagerPort"]: n["NodeID"] for n in ray.nodes() if n["Alive"]}
+print(json.dumps([by_port[p] for p in json.loads(sys.argv[2])]))
+"""
