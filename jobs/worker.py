@@ -31,7 +31,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from jobs.shards import WorkerShards
+from jobs.shard_writer import WorkerShards
 from pipeline.notices import quiet_notices
 from pipeline.params import BATCH_PARAMS, JOB_PARAMS, ROW_PARAMS
 
@@ -390,7 +390,7 @@ class RenderWorker:
 
     def _encode(self, frames: Any, out: str | None, fps: int) -> tuple[float, str | None]:
         """Encode to ``out``; with no ``out`` (layout webdataset), to a local temporary file
-        whose path is returned, for this worker's open shard (``jobs.shards.WorkerShards``)."""
+        whose path is returned, for this worker's open shard (``jobs.shard_writer.WorkerShards``)."""
         if out is not None:
             return self._encode_to(frames, out, fps), None
         fd, tmp = tempfile.mkstemp(prefix="vcut-video-", suffix=f".{self.output['format']}")
@@ -425,7 +425,7 @@ class RenderWorker:
         A task is ``{"id", "image", "output", "params"}``; a result holds the worker-side
         fields (status, error, timings, frames, MACs, cache hit, worker, node), never a video:
         a task whose ``output`` is None (layout webdataset) goes into this worker's open shard
-        with its ``row`` (``jobs.shards.WorkerShards``; ``shard_numbers``: the numbers the driver
+        with its ``row`` (``jobs.shard_writer.WorkerShards``; ``shard_numbers``: the numbers the driver
         reserved for it), and the first result carries the reports of the shards published.
         Rows render ``workers.render_batch`` at a time where their generation values allow it.
         """

@@ -348,7 +348,7 @@ def test_book_numbers_never_collide_and_commit_only_reports_whose_rows_are_back(
 
 def _spec(out: str, size: int):
     from jobs.results import RESULT_SCHEMA
-    from jobs.shards import ShardSpec
+    from jobs.shard_writer import ShardSpec
 
     return ShardSpec(out, size, "mp4", pa.schema([*RESULT_SCHEMA, pa.field("key", pa.string())]), None)
 
@@ -361,7 +361,7 @@ def _video(folder: Path, i: int) -> str:
 
 @pytest.mark.parametrize("store", ["local", "s3"])
 def test_worker_shard_is_invisible_until_published_and_waits_for_a_number(store, tmp_path, request):
-    from jobs.shards import WorkerShards
+    from jobs.shard_writer import WorkerShards
 
     if store == "local":
         out = str(tmp_path / "out")
