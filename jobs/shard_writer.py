@@ -65,6 +65,7 @@ class ShardSpec:
     fmt: str
     schema: pa.Schema  # a shard's Parquet: the results rows' own types, plus ``key``
     caption_column: str | None = None
+    max_age_s: float = float("inf")  # an open shard this old is closed, full or not
 
 
 @dataclass
@@ -100,8 +101,9 @@ class WorkerShards:
     """A worker's shards (module docstring): one open spool filled across batches, full spools
     kept until a reserved number arrives, and reports of the shards published."""
 
-    def __init__(self, spec: ShardSpec, label: str):
+    def __init__(self, spec: ShardSpec, label: str, clock: Any = time.time):
         self.spec = spec
+        self.clock = clock
         self.label = label
         self.out = open_output(spec.out)
         self._lock = threading.Lock()
@@ -122,7 +124,7 @@ class WorkerShards:
             os.close(fd)
         file = open(path, "wb")  # noqa: SIM115 (closed when full, or removed by _drop)
         tar = tarfile.open(fileobj=file, mode="w", format=tarfile.PAX_FORMAT)
-        return _Spool(path, tar, file, time.time())
+        return _Spool(path, tar, file, self.clock())
 
     @staticmethod
     def _member(spool: _Spool, name: str, size: int, source: Any, mtime: float) -> None:
@@ -151,7 +153,7 @@ class WorkerShards:
     def _add(self, row: dict[str, Any], video_path: str) -> None:
         spool = self._open = self._open or self._new_spool()
         key = sample_key(row["id"])
-        now = time.time()
+        now = self.clock()
         meta = {k: v for k, v in row.items() if k not in ("committed_at", "shard", "output", REPORTS)}
         meta["key"] = key
         size = os.path.getsize(video_path)
@@ -165,7 +167,7 @@ class WorkerShards:
             self._member(spool, f"{key}.txt", len(text), _bytes(text), now)
         spool.rows.append(dict(meta))
         spool.video_bytes += size
-        if len(spool.rows) >= self.spec.shard_size:
+        if len(spool.rows) >= self.spec.shard_size or now - spool.opened_at >= self.spec.max_age_s:
             self._close(spool)
             self._full.append(spool)
             self._open = None
@@ -222,7 +224,7 @@ class WorkerShards:
         else:
             put_atomic(self.out.fs, final, spool.path)
         uri = self.out.uri_of(SUBDIR, shard_file(number, ".tar"))
-        published_at = time.time()
+        published_at = self.clock()
         rows = [dict(r, shard=number, output=uri, committed_at=int(published_at * 1e6)) for r in spool.rows]
         table = pa.Table.from_pylist(rows, schema=self.spec.schema)
         self.out.write_table(table, self.out.path(SUBDIR, shard_file(number, ".parquet")))

@@ -9,8 +9,9 @@ the driver. Each worker keeps one open shard across its batches: every video it 
 local temporary file and appended to the open shard's spool (local output: a hidden
 ``storage.temporary_name`` in ``DIR/shards/``; object stores: a local temporary file), and the
 row's result goes back to the driver without the video. Once the shard holds
-``output.shard_size`` samples (or when the driver asks at the end of the job) the worker
-publishes it, in this order:
+``output.shard_size`` samples, has been open ``output.shard_max_age_s`` seconds (default 600:
+what a worker's death can cost in renders is bounded), or when the driver asks at the end of
+the job, the worker publishes it, in this order:
 
 1. the tar under its final name, atomically (local: fsync + rename of the spool; elsewhere
    ``pipeline.storage.put_atomic``: one upload under the final name on an object store);
@@ -177,7 +178,14 @@ class ShardBook:
         size = int(cfg.output.shard_size)
         reserve = int(cfg.workers.inflight_per_worker) * math.ceil(rows_per_task / size) + 1
         fields = [*schema, pa.field("key", pa.string())]
-        spec = ShardSpec(out.uri, size, str(cfg.output.format), pa.schema(fields), cfg.output.caption_column)
+        spec = ShardSpec(
+            out.uri,
+            size,
+            str(cfg.output.format),
+            pa.schema(fields),
+            cfg.output.caption_column,
+            float(cfg.output.shard_max_age_s),
+        )
         return cls(first_number, reserve, spec)
 
     def numbers_for(self, label: str) -> list[int]:

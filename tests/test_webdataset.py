@@ -402,6 +402,28 @@ def test_worker_shard_is_invisible_until_published_and_waits_for_a_number(store,
     assert (stats["count"], stats["worker"], stats["video_bytes"]) == (2, "worker-3", 2 * 112)
 
 
+def test_worker_shard_open_too_long_is_closed_before_it_is_full(tmp_path):
+    """``output.shard_max_age_s`` bounds what a worker's death costs: a shard open that long is
+    published at the next sample, full or not (a fake clock)."""
+    from dataclasses import replace
+
+    from jobs.shard_writer import WorkerShards
+
+    now = [1000.0]
+    spec = replace(_spec(str(tmp_path / "out"), 100), max_age_s=60.0)
+    shards = WorkerShards(spec, "worker-0", clock=lambda: now[0])
+    shards.add({"id": "a", "status": "ok"}, _video(tmp_path, 0))
+    now[0] += 59.0
+    shards.add({"id": "b", "status": "ok"}, _video(tmp_path, 1))
+    assert shards.reports([0, 1]) == []  # 59 s old, 2 of 100 samples: still open
+    now[0] += 1.0
+    shards.add({"id": "c", "status": "ok"}, _video(tmp_path, 2))
+    [report] = shards.reports([0, 1])
+    assert (report["shard"], report["ids"]) == (0, ["a", "b", "c"])
+    shards.add({"id": "d", "status": "ok"}, _video(tmp_path, 3))  # a new shard, its own age
+    assert shards.reports([1]) == []
+
+
 def test_stop_line_says_how_an_overwrite_resumes():
     from jobs.main import _stopped_line
 
