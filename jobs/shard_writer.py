@@ -16,6 +16,7 @@ import tarfile
 import tempfile
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -112,6 +113,8 @@ class WorkerShards:
         self._numbers: list[int] = []  # reserved for this worker by the driver, not used yet
         self._used: set[int] = set()
         self._reports: list[dict[str, Any]] = []
+        self._uploads: list[Future] = []
+        self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-publish")
         if not self.out.local:
             _remove_dead_spools(tempfile.gettempdir())
 
@@ -141,8 +144,8 @@ class WorkerShards:
         with self._lock:
             try:
                 self._add(row, video_path)
-            except BaseException:
-                self._drop_open()  # a sample half in the tar: the shard is lost, its rows reported
+            except BaseException as exc:
+                self._drop_open(exc)  # a sample half in the tar: the shard is lost, its rows reported
                 raise
             finally:
                 try:
@@ -179,7 +182,7 @@ class WorkerShards:
         os.fsync(spool.file.fileno())
         spool.file.close()
 
-    def _drop_open(self) -> None:
+    def _drop_open(self, exc: BaseException) -> None:
         spool, self._open = self._open, None
         if spool is None:
             return
@@ -190,11 +193,13 @@ class WorkerShards:
             pass
         if spool.rows:
             ids = [r["id"] for r in spool.rows]
-            self._reports.append({"dropped": ids, "error": "the shard's spool could not be written"})
+            self._reports.append({"dropped": ids, "error": f"spool: {type(exc).__name__}: {exc}"})
 
-    def reports(self, numbers: list[int], *, flush: bool = False) -> list[dict[str, Any]]:
-        """Publish the full shards (with ``flush``, the open one too) under the reserved
-        ``numbers``; the reports of everything published or dropped since the last call."""
+    def reports(self, numbers: list[int], *, flush: bool = False, wait: bool = False) -> list[dict[str, Any]]:
+        """Start publishing the full shards (with ``flush``, the open one too) under the reserved
+        ``numbers``, one after another on a background thread (an upload never holds a batch);
+        the reports of every shard published or dropped since the last call (with ``flush`` or
+        ``wait``: once every upload started is done)."""
         with self._lock:
             self._numbers.extend(n for n in numbers if n not in self._used and n not in self._numbers)
             if flush and self._open is not None and self._open.rows:
@@ -202,19 +207,24 @@ class WorkerShards:
                 self._full.append(self._open)
                 self._open = None
             while self._full and self._numbers:
-                spool, number = self._full[0], self._numbers.pop(0)
+                spool, number = self._full.pop(0), self._numbers.pop(0)
                 self._used.add(number)
-                try:
-                    self._reports.append(self._publish(spool, number))
-                except Exception as exc:  # the rows are failed by the driver (output error)
-                    ids = [r["id"] for r in spool.rows]
-                    self._reports.append({"dropped": ids, "error": f"{type(exc).__name__}: {exc}"})
-                finally:
-                    self._full.pop(0)
-                    if os.path.exists(spool.path) and not self.out.local:
-                        os.remove(spool.path)
+                self._uploads.append(self._uploader.submit(self._publish_or_drop, spool, number))
+            taken, kept = [], []
+            for upload in self._uploads:  # one look at each: a report is taken exactly once
+                (taken if flush or wait or upload.done() else kept).append(upload)
+            self._uploads = kept
             reports, self._reports = self._reports, []
-            return reports
+        return reports + [u.result() for u in taken]
+
+    def _publish_or_drop(self, spool: _Spool, number: int) -> dict[str, Any]:
+        try:
+            return self._publish(spool, number)
+        except Exception as exc:  # the driver fails its rows (the output's error)
+            return {"dropped": [r["id"] for r in spool.rows], "error": f"{type(exc).__name__}: {exc}"}
+        finally:
+            if os.path.exists(spool.path) and not self.out.local:
+                os.remove(spool.path)
 
     def _publish(self, spool: _Spool, number: int) -> dict[str, Any]:
         tar_bytes = os.path.getsize(spool.path)
@@ -248,7 +258,7 @@ class WorkerShards:
         return {"shard": number, "tar": uri, "ids": [r["id"] for r in rows]}
 
     def attach(self, results: list[dict[str, Any]], numbers: list[int]) -> None:
-        """Publish what is full and put the reports on the batch's first result."""
+        """Publish what is full; the reports ready so far go on the batch's first result."""
         reports = self.reports(numbers)
         if reports and results:
             results[0][REPORTS] = reports
