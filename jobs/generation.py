@@ -154,6 +154,15 @@ def done_ids(out: OutputDir, gen: Generation) -> np.ndarray:
     return np.sort(np.concatenate(ok)) if ok else np.zeros(0, dtype=np.uint64)
 
 
+def report(out: OutputDir, gen: Generation) -> dict:
+    """``summary.json``'s ``output_generation``; while open, with ``ok``: the rows already
+    rendered in it (what a rerun keeps; the summary's own ``ok`` counts older rows too)."""
+    found = gen.summary()
+    if not gen.complete:
+        found["ok"] = int(done_ids(out, gen).size)
+    return found
+
+
 def resume_note(summary: dict) -> str:
     """For the stop line: how a rerun treats an open overwrite (empty when none is open)."""
     gen = summary.get("output_generation") or {}

@@ -248,7 +248,7 @@ def _load_config(args: argparse.Namespace):
 
 
 def _left(summary: dict) -> str:
-    ok = summary.get("ok")
+    ok = (summary.get("output_generation") or {}).get("ok", summary.get("ok"))  # an open --overwrite
     return str(max(0, int(summary["manifest_rows"]) - ok)) if isinstance(ok, int) else "an unknown number"
 
 

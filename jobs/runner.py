@@ -681,7 +681,7 @@ class Runner:
             summary["shards"] = self.out.uri_of("shards")
             summary["shards_published_this_run"] = self.shards.published
         if self.generation.id is not None:
-            summary["output_generation"] = self.generation.summary()
+            summary["output_generation"] = generation.report(self.out, self.generation)
         else:
             summary["videos"] = self.out.uri_of("videos")
         summary["vcut_mode"] = self.cfg_dict["model"]["vcut"]

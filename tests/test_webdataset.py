@@ -453,7 +453,14 @@ def test_stop_line_says_how_an_overwrite_resumes():
     summary = {"manifest_rows": 5, "ok": 2, "rendered_this_run": 2}
     plain = _stopped_line("SIGTERM", summary)
     assert plain.endswith("rerun the same command to resume")
-    summary["output_generation"] = {"id": "abc", "started_at": "2026-12-04T20:00:00Z", "complete": False}
+    assert "3 left" in plain
+    summary["ok"] = 5  # older rows count as ok; 2 rows are of the open generation
+    summary["output_generation"] = {
+        "id": "abc",
+        "started_at": "2026-12-04T20:00:00Z",
+        "complete": False,
+        "ok": 2,
+    }
     line = _stopped_line("SIGTERM", summary)
     assert line.startswith(plain) and "continues the --overwrite begun at 2026-12-04T20:00:00Z" in line
 
@@ -514,6 +521,7 @@ def test_interrupted_overwrite_resumes_and_leaves_no_old_sample(ray_env, tmp_pat
     rows = pq.read_table(out / "results").to_pylist()
     kept = {r["id"] for r in rows if r["output_generation"] == gen}
     assert 0 < len(kept) < 5 and all(r["status"] == "ok" for r in rows)
+    assert stopped["output_generation"]["ok"] == len(kept) and stopped["ok"] == 5  # 5 ok, of them 'kept' new
 
     # the same command again: only the rows not yet rendered in this generation render
     again = _job(manifest, out, layout, "output.overwrite=true")
