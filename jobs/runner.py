@@ -680,10 +680,10 @@ class Runner:
         if self.shards is not None:
             summary["shards"] = self.out.uri_of("shards")
             summary["shards_published_this_run"] = self.shards.published
-        if self.generation.id is not None:
-            summary["output_generation"] = generation.report(self.out, self.generation)
         else:
             summary["videos"] = self.out.uri_of("videos")
+        if self.generation.id is not None:
+            summary["output_generation"] = generation.report(self.out, self.generation)
         summary["vcut_mode"] = self.cfg_dict["model"]["vcut"]
         if self.stopped:
             summary["stopped"] = self.stopped

@@ -510,6 +510,7 @@ def test_interrupted_overwrite_resumes_and_leaves_no_old_sample(ray_env, tmp_pat
     manifest, out = _manifest(tmp_path / "in"), tmp_path / "out"
     first = _job(manifest, out, layout)
     assert first["ok"] == 5 and "output_generation" not in first
+    assert ("shards" in first, "videos" in first) == (layout == "webdataset", layout == "files")
     old_shards = sorted(p.name for p in (out / "shards").glob("*.tar")) if layout == "webdataset" else []
 
     # --overwrite, stopped once the first rows of the new generation are committed
