@@ -43,7 +43,7 @@ from jobs.worker import RenderWorker
 from pipeline.params import ROW_PARAMS
 
 #: Result columns that belong to the job driver, not to a transform (resume, shards, commits).
-_DRIVER_ONLY = ("attempts", "shard", "committed_at")
+_DRIVER_ONLY = ("attempts", "shard", "output_generation", "committed_at")
 
 
 class RenderVideos:
@@ -171,7 +171,6 @@ def _table(rows: list[dict], results: list[dict | None], cfg: dict) -> pa.Table:
         merged.update(row.get("_params") or {})
         merged.setdefault("vcut_mode", cfg["model"]["vcut"])
         merged.update(result or {})
-        merged.pop("video", None)  # layout webdataset only: never asked for here
         out_rows.append(merged)
     names = [f.name for f in RESULT_SCHEMA if f.name not in _DRIVER_ONLY]
     names += [k for r in out_rows for k in r if k not in names]
