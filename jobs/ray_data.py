@@ -43,7 +43,7 @@ from jobs.worker import RenderWorker
 from pipeline.params import ROW_PARAMS
 
 #: Result columns that belong to the job driver, not to a transform (resume, shards, commits).
-_DRIVER_ONLY = ("attempts", "shard", "output_generation", "committed_at")
+_DRIVER_ONLY = ("attempts", "shard", "committed_at")
 
 
 class RenderVideos:

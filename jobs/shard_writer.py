@@ -117,6 +117,10 @@ class WorkerShards:
         self._uploader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-publish")
         if not self.out.local:
             _remove_dead_spools(tempfile.gettempdir())
+        # pyarrow's lazy imports for a table from rows (pandas among them: ~1 s on a loaded
+        # node) at the worker's start, not in its first publish: that report then rides back
+        # with the next batch instead of several batches later
+        pa.Table.from_pylist([], schema=spec.schema)
 
     def _new_spool(self) -> _Spool:
         if self.out.local:  # beside its final names: the rename is atomic
