@@ -72,6 +72,9 @@ class OutputConfig:
     overwrite: bool = False  # render rows that are already ``ok`` again
     layout: Layout = Layout.files
     shard_size: int = 1000  # samples per shard (layout webdataset)
+    # A worker publishes its open shard once it has been open this long, full or not: what a
+    # worker's death can cost in renders (they render again) is bounded (jobs/shards.py).
+    shard_max_age_s: float = 600.0
     caption_column: str | None = None  # a manifest column written as <key>.txt (layout webdataset)
     report: bool = True  # write DIR/report.html at the end of every job (`vcut report DIR` any time)
 
@@ -211,6 +214,7 @@ def check_config(cfg: DictConfig) -> None:
         (w.max_restarts >= 0, "workers.max_restarts must be >= 0"),
         (cfg.output.format.isalnum(), "output.format must be a plain extension such as mp4"),
         (cfg.output.shard_size >= 1, "output.shard_size must be >= 1"),
+        (cfg.output.shard_max_age_s > 0, "output.shard_max_age_s must be > 0"),
     ]
     for ok, message in checks:
         if not ok:

@@ -26,7 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs import results
+from jobs import generation, results
 from jobs.macs import MAC_FIELDS, Levers, VideoShape, count_video_macs
 from jobs.manifest import hash_ids, id_hash, iter_manifest, validate_manifest
 from jobs.output import OutputDir, open_output
@@ -142,12 +142,11 @@ def dry_run(cfg: Any, manifest: str, out: OutputDir, stream: TextIO, *, timing: 
     levers = Levers.of_model(cfg.model)
     other = read_timing(timing, levers) if timing else None
     layout = str(getattr(cfg.output.layout, "value", cfg.output.layout))
-    if cfg.output.overwrite:
-        done = np.zeros(0, dtype=np.uint64)
-    elif layout == "webdataset":
-        done = scan(out, clean=False).done
+    gen = generation.begin(out, bool(cfg.output.overwrite), write=False)  # an open overwrite resumes
+    if layout == "webdataset":
+        done = scan(out, clean=False, gen=gen).done
     else:
-        done = results.done_ids(out)
+        done = generation.done_ids(out, gen)
 
     model = _macs_model(str(cfg.model.id))
     frames_default = cfg.defaults.num_frames

@@ -23,16 +23,16 @@ from typing import Any
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from jobs import manifest, output, results
+from jobs import manifest, output, results, resume
 from jobs.commits import Committer
 from jobs.config import compile_cache_uri
 from jobs.dispatch import size_workers
 from jobs.hooks import JobHook, SafeHook
-from jobs.output import OutputError, storage_errors
+from jobs.output import OutputError
 from jobs.planner import Batch, RowTask, plan_batches, rows_per_task
 from jobs.pool import JobError, WorkerPool
 from jobs.progress import Progress
-from jobs.shards import ShardWriter, scan
+from jobs.shards import ShardBook, pop_reports
 from jobs.stop import OutputWriteError
 
 log = logging.getLogger("jobs")
@@ -70,7 +70,8 @@ class Runner:
         self.encoder = encoder
         self.progress_stream = progress_stream
         self.counters = {"skipped": 0, "rendered": 0}
-        self.shards: ShardWriter | None = None  # layout webdataset
+        self.shards: ShardBook | None = None  # layout webdataset
+        self.start: resume.JobStart | None = None  # the output generation, what is done
         self.pool: WorkerPool | None = None
         self.committer: Committer | None = None
         self.stopped: str | None = None  # request_stop's reason, once asked to stop
@@ -96,21 +97,23 @@ class Runner:
     # -- commits -------------------------------------------------------------------------
 
     def _commit(self, batch: Batch, results: list[dict[str, Any]]) -> None:
-        """A batch's results: ok rows of a webdataset job go to the open shard (committed with
-        it), every other row to the writer thread."""
+        """A batch's results: ok rows of a webdataset job are held until their worker reports
+        their shard published, then committed with it (``jobs.shards.ShardBook``); every other
+        row goes to the writer thread at once. Shard commits go through the writer thread too."""
+        reports = pop_reports(results)
         rows = []
         vcut_mode = self.cfg_dict["model"]["vcut"]
         for task, result in zip(batch.rows, results, strict=True):
-            video = result.pop("video", None)
             row = task.result_row(result, vcut_mode, batch.attempts + 1)
             if self.shards is not None and row["status"] == "ok":
-                # committed with its shard, once the shard is published (jobs/shards.py)
-                with storage_errors(self.out.uri):
-                    self.shards.add(row, video if video is not None else b"")
+                self.shards.hold(row, task)  # the task renders again if its worker dies first
             else:
                 rows.append(row)
         if rows:
             self._commit_rows(rows)
+        if self.shards is not None and results:
+            for shard_rows in self.shards.receive(reports, results[0].get("worker")):
+                self._commit_rows(shard_rows)
 
     def _commit_failed(self, batch: Batch, error: str) -> None:
         self._commit(batch, [{"status": "failed", "error": error} for _ in batch.rows])
@@ -190,8 +193,6 @@ class Runner:
             if self.committer is not None:  # rows the writer thread committed before it failed
                 with contextlib.suppress(Exception):
                     self._drain_commits()
-            if self.shards is not None:  # its spool cannot be published: no temporary left
-                self.shards.abort()
             raise OutputWriteError(
                 self.out.uri, exc.cause, exc.advice, self._summary_after(exc, started)
             ) from exc
@@ -240,24 +241,6 @@ class Runner:
         summary["workers"] = self.pool.started_workers() if self.pool is not None else []
         summary["workers_not_started"] = self.pool.never_started() if self.pool is not None else []
 
-    def _resume_state(self, webdataset: bool) -> np.ndarray:
-        """Hashes of the ids that are done; opens the shard writer for a webdataset job."""
-        if webdataset:  # resume at shard granularity: rows in a published shard are done
-            state = scan(self.out, clean=True)
-            self.shards = ShardWriter(
-                self.out,
-                first_number=state.next_number,
-                shard_size=int(self.cfg.output.shard_size),
-                fmt=str(self.cfg.output.format),
-                schema=self.writer.input_schema,  # the rows' own types; commit casts them
-                commit=self._commit_rows,
-                caption_column=self.cfg.output.caption_column,
-            )
-            done = state.done
-        else:
-            done = None if self.cfg.output.overwrite else results.done_ids(self.out)
-        return np.zeros(0, dtype=np.uint64) if self.cfg.output.overwrite or done is None else done
-
     def _plan(self, done: np.ndarray, webdataset: bool) -> Iterator[Batch]:
         chunks = manifest.iter_manifest(self.manifest_path, int(self.cfg.workers.window_rows))
         batch_size = rows_per_task(self.cfg)
@@ -265,9 +248,11 @@ class Runner:
             log.info("workers.batch_size raised to workers.render_batch=%d (rows per task)", batch_size)
         defaults, fmt = self.cfg_dict["defaults"], str(self.cfg.output.format)
 
+        gen = self.start.generation.id
+
         def make(row: dict[str, Any]) -> RowTask:
             video = None if webdataset else output.video_path(self.out, row["id"], fmt)
-            return RowTask.from_row(row, defaults, video)
+            return RowTask.from_row(row, defaults, video, gen)
 
         by_key = int(self.cfg.workers.render_batch) > 1
         return plan_batches(chunks, done, batch_size, self.counters, make, by_key)
@@ -282,7 +267,8 @@ class Runner:
         self.out.makedirs("shards" if webdataset else "videos")
         output.clean_temporaries(self.out)
         self.writer = results.ResultWriter(self.out, info.carried_schema)
-        done = self._resume_state(webdataset)
+        self.start = resume.begin(self.cfg, self.out, self.writer.input_schema, webdataset)
+        done, self.shards = self.start.done, self.start.shards
         pool = self.pool = WorkerPool(
             self.cfg,
             self.cfg_dict,
@@ -290,6 +276,7 @@ class Runner:
             self._commit_failed,
             renderer_factory=self.renderer_factory,
             encoder=self.encoder,
+            shards=self.shards,
         )
         pool.stopping = bool(self.stopped)
         count, pool.num_cpus, pool.num_gpus = size_workers(self.cfg, ray.cluster_resources())
@@ -331,19 +318,12 @@ class Runner:
                     )
                 self._drain_commits()
                 self._tick(info.num_rows, now)
-            if self.shards is not None:
-                with storage_errors(self.out.uri):
-                    self.shards.publish()  # the last, partial shard
+            if self.shards is not None:  # each idle worker publishes its open shard
+                idle = [(w.label, w.actor) for w in pool.workers if w.alive and w.ready and not w.inflight]
+                self.shards.flush(idle, self._commit_rows)
             self.committer.close()  # everything queued is on storage before compaction
             self._drain_commits()
         except Exception:
-            if self.shards is not None:  # e.g. every worker died: keep what was rendered
-                try:
-                    with storage_errors(self.out.uri):
-                        self.shards.publish()
-                    self.committer.close()
-                except Exception as exc:
-                    log.warning("the open shard could not be published: %s: %s", type(exc).__name__, exc)
             self.committer.abandon()  # writes what is queued (a failed store: nothing more)
             raise
         finally:
@@ -362,7 +342,7 @@ class Runner:
             self.hook.on_workers(sum(w.alive for w in workers), sum(bool(w.inflight) for w in workers))
 
     def _finish(self, started: float) -> dict[str, Any]:
-        """After the loop: the last shard, compaction, ``summary.json``, the report."""
+        """After the loop: compaction, the output generation, ``summary.json``, the report."""
         if self.stopped:
             log.warning(
                 "stopped (%s): %d batch(es) in flight not committed; they render on the next run",
@@ -370,8 +350,7 @@ class Runner:
                 len(self.pool.inflight),
             )
         results.compact(self.out)
-        if self.shards is not None:  # shards whose rows were all rendered again (--overwrite)
-            scan(self.out, clean=True)
+        gen = resume.finish(self.out, self.start, bool(self.stopped))
         summary = results.summarize(
             self.out,
             manifest_rows=self.info.num_rows,
@@ -380,6 +359,7 @@ class Runner:
             wall_seconds=time.monotonic() - started,
         )
         self._describe(summary)
+        summary.update(resume.summary_fields(self.out, gen))
         if self.stopped:
             summary["stopped"] = self.stopped
         write_summary(self.out, summary)

@@ -42,8 +42,10 @@ class RowTask:
     ``image``: the resolved image path or URI (what the worker loads); ``params``: every
     generation value (``ROW_PARAMS``), resolved; ``key``: the batching key (``batch_key_of``);
     ``output``: the video's path or URI (None with ``output.layout=webdataset``, where the
-    worker returns the bytes); ``columns``: the manifest's own columns carried to the results
-    (``image`` as written in the manifest, and every unknown column), not the private ones.
+    worker puts the video into its open shard, ``jobs.shard_writer``); ``columns``: the
+    manifest's own columns carried to the results (``image`` as written in the manifest, and
+    every unknown column), not the private ones; ``generation``: the output generation the row
+    renders in (``jobs.generation``; None when the output was never overwritten).
     """
 
     id: str
@@ -52,10 +54,15 @@ class RowTask:
     key: tuple
     output: str | None = None
     columns: dict[str, Any] = field(default_factory=dict)
+    generation: str | None = None
 
     @classmethod
     def from_row(
-        cls, row: Mapping[str, Any], defaults: Mapping[str, Any], output: str | None = None
+        cls,
+        row: Mapping[str, Any],
+        defaults: Mapping[str, Any],
+        output: str | None = None,
+        generation: str | None = None,
     ) -> RowTask:
         """The record of a manifest row (``jobs.manifest.iter_manifest``'s dict). On the driver
         only: ``jobs.manifest`` (pyarrow) is imported here, so a worker that unpickles a
@@ -67,16 +74,21 @@ class RowTask:
             k: v for k, v in row.items() if k not in PRIVATE_KEYS and k not in params and k != "id"
         }
         image = row.get("_image", row.get("image"))
-        return cls(str(row["id"]), image, params, batch_key_of(params), output, columns)
+        return cls(str(row["id"]), image, params, batch_key_of(params), output, columns, generation)
 
-    def result_row(self, result: Mapping[str, Any], vcut_mode: str, attempts: int) -> dict[str, Any]:
-        """The committed row: the carried columns, the resolved parameters, then the worker's
-        ``result`` (status, timings, placement ...) and the attempts."""
+    def sample_row(self, result: Mapping[str, Any], vcut_mode: str) -> dict[str, Any]:
+        """The row as the worker knows it: the carried columns, the resolved parameters, the
+        output generation, then the worker's ``result`` (status, timings, placement ...). A
+        webdataset sample's metadata (``<key>.json`` and its shard's Parquet)."""
         row = {"id": self.id, **self.columns, **self.params}
         row.setdefault("vcut_mode", vcut_mode)
+        row["output_generation"] = self.generation  # jobs.generation.COLUMN
         row.update(result)
-        row["attempts"] = attempts
         return row
+
+    def result_row(self, result: Mapping[str, Any], vcut_mode: str, attempts: int) -> dict[str, Any]:
+        """The committed row: :meth:`sample_row` and the attempts."""
+        return {**self.sample_row(result, vcut_mode), "attempts": attempts}
 
 
 @dataclass

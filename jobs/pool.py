@@ -34,7 +34,7 @@ from typing import Any
 from jobs import dispatch
 from jobs.dispatch import BATCH_DEADLINE_FLOOR_S, DEADLINE_CHECK_PERIOD_S, batch_deadline, choose_worker
 from jobs.output import OutputDir
-from jobs.planner import Batch
+from jobs.planner import Batch, rows_per_task
 from jobs.text import error_line
 from jobs.worker import RenderWorker
 
@@ -89,7 +89,8 @@ class PoolWorker:
 
 class WorkerPool:
     """The job's Ray actors. ``commit_failed(batch, error)`` commits a batch whose rows failed
-    for good (a row that kept killing workers)."""
+    for good (a row that kept killing workers); ``shards``: the shard book of a webdataset job
+    (``jobs.shards.ShardBook``: the workers write the shards under the numbers it reserves)."""
 
     def __init__(
         self,
@@ -100,8 +101,9 @@ class WorkerPool:
         *,
         renderer_factory: Callable | None = None,
         encoder: Callable | None = None,
+        shards: Any = None,
     ):
-        self.cfg, self.cfg_dict, self.out = cfg, cfg_dict, out
+        self.cfg, self.cfg_dict, self.out, self.shards = cfg, cfg_dict, out, shards
         self.commit_failed = commit_failed
         self.renderer_factory, self.encoder = renderer_factory, encoder
         self.workers: list[PoolWorker] = []  # every worker started, in order (dead ones too)
@@ -141,7 +143,9 @@ class WorkerPool:
         )
         threads = max(1, math.floor(self.num_cpus))
         log_dir = self.out.path("logs") if self.out.local else None
-        actor = remote.remote(self.cfg_dict, label, self.renderer_factory, self.encoder, threads, log_dir)
+        spec = self.shards.spec if self.shards is not None else None  # layout webdataset
+        args = (self.cfg_dict, label, self.renderer_factory, self.encoder, threads, log_dir, spec)
+        actor = remote.remote(*args)
         worker = PoolWorker(actor, label, slot, elastic=elastic)
         self.workers.append(worker)
         self.starting[actor.info.remote()] = worker
@@ -287,7 +291,8 @@ class WorkerPool:
             if batch is None:
                 return False
             worker = choose_worker(batch.key, self.hungry)
-            ref = worker.actor.render_batch.remote(batch.rows)
+            numbers = self.shards.numbers_for(worker.label) if self.shards is not None else None
+            ref = worker.actor.render_batch.remote(batch.rows, numbers)
             worker.inflight[ref] = time.monotonic()
             worker.keys.add(batch.key)
             self.inflight[ref] = (worker, batch)
@@ -389,6 +394,9 @@ class WorkerPool:
             batch.last_error = error_line(exc)
             self.requeue(batch)
         worker.inflight.clear()
+        if self.shards is not None:  # rows in its unpublished shards render again, first
+            orphans, size = self.shards.orphans(worker.label), rows_per_task(self.cfg)
+            self.retry.extendleft(Batch(orphans[i : i + size]) for i in range(0, len(orphans), size))
         _kill(worker.actor)
         if self.restarts_left > 0 and not self.stopping:
             self.restarts_left -= 1

@@ -176,7 +176,6 @@ def _table(rows: list[dict], results: list[dict | None], cfg: dict) -> pa.Table:
         merged.update(row.get("_params") or {})
         merged.setdefault("vcut_mode", cfg["model"]["vcut"])
         merged.update(result or {})
-        merged.pop("video", None)  # layout webdataset only: never asked for here
         out_rows.append(merged)
     names = [f.name for f in RESULT_SCHEMA if f.name not in _DRIVER_ONLY]
     names += [k for r in out_rows for k in r if k not in names]

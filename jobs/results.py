@@ -63,6 +63,7 @@ RESULT_SCHEMA = pa.schema(
         ("gpu_memory_bytes", pa.int64()),
         ("attempts", pa.int64()),
         ("shard", pa.int64()),  # layout webdataset: the shard holding the row's video
+        ("output_generation", pa.string()),  # the --overwrite generation (jobs/generation.py)
         ("committed_at", pa.timestamp("us", tz="UTC")),
         ("finished_at", pa.timestamp("us", tz="UTC")),  # the row's own end (set by its worker)
     ]

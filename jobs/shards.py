@@ -1,45 +1,49 @@
-"""``output.layout: webdataset``: videos in WebDataset tar shards, assembled on the driver.
+"""``output.layout: webdataset``: videos in WebDataset tar shards that the workers write.
 
 ``DIR/shards/`` holds, per shard ``N``: ``NNNNN.tar`` (per sample ``<key>.<format>``,
 ``<key>.json`` and, with ``output.caption_column``, ``<key>.txt``), ``NNNNN.parquet`` (the
-same rows, with their ``key``) and ``NNNNN_stats.json`` (counts, bytes, seconds).
+same rows, with their ``key``) and ``NNNNN_stats.json`` (counts, bytes, seconds, worker).
 
-Workers encode each video to a local temporary file and return its bytes with the row's
-result; the driver appends the sample to the open shard's spool file (bounded memory: a
-sample is on disk as soon as it arrives) and publishes the shard once it holds
-``output.shard_size`` samples, or at the end of the job. Publishing, in this order:
+**Workers write the shards** (``jobs.shard_writer.WorkerShards``); no video byte goes through
+the driver. Each worker keeps one open shard across its batches: every video it renders is encoded to a
+local temporary file and appended to the open shard's spool (local output: a hidden
+``storage.temporary_name`` in ``DIR/shards/``; object stores: a local temporary file), and the
+row's result goes back to the driver without the video. Once the shard holds
+``output.shard_size`` samples, has been open ``output.shard_max_age_s`` seconds (default 600:
+what a worker's death can cost in renders is bounded), or when the driver asks at the end of
+the job, the worker publishes it, in this order:
 
-1. the tar under its final name, atomically (local: the spool is a hidden temporary in
-   ``DIR/shards/``, fsynced, renamed; elsewhere the spool is a local temporary file, put with
+1. the tar under its final name, atomically (local: fsync + rename of the spool; elsewhere
    ``pipeline.storage.put_atomic``: one upload under the final name on an object store);
-2. the shard's Parquet and stats files (each atomic, as results parts are);
-3. the shard's rows as one results part, with ``shard`` = N: **this is the commit point**.
+2. the shard's Parquet and stats files (each atomic);
+3. a report (number, ids) that rides back with the batch's results.
+
+The driver (:class:`ShardBook`) holds every ``ok`` row a worker returned until a report names
+it, then commits the shard's rows as one results part with ``shard`` = N: **the commit point**.
+Numbers are reserved by the driver, a few per worker, handed out with each batch (a worker with
+no free number keeps its full shard until one arrives), so two workers never use one number and
+a number is never reused; unused reservations leave gaps in the numbering.
+
+A worker that dies takes its open (and any unreported) shard with it: the driver sends the rows
+it held for that worker to the other workers again (rendered again, never lost, never twice:
+a tar published but not committed is not part of the output and is removed by :func:`scan`).
 
 Rules (applied by :func:`scan` at the start of every job and after it):
 
-- a shard is *published* when its tar exists and a committed row (the latest of its id, ``ok``)
-  names it; any other file in ``DIR/shards/`` (a crash between 1 and 3, a shard whose rows
-  were all rendered again, a tar deleted by hand: its Parquet and stats) is removed, so each
-  ``ok`` id is in exactly one published shard after every job;
-- an id is done when its latest row is ``ok`` and its shard is published; every other row is
-  rendered again, into a new shard (numbers are never reused);
+- a shard is *published* when its tar exists and a committed row (the latest of its id, ``ok``,
+  and counted by the output's generation: ``jobs.generation``) names it; any other file in
+  ``DIR/shards/`` (a spool of a dead worker, a tar whose rows were never committed, a shard
+  whose rows were all rendered again, a tar deleted by hand: its Parquet and stats) is removed,
+  so each ``ok`` id is in exactly one published shard after every job;
+- an id is done when its latest row is ``ok``, of the current generation, and its shard is
+  published; every other row is rendered again, into a new shard;
 - failed rows are committed at once (``shard`` null): they are in no shard.
-
-A crash therefore loses at most the open shard and the batches in flight, and never leaves a
-partial shard under a final name.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import logging
-import os
-import re
-import tarfile
-import tempfile
-import time
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -48,31 +52,25 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from jobs import results
+from jobs import generation as generations
+from jobs.generation import Generation
 from jobs.manifest import ManifestError, hash_ids
-from jobs.output import MAX_NAME, OutputDir, open_output, safe_name
-from pipeline.storage import is_temporary, put_atomic, temporary_name
+from jobs.output import OutputDir, open_output
+from jobs.shard_writer import REPORTS, SHARD_FILE, SUBDIR, ShardSpec, sample_key, shard_file
+from pipeline.storage import is_temporary
+
+__all__ = [
+    "SUBDIR",
+    "ShardBook",
+    "ShardSpec",
+    "check_layout",
+    "pop_reports",
+    "sample_key",
+    "scan",
+    "shard_file",
+]
 
 log = logging.getLogger("jobs")
-
-SUBDIR = "shards"
-#: ``00012.tar``, ``00012.parquet``, ``00012_stats.json``.
-_SHARD_FILE = re.compile(r"^(\d{5,})(\.tar|\.parquet|_stats\.json)$")
-
-
-def shard_file(number: int, suffix: str) -> str:
-    return f"{number:05d}{suffix}"
-
-
-def sample_key(row_id: str) -> str:
-    """A WebDataset key for an id: its safe file name (``output.safe_name``) without dots
-    (a loader splits a member name at the first dot); a hash of the id is appended when a dot
-    had to go, so two ids never share a key."""
-    name = safe_name(row_id)
-    if "." not in name:
-        return name
-    digest = hashlib.sha256(row_id.encode("utf-8", "surrogatepass")).hexdigest()[:12]
-    return f"{name.replace('.', '_')[: MAX_NAME - 13]}-{digest}"
 
 
 def check_layout(cfg: Any, info: Any) -> None:
@@ -92,36 +90,41 @@ class ShardState:
     removed: list[str]  # files removed (clean=True) or that would be (clean=False)
 
 
-def _latest_ok_shards(out: OutputDir) -> tuple[list[str], list[int | None], set[int]]:
-    """(ids, shard) of the latest committed rows that are ok, and every shard number any
+def _latest_ok_shards(
+    out: OutputDir, gen: Generation
+) -> tuple[list[str], list[int | None], list[bool], set[int]]:
+    """Of the latest committed rows that are ok: ids, shard, whether each counts as done in
+    ``gen``, keeping only rows whose shard ``gen`` publishes; and every shard number any
     committed row names."""
-    parts = results._parts(out)
-    masks, tables = results._latest_mask(out, parts)
     ids: list[str] = []
     shards: list[int | None] = []
+    counts: list[bool] = []
     named: set[int] = set()
-    for path, mask, table in zip(parts, masks, tables, strict=True):
-        if "shard" not in out.read_schema(path).names:
-            continue
-        shard = out.read_table(path, columns=["shard"]).column("shard")
+    for mask, table in generations.latest_rows(out, ["shard"]):
+        shard = table.column("shard")
         named.update(v for v in pc.unique(shard).to_pylist() if v is not None)
-        keep = pa.array(mask & pc.equal(table.column("status"), "ok").to_numpy(zero_copy_only=False))
-        ids.extend(pc.filter(table.column("id"), keep).to_pylist())
-        shards.extend(pc.filter(shard, keep).to_pylist())
-    return ids, shards, named
+        keep = mask & pc.equal(table.column("status"), "ok").to_numpy(zero_copy_only=False)
+        row_gens = table.column(generations.COLUMN).to_pylist()
+        keep &= np.array([gen.publishes(g) for g in row_gens], dtype=bool)
+        ids.extend(pc.filter(table.column("id"), pa.array(keep)).to_pylist())
+        shards.extend(pc.filter(shard, pa.array(keep)).cast(pa.int64()).to_pylist())
+        counts.extend(gen.counts(g) for g, k in zip(row_gens, keep, strict=True) if k)
+    return ids, shards, counts, named
 
 
-def scan(out: OutputDir, *, clean: bool) -> ShardState:
-    """The resume state of a webdataset job; with ``clean``, remove temporaries and every
-    shard file that is not part of a published shard (see the module docstring)."""
+def scan(out: OutputDir, *, clean: bool, gen: Generation | None = None) -> ShardState:
+    """The resume state of a webdataset job in generation ``gen`` (default: the recorded one);
+    with ``clean``, remove temporaries and every shard file that is not part of a published
+    shard (see the module docstring)."""
     out = open_output(out)
+    gen = generations.read(out) if gen is None else gen
     names = out.listdir(SUBDIR)
-    ids, shards, named = _latest_ok_shards(out)
+    ids, shards, counts, named = _latest_ok_shards(out, gen)
     referenced = {s for s in shards if s is not None}
     files: dict[int, list[str]] = {}
     removed: list[str] = []
     for name in names:
-        m = _SHARD_FILE.match(name)
+        m = SHARD_FILE.match(name)
         if m:
             files.setdefault(int(m.group(1)), []).append(name)
         elif is_temporary(name):
@@ -134,149 +137,134 @@ def scan(out: OutputDir, *, clean: bool) -> ShardState:
             out.remove(out.path(SUBDIR, name))
         if removed:
             log.info("removed %d unpublished shard file(s) from %s", len(removed), out.uri_of(SUBDIR))
-    done_ids = [i for i, s in zip(ids, shards, strict=True) if s in published]
+    done_ids = [i for i, s, c in zip(ids, shards, counts, strict=True) if c and s in published]
     done = np.sort(hash_ids(done_ids)) if done_ids else np.zeros(0, dtype=np.uint64)
     next_number = max([*files, *named, -1]) + 1
     return ShardState(published, done, next_number, removed)
 
 
-def _json_default(value: Any) -> Any:
-    if hasattr(value, "isoformat"):
-        return value.isoformat()
-    if isinstance(value, bytes):
-        return value.hex()
-    return str(value)
+def pop_reports(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The shard reports a batch's results carry (removed from the results)."""
+    return [rep for r in results for rep in (r.pop(REPORTS, None) or [])]
 
 
-class ShardWriter:
-    """Assembles shards on the driver from the samples workers return (see module docstring).
+@dataclass
+class _Held:
+    row: dict[str, Any]  # the results row to commit
+    source: dict[str, Any]  # the manifest row (to render again)
 
-    ``commit(rows)`` is called with a shard's rows once its files are published: it commits
-    them as a results part (the commit point)."""
 
-    def __init__(
-        self,
-        out: OutputDir,
-        *,
-        first_number: int,
-        shard_size: int,
-        fmt: str,
-        schema: pa.Schema,
-        commit: Callable[[list[dict[str, Any]]], None],
-        caption_column: str | None = None,
-    ):
-        self.out = out
-        self.number = first_number
-        self.shard_size = int(shard_size)
-        self.fmt = fmt
-        self.schema = pa.schema([*schema, pa.field("key", pa.string())])
-        self.commit = commit
-        self.caption_column = caption_column
-        self.rows: list[dict[str, Any]] = []
+class ShardBook:
+    """The driver's side: ``ok`` rows held per worker until a report says their shard is
+    published; numbers reserved per worker. Never touches a video or the storage."""
+
+    def __init__(self, first_number: int, reserve: int, spec: ShardSpec | None = None):
+        self.spec = spec  # what the workers are started with
+        self.next_number = first_number
+        self.reserve = max(2, int(reserve))
+        self.held: dict[str, dict[str, _Held]] = {}  # worker label -> id -> held row
+        self.numbers: dict[str, list[int]] = {}  # worker label -> reserved, not reported used
+        self.parked: list[tuple[str, dict[str, Any]]] = []  # reports naming rows not back yet
         self.published = 0
-        self._tar: tarfile.TarFile | None = None
-        self._file: Any = None
-        self._spool: str | None = None
-        self._bytes = 0
-        self._opened_at = 0.0
-        out.makedirs(SUBDIR)
+        self.orphaned = 0  # rows a dead worker held, sent to render again
 
-    # -- one shard --------------------------------------------------------------------------
+    @classmethod
+    def for_job(
+        cls, cfg: Any, out: OutputDir, schema: pa.Schema, first_number: int, rows_per_task: int
+    ) -> ShardBook:
+        """The book of a job (``schema``: the results rows' own types). Each worker has as many
+        numbers reserved as it may use before the driver hears of them: the shards its batches
+        in flight can fill, plus one."""
+        size = int(cfg.output.shard_size)
+        reserve = int(cfg.workers.inflight_per_worker) * math.ceil(rows_per_task / size) + 1
+        fields = [*schema, pa.field("key", pa.string())]
+        spec = ShardSpec(
+            out.uri,
+            size,
+            str(cfg.output.format),
+            pa.schema(fields),
+            cfg.output.caption_column,
+            float(cfg.output.shard_max_age_s),
+        )
+        return cls(first_number, reserve, spec)
 
-    def _open(self) -> None:
-        name = shard_file(self.number, ".tar")
-        if self.out.local:  # beside its final name: the rename is atomic
-            self._spool = self.out.path(SUBDIR, temporary_name(name))
-        else:  # object stores: one upload from a local file at publish time
-            fd, self._spool = tempfile.mkstemp(prefix=f"vcut-shard-{self.number:05d}-", suffix=".tar")
-            os.close(fd)
-        self._file = open(self._spool, "wb")  # noqa: SIM115 (closed in publish/abort)
-        self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
-        self._opened_at = time.time()
-        self._bytes = 0
+    def numbers_for(self, label: str) -> list[int]:
+        mine = self.numbers.setdefault(label, [])
+        while len(mine) < self.reserve:
+            mine.append(self.next_number)
+            self.next_number += 1
+        return list(mine)
 
-    def _member(self, name: str, data: bytes, mtime: float) -> None:
-        info = tarfile.TarInfo(name)
-        info.size = len(data)
-        info.mtime = int(mtime)
-        info.mode = 0o444
-        info.uname = info.gname = "vcut"
-        self._tar.addfile(info, io.BytesIO(data))  # type: ignore[union-attr]
-        self._bytes += len(data)
+    def hold(self, row: dict[str, Any], source: dict[str, Any]) -> None:
+        self.held.setdefault(row["worker"], {})[row["id"]] = _Held(row, source)
 
-    def add(self, row: dict[str, Any], video: bytes) -> None:
-        """Append one rendered row (its results row, and its encoded video) to the open shard;
-        publishes the shard when it is full."""
-        if self._tar is None:
-            self._open()
-        key = sample_key(row["id"])
-        row["shard"] = self.number
-        row["output"] = self.out.uri_of(SUBDIR, shard_file(self.number, ".tar"))
-        row["key"] = key
-        now = time.time()
-        meta = {k: v for k, v in row.items() if k not in ("committed_at",)}
-        self._member(f"{key}.{self.fmt}", video, now)
-        self._member(f"{key}.json", json.dumps(meta, default=_json_default).encode(), now)
-        caption = row.get(self.caption_column) if self.caption_column else None
-        if caption is not None:
-            self._member(f"{key}.txt", str(caption).encode(), now)
-        self.rows.append(row)
-        if len(self.rows) >= self.shard_size:
-            self.publish()
+    def receive(self, reports: list[dict[str, Any]], label: str) -> list[list[dict[str, Any]]]:
+        """Handle a batch's reports (after its rows are held); the rows to commit, per shard:
+        a published shard's rows (``shard``, ``output`` set), or a dropped one's as failed."""
+        self.parked.extend((label, rep) for rep in reports)
+        ready, still = [], []
+        for owner, rep in self.parked:
+            held = self.held.get(owner, {})
+            ids = rep.get("ids") or rep.get("dropped") or []
+            if "shard" in rep and rep["shard"] in self.numbers.get(owner, []):
+                self.numbers[owner].remove(rep["shard"])
+            if not all(i in held for i in ids):
+                still.append((owner, rep))
+                continue
+            rows = [held.pop(i).row for i in ids]
+            for row in rows:
+                if "shard" in rep:
+                    row.update(shard=rep["shard"], output=rep["tar"])
+                else:
+                    row.update(status="failed", error=f"shard not written: {rep['error']}", output=None)
+            self.published += "shard" in rep
+            ready.append(rows)
+        self.parked = still
+        return ready
 
-    def publish(self) -> None:
-        """Publish the open shard (tar, Parquet, stats), then commit its rows."""
-        if self._tar is None or not self.rows:
-            return
-        self._tar.close()
-        self._file.flush()
-        os.fsync(self._file.fileno())
-        self._file.close()
-        tar_bytes = os.path.getsize(self._spool)
-        final = self.out.path(SUBDIR, shard_file(self.number, ".tar"))
-        if self.out.local:
-            os.replace(self._spool, final)
-        else:
-            try:
-                put_atomic(self.out.fs, final, self._spool)
-            finally:
-                os.remove(self._spool)
-        self._tar = self._file = self._spool = None
-        published_at = time.time()
-        for row in self.rows:
-            row["committed_at"] = int(published_at * 1e6)
-        table = pa.Table.from_pylist(self.rows, schema=self.schema)
-        self.out.write_table(table, self.out.path(SUBDIR, shard_file(self.number, ".parquet")))
-        stats = {
-            "shard": self.number,
-            "tar": self.out.uri_of(SUBDIR, shard_file(self.number, ".tar")),
-            "count": len(self.rows),
-            "tar_bytes": tar_bytes,
-            "video_bytes": self._bytes,
-            "format": self.fmt,
-            "render_seconds": round(sum(r.get("seconds") or 0.0 for r in self.rows), 6),
-            "encode_seconds": round(sum(r.get("encode_seconds") or 0.0 for r in self.rows), 6),
-            "opened_at": self._opened_at,
-            "published_at": published_at,
-            "first_id": self.rows[0]["id"],
-            "last_id": self.rows[-1]["id"],
+    def orphans(self, label: str) -> list[dict[str, Any]]:
+        """The manifest rows a dead worker held in its open or unreported shards: they render
+        again. Its reserved numbers are never handed out again."""
+        held = self.held.pop(label, {})
+        self.orphaned += len(held)
+        self.numbers.pop(label, None)
+        self.parked = [(owner, rep) for owner, rep in self.parked if owner != label]
+        if held:
+            log.warning(
+                "%s held %d rendered row(s) in an unpublished shard: they render again", label, len(held)
+            )
+        return [h.source for h in held.values()]
+
+    def pending(self) -> int:
+        """Rows rendered but in no committed shard."""
+        return sum(len(h) for h in self.held.values())
+
+    def flush(
+        self,
+        workers: list[tuple[str, Any]],
+        commit: Callable[[list[dict[str, Any]]], None],
+        timeout_s: float = 600.0,
+    ) -> None:
+        """End of the job: each (label, actor) with nothing in flight publishes its open shard
+        (``RenderWorker.publish_shard``), and the driver commits it. A worker that fails to
+        leaves its rows to the next run."""
+        import ray
+
+        refs = {
+            w.publish_shard.remote(self.numbers_for(label)): label
+            for label, w in workers
+            if self.held.get(label)
         }
-        text = json.dumps(stats, indent=2) + "\n"
-        self.out.write_bytes(self.out.path(SUBDIR, shard_file(self.number, "_stats.json")), text.encode())
-        rows = [{k: v for k, v in r.items() if k != "key"} for r in self.rows]
-        self.rows = []
-        self.number += 1
-        self.published += 1
-        self.commit(rows)  # the commit point
-
-    def abort(self) -> None:
-        """Drop the open shard (its rows render again on the next run)."""
-        if self._tar is not None:
+        ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s) if refs else ([], [])
+        for ref in ready:
             try:
-                self._tar.close()
-                self._file.close()
-                os.remove(self._spool)
-            except OSError:
-                pass
-        self._tar = self._file = self._spool = None
-        self.rows = []
+                reports = ray.get(ref)
+            except Exception as exc:
+                log.warning("%s could not publish its last shard: %s", refs[ref], type(exc).__name__)
+                continue
+            for rows in self.receive(reports, refs[ref]):
+                commit(rows)
+        if self.pending():
+            log.warning(
+                "%d rendered row(s) are in no published shard: they render on the next run", self.pending()
+            )

@@ -170,6 +170,7 @@ class RenderWorker:
         encoder: Callable[..., float] | None = None,
         torch_threads: int | None = None,
         log_dir: str | None = None,
+        shards: Any = None,
     ):
         started = time.perf_counter()
         self.label = label
@@ -178,6 +179,11 @@ class RenderWorker:
         self.log_file = _log_to_file(log_dir, label) if log_dir else None
         quiet_notices()  # before pipeline.svd imports diffusers' SVD module (pipeline.notices says why)
         self.output = cfg["output"]
+        self.shards: Any = None  # layout webdataset: this worker's shards
+        if shards is not None:
+            from jobs.shard_writer import WorkerShards  # (pyarrow) only a webdataset job's workers
+
+            self.shards = WorkerShards(shards, label)
         self.renderer: Any = None
         # A start-up failure (the model does not load, CUDA out of memory ...) is kept, not
         # raised: ``info()`` hands it to the driver, which reports one line per cause and keeps
@@ -383,27 +389,20 @@ class RenderWorker:
             for start in range(0, len(rows), self.rows_per_call)
         ]
 
-    def _encode(self, frames: Any, out: str | None, fps: int) -> tuple[float, bytes | None, int]:
+    def _encode(self, frames: Any, out: str | None, fps: int) -> tuple[float, str | None, int]:
         """Encode to ``out``; with no ``out`` (layout webdataset), to a local temporary file
-        whose bytes are returned, for the driver to put into a shard. Returns (seconds, bytes
-        or None, when the encode ended: the row's ``finished_at``, µs since the epoch)."""
-        seconds, video = self._encode_bytes(frames, out, fps)
-        return seconds, video, _now_us()
-
-    def _encode_bytes(self, frames: Any, out: str | None, fps: int) -> tuple[float, bytes | None]:
+        whose path is returned, for this worker's open shard (``jobs.shard_writer.WorkerShards``).
+        Returns (seconds, that path or None, when the encode ended: the row's ``finished_at``,
+        µs since the epoch)."""
         if out is not None:
-            return self._encode_to(frames, out, fps), None
+            return self._encode_to(frames, out, fps), None, _now_us()
         fd, tmp = tempfile.mkstemp(prefix="vcut-video-", suffix=f".{self.output['format']}")
         os.close(fd)
         try:
-            seconds = self._encode_to(frames, tmp, fps)
-            with open(tmp, "rb") as f:
-                return seconds, f.read()
-        finally:
-            try:
-                os.remove(tmp)
-            except FileNotFoundError:
-                pass
+            return self._encode_to(frames, tmp, fps), tmp, _now_us()
+        except BaseException:
+            os.remove(tmp)
+            raise
 
     def _encode_to(self, frames: Any, out: str, fps: int) -> float:
         start = time.perf_counter()
@@ -417,12 +416,20 @@ class RenderWorker:
         )
         return float(seconds) if seconds is not None else time.perf_counter() - start
 
-    def render_batch(self, tasks: list[RowTask]) -> list[dict[str, Any]]:
+    def publish_shard(self, numbers: list[int]) -> list[dict[str, Any]]:
+        """Layout webdataset, end of the job: publish the open shard; the reports."""
+        return self.shards.reports(numbers, flush=True) if self.shards is not None else []
+
+    def render_batch(
+        self, tasks: list[RowTask], shard_numbers: list[int] | None = None
+    ) -> list[dict[str, Any]]:
         """Render and encode every task; one result dict per task, in order.
 
         A task is the planner's record (``jobs.planner.RowTask``); a result holds the worker-side
-        fields (status, error, timings, frames, MACs, cache hit, worker, node) and, for a task
-        whose ``output`` is None (layout webdataset), ``video``: the encoded bytes. Rows render
+        fields (status, error, timings, frames, MACs, cache hit, worker, node), never a video:
+        a task whose ``output`` is None (layout webdataset) goes into this worker's open shard
+        (``jobs.shard_writer.WorkerShards``; ``shard_numbers``: the numbers the driver reserved
+        for it), and the first result carries the reports of the shards published. Rows render
         ``workers.render_batch`` at a time where their generation values allow it.
         """
         if self.startup_error:  # the driver never sends work to a worker that did not start
@@ -446,8 +453,14 @@ class RenderWorker:
                 try:
                     result["encode_seconds"], video, result["finished_at"] = future.result()
                     result.update(status="ok", output=task.output)
-                    if video is not None:
-                        result["video"] = video
                 except Exception as exc:
                     result.update(status="failed", error=f"encode: {_error(exc)}", finished_at=_now_us())
+                    video = None
+                if video is not None:  # layout webdataset: this worker's open shard
+                    try:
+                        self.shards.add(task.sample_row(result, self.vcut_mode), video)
+                    except Exception as exc:
+                        result.update(status="failed", error=f"shard: {_error(exc)}", output=None)
+        if self.shards is not None:  # shards that are full are published; reports ride back
+            self.shards.attach(results, shard_numbers or [])
         return results

@@ -54,12 +54,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _left(summary: dict) -> str:
-    ok = summary.get("ok")
+    ok = (summary.get("output_generation") or {}).get("ok", summary.get("ok"))  # an open --overwrite
     return str(max(0, int(summary["manifest_rows"]) - ok)) if isinstance(ok, int) else "an unknown number"
 
 
 def stopped_line(reason: str, summary: dict | None) -> str:
     """The last line of a job stopped by a signal (``summary``: None when stopped at once)."""
+    from jobs.generation import resume_note
+
     if summary is None:
         return (
             f"vcut: stopped by {reason}: the rows committed so far are kept (no summary was written); "
@@ -67,7 +69,7 @@ def stopped_line(reason: str, summary: dict | None) -> str:
         )
     return (
         f"vcut: stopped by {reason}: {summary.get('rendered_this_run', 0)} rows committed this run, "
-        f"{_left(summary)} left; rerun the same command to resume"
+        f"{_left(summary)} left; rerun the same command to resume{resume_note(summary)}"
     )
 
 
