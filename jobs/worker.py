@@ -65,6 +65,7 @@ def load_renderer(model: dict[str, Any], cache: dict[str, Any]) -> Any:
         local_files_only=model.get("local_files_only"),
         step_cache=model.get("step_cache"),
         step_cache_depth=int(model.get("step_cache_depth") or 1),
+        quantize=str(model.get("quantize") or "off"),
     )
 
 
@@ -204,6 +205,8 @@ class RenderWorker:
         self.encode = encoder or default_encoder()
         self.job_params = {k: cfg["defaults"].get(k) for k in JOB_PARAMS}  # the same for every row
         self.rows_per_call = max(1, int(cfg["workers"].get("render_batch") or 1))
+        if hasattr(self.renderer, "render_batch"):  # under compile, a short call is padded to it
+            self.renderer.render_batch = self.rows_per_call
         self._render_lock = threading.Lock()
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
         self._macs: dict[tuple, dict[str, int | None]] = {}
