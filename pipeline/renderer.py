@@ -491,9 +491,19 @@ class Renderer:
                 args = dict(bound.arguments)
                 images, seeds = args.pop("images"), args.pop("seeds")
                 fit, filesystem = args.pop("fit"), args.pop("filesystem")
-                fitted, seeds, load_seconds, call = self._prepare(
-                    images, seeds, args, fit=fit, filesystem=filesystem
-                )
+                try:
+                    fitted, seeds, load_seconds, call = self._prepare(
+                        images, seeds, args, fit=fit, filesystem=filesystem
+                    )
+                except Exception:
+                    if pending is not None:  # the videos before it first
+                        finished, pending = self._finish(pending, False), None
+                        yield finished
+                    raise
+                if not fitted or not overlap:
+                    if pending is not None:  # in order: the call before it first
+                        finished, pending = self._finish(pending, False), None
+                        yield finished
                 if not fitted:
                     yield []
                     continue
