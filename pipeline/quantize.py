@@ -17,10 +17,12 @@ the model's dtype.
 
 Two implementations, the same arithmetic:
 
-* ``torchao``'s float8 inference path (``Float8DynamicActivationFloat8WeightConfig`` with
-  per-row granularity, torchao 0.18.0, which needs torch >= 2.11) when it imports: a kept
-  library with fused kernels under ``torch.compile``. An optional extra (``pip install
-  'vcut-render[fp8]'``); it refuses to quantize on a CPU.
+* ``torchao``'s float8 inference path (``Float8DynamicActivationFloat8WeightConfig``, torchao
+  0.18.0, which needs torch >= 2.11) when it imports: a kept library with fused kernels under
+  ``torch.compile``. An optional extra (``pip install 'vcut-render[fp8]'``); it refuses to
+  quantize on a CPU. Its per-row scales need bf16 weights: on an fp16 model (the Renderer's
+  default on CUDA) it is given per-tensor scales (one for the weight, one per activation call)
+  instead, a coarser rounding than the direct path's; ``QuantizeReport.granularity`` says which.
 * :class:`Float8Linear`, a small module replacement calling ``torch._scaled_mm`` directly,
   when torchao is absent (or fails to quantize). It also runs on a CPU (torch >= 2.13 has a CPU
   ``_scaled_mm``), which is how its numerics are tested here.
@@ -157,25 +159,36 @@ def fp8_eligible(linear: nn.Linear) -> bool:
 
 @dataclass(frozen=True)
 class QuantizeReport:
-    """What :func:`quantize_unet` did: ``backend`` is ``"torchao"`` or ``"scaled_mm"``."""
+    """What :func:`quantize_unet` did: ``backend`` is ``"torchao"`` or ``"scaled_mm"``,
+    ``granularity`` ``"row"`` or ``"tensor"`` (the scales)."""
 
     mode: str
     backend: str
     layers: int  # Linear layers in FP8
     kept: int  # Linear layers left in the model's dtype (dimensions no multiple of 16)
     params: int  # weights now stored in FP8
+    granularity: str = "row"
 
 
-def _torchao_quantize(unet: nn.Module, eligible: set[str]) -> bool:
-    """torchao's float8 inference path on the ``eligible`` Linear layers; False when unavailable."""
+def _torchao_quantize(unet: nn.Module, eligible: set[str]) -> str | None:
+    """torchao's float8 inference path on the ``eligible`` Linear layers: the granularity used,
+    or None when torchao is unavailable. Per-row scales on bf16 weights, per-tensor otherwise."""
+    import torch
+
     try:
         import torchao  # noqa: F401
-        from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            PerRow,
+            PerTensor,
+            quantize_,
+        )
     except Exception:  # not installed, or not this API: the direct path
-        return False
-    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow())
+        return None
+    row = next(unet.parameters()).dtype == torch.bfloat16
+    config = Float8DynamicActivationFloat8WeightConfig(granularity=PerRow() if row else PerTensor())
     quantize_(unet, config, filter_fn=lambda module, fqn: fqn in eligible)
-    return True
+    return "row" if row else "tensor"
 
 
 def quantize_unet(
@@ -203,11 +216,12 @@ def quantize_unet(
             raise ValueError(refusal)
     eligible = {name for name, m in linears.items() if fp8_eligible(m)}
     params = sum(linears[name].weight.numel() for name in eligible)
-    used = None
+    used, granularity = None, "row"
     if backend in ("auto", "torchao"):
         try:
-            if _torchao_quantize(unet, eligible):
-                used = "torchao"
+            torchao_granularity = _torchao_quantize(unet, eligible)
+            if torchao_granularity is not None:
+                used, granularity = "torchao", torchao_granularity
             elif backend == "torchao":
                 raise ValueError(f"quantize backend torchao: torchao {TORCHAO_VERSION} does not import")
         except ValueError:
@@ -222,7 +236,7 @@ def quantize_unet(
             parent = unet.get_submodule(parent_name) if parent_name else unet
             setattr(parent, child, float8_linear(linears[name]))
         used = "scaled_mm"
-    return QuantizeReport("fp8", used, len(eligible), len(linears) - len(eligible), params)
+    return QuantizeReport("fp8", used, len(eligible), len(linears) - len(eligible), params, granularity)
 
 
 def quantize_refusal(quantize: str | None, device: str | None, *, cluster: bool = False) -> str | None:
