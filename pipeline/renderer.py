@@ -522,6 +522,11 @@ class Renderer:
                     denoised = self._denoise(fitted, seeds, load_seconds, call, pad_to, locked=True)
                 except torch.OutOfMemoryError:
                     denoised = None
+                except Exception:
+                    if running is not None:  # the videos before it first
+                        finished, running = running.result(), None
+                        yield finished
+                    raise
                 if running is not None:
                     yield running.result()
                     running = None
@@ -693,7 +698,7 @@ class Renderer:
             with torch.no_grad():
                 video = pipe.video_processor.postprocess_video(video=frames, output_type="pt")
                 # (B, F, C, H, W) in [0, 1] -> uint8 (B, F, H, W, C) on the device, then the CPU
-                videos = frames_to_uint8_torch(video).permute(0, 1, 3, 4, 2).cpu().numpy()
+                videos = frames_to_uint8_torch(video).permute(0, 1, 3, 4, 2).contiguous().cpu().numpy()
         t_end = time.perf_counter()
         compile_s = d.compile_seconds + (watch.seconds if watch is not None else 0.0)
         compiles = d.compiles + (watch.compiles if watch is not None else 0)

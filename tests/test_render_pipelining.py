@@ -123,6 +123,7 @@ def test_overlapped_stream_renders_the_same_frames(stock) -> None:
         for x, y, z in zip(a, b, c, strict=True):
             assert np.array_equal(x.frames, y.frames) and np.array_equal(x.frames, z.frames)
             assert x.seed == y.seed and x.decode_chunk_size == y.decode_chunk_size
+            assert x.frames.flags["C_CONTIGUOUS"] and x.frames.dtype == np.uint8
     assert overlapped[2][0].decode_chunk_size == 3
     # overlapped: each decode but the last ran on the decode thread, after the next call's
     # conditioning (the last call has no next one: decoded at once)
