@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from pipeline.compile_modes import compile_mode
 from pipeline.params import GENERATION_PARAMS, check_generation
+from pipeline.quantize import QUANTIZE_MODES
 from pipeline.storage import is_remote, local_path
 from vcut.modes import MODES
 
@@ -45,6 +46,8 @@ class ModelConfig:
     # Step caching (changes the output): the whole UNet every N-th step, the shallow path between.
     step_cache: int | None = None  # None or 1: off
     step_cache_depth: int = 1  # outer down/up levels that always run
+    # off or fp8: the UNet's Linear layers in FP8 (changes the output; compute capability >= 8.9)
+    quantize: str = "off"
 
 
 #: Defaults for the manifest's optional columns (a row's own value wins): one typed field per
@@ -189,6 +192,10 @@ def check_config(cfg: DictConfig) -> None:
     checks = [
         (m.step_cache is None or m.step_cache >= 1, "model.step_cache must be >= 1 (1 or null: off)"),
         (m.step_cache_depth >= 1, "model.step_cache_depth must be >= 1"),
+        (
+            str(m.quantize) in QUANTIZE_MODES,
+            f"model.quantize must be one of {', '.join(QUANTIZE_MODES)}, got {m.quantize!r}",
+        ),
         (
             w.count is None
             or w.count == "auto"

@@ -451,6 +451,13 @@ def run_preflight(cfg: Any, manifest: str, out: Any) -> Any:
     check_layout(cfg, info)
     check_output(out)
     check_model(cfg.model)
+    from pipeline.quantize import quantize_refusal  # FP8 where the GPUs cannot: before any worker
+
+    refusal = quantize_refusal(
+        cfg.model.quantize, cfg.model.device, cluster=bool(ray_address(cfg.ray_address))
+    )
+    if refusal:
+        raise PreflightError(f"model.quantize: {refusal}")
     check_ffmpeg(str(cfg.output.format))
     check_address(ray_address(cfg.ray_address))
     return info

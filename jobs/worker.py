@@ -67,6 +67,7 @@ def load_renderer(model: dict[str, Any], cache: dict[str, Any]) -> Any:
         step_cache_depth=int(model.get("step_cache_depth") or 1),
         compile_cache=model.get("compile_cache"),  # set by the driver (jobs.config.compile_cache_uri)
         compile_rows=model.get("compile_rows"),  # rows per worker and shape, set by the driver
+        quantize=str(model.get("quantize") or "off"),
     )
 
 
@@ -213,6 +214,8 @@ class RenderWorker:
         self.encode = encoder or default_encoder()
         self.job_params = {k: cfg["defaults"].get(k) for k in JOB_PARAMS}  # the same for every row
         self.rows_per_call = max(1, int(cfg["workers"].get("render_batch") or 1))
+        if hasattr(self.renderer, "render_batch"):  # under compile, a short call is padded to it
+            self.renderer.render_batch = self.rows_per_call
         self._render_lock = threading.Lock()
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
         self._macs: dict[tuple, dict[str, int | None]] = {}

@@ -59,8 +59,9 @@ def cache_key(
     mode: str,
     backend: str,
     vae: bool,
+    quantize: str = "off",
 ) -> dict[str, Any]:
-    """What makes compile artifacts valid: versions, device, model, VCUT levers, dtype, mode."""
+    """What makes compile artifacts valid: versions, device, model, VCUT levers, FP8, dtype, mode."""
     try:
         import triton  # type: ignore[import-not-found]
 
@@ -80,6 +81,7 @@ def cache_key(
         "compile": mode,
         "backend": backend,
         "vae": bool(vae),
+        "quantize": str(quantize),
     }
 
 

@@ -23,10 +23,13 @@ keeps them equal to the declaration.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +49,7 @@ from .images import DEFAULT_MAX_PIXELS, FIT_MODES, ImageSource, fit_image, load_
 from .loading import load_svd_pipeline
 from .oom import halve_on_oom
 from .params import GENERATION_PARAMS, check_generation, check_value
+from .quantize import QuantizeReport, check_quantize, fp8_refusal, quantize_unet
 from .svd import RenderPipeline
 
 logger = logging.getLogger(__name__)
@@ -117,6 +121,32 @@ def frames_to_uint8(frames: np.ndarray) -> np.ndarray:
     return np.clip(np.round(frames * 255.0), 0, 255).astype(np.uint8)
 
 
+def frames_to_uint8_torch(frames: torch.Tensor) -> torch.Tensor:
+    """:func:`frames_to_uint8` on the frames' own device: float32 ``x * 255``, rounded half to
+    even, clipped, as uint8. The same IEEE float32 operations as numpy's, so the same bytes;
+    only the uint8 frames (a quarter of float32's bytes) then cross to the CPU."""
+    return (frames.float() * 255.0).round().clamp(0, 255).to(torch.uint8)
+
+
+@dataclass
+class _Denoised:
+    """One pipeline call up to its latents (:meth:`Renderer._denoise`), waiting for its decode."""
+
+    latents: torch.Tensor  # the real rows only (padding dropped)
+    seeds: list[int]
+    load_seconds: list[float]
+    call: dict[str, Any]
+    hits: list[bool]
+    rows: int  # rows of the pipeline call, padding included
+    shape: tuple  # the call's compiled shape (rows, size, frames, decode chunk, UNet batch variants)
+    t_start: float
+    conditioning_end: float
+    denoise_end: float
+    compile_seconds: float
+    compiles: int
+    ready: Any = None  # a CUDA event recorded after the denoising (overlapped decode only)
+
+
 class Renderer:
     """A loaded SVD model with VCUT, an embedding cache and video output. One per worker/GPU."""
 
@@ -135,6 +165,8 @@ class Renderer:
         step_cache_depth: int = 1,
         step_cache_report: Any = None,
         compile_report: Any = None,
+        quantize_report: QuantizeReport | None = None,
+        render_batch: int = 1,
     ) -> None:
         self.pipe = pipe
         self.model_id = model_id
@@ -155,6 +187,17 @@ class Renderer:
         self._warm_shapes: set[tuple] = set()
         #: torch's compile artifacts shared with other workers (pipeline.compile_cache); None: none
         self.compile_cache: Any = None
+        #: ``"off"`` or ``"fp8"`` (:mod:`pipeline.quantize`), and what quantize_unet did
+        self.quantize_report = quantize_report
+        self.quantize = quantize_report.mode if quantize_report is not None else "off"
+        #: Rows per pipeline call the caller sends (``workers.render_batch``): under compile a
+        #: shorter call is padded to it, so that a short last batch compiles no new graph.
+        self.render_batch = _check_render_batch(render_batch)
+        # The conditioning casts the VAE to fp32 and back (fp16 with force_upcast): a decode
+        # must not run meanwhile (generate_stream decodes on another thread).
+        self._vae_lock = threading.Lock()
+        self._decoder: ThreadPoolExecutor | None = None
+        self._decode_stream: Any = None
 
     @classmethod
     def from_pretrained(
@@ -177,6 +220,8 @@ class Renderer:
         step_cache_depth: int = 1,
         compile_cache: str | None = None,
         compile_rows: float | None = None,
+        quantize: str = "off",
+        render_batch: int = 1,
     ) -> Renderer:
         """Load ``model`` (hub id or local diffusers folder) and patch it with VCUT mode ``vcut``.
 
@@ -188,6 +233,13 @@ class Renderer:
             raise ValueError(f"vcut must be one of {VCUT_MODES}, got {vcut!r}")
         check_step_cache_args(step_cache, step_cache_depth)
         compile_mode(compile)  # a bad value fails before the model is loaded
+        _check_render_batch(render_batch)
+        if check_quantize(quantize) == "fp8":  # refused before minutes of loading
+            from .loading import resolve_device
+
+            refusal = fp8_refusal(resolve_device(device))
+            if refusal:
+                raise ValueError(refusal)
         stock, _, _ = load_svd_pipeline(
             model,
             device=device,
@@ -210,6 +262,8 @@ class Renderer:
             step_cache_depth=step_cache_depth,
             compile_cache=compile_cache,
             compile_rows=compile_rows,
+            quantize=quantize,
+            render_batch=render_batch,
         )
 
     @classmethod
@@ -229,6 +283,8 @@ class Renderer:
         step_cache_depth: int = 1,
         compile_cache: str | None = None,
         compile_rows: float | None = None,
+        quantize: str = "off",
+        render_batch: int = 1,
     ) -> Renderer:
         """A renderer around an already loaded ``StableVideoDiffusionPipeline`` (as diffusers' ``from_pipe``).
 
@@ -254,6 +310,17 @@ class Renderer:
         renderer will render per shape; None: unknown, counted as enough) pay the compile back
         (:func:`pipeline.compile.compile_pays`). ``compile_cache`` (a folder or URI) shares
         torch's compile artifacts with other processes (:mod:`pipeline.compile_cache`).
+        as a warning.
+
+        ``quantize="fp8"`` (off by default) runs the UNet's Linear layers in FP8 with dynamic
+        activation scaling (:mod:`pipeline.quantize`; applied after VCUT, before the step cache
+        and compile): it CHANGES the frames, and is refused with a one-line ``ValueError`` on
+        a CPU or a GPU of compute capability below 8.9.
+
+        ``render_batch``: the rows per call the caller sends to :meth:`generate_batch`. Under
+        compile a call with fewer rows is padded to it (copies of its last row, whose outputs
+        are dropped before the VAE decode), so a short last batch runs the graph already
+        compiled instead of compiling a new one; eager, nothing is padded.
         """
         if vcut not in VCUT_MODES:
             raise ValueError(f"vcut must be one of {VCUT_MODES}, got {vcut!r}")
@@ -261,6 +328,11 @@ class Renderer:
         # Validated before anything is patched (the depth bound is the UNet's number of levels).
         unet_levels = len(getattr(getattr(pipe, "unet", None), "up_blocks", ())) or None
         interval, _ = check_step_cache_args(step_cache, step_cache_depth, unet_levels)
+        _check_render_batch(render_batch)
+        if check_quantize(quantize) == "fp8":
+            refusal = fp8_refusal(getattr(getattr(pipe, "unet", None), "device", None))
+            if refusal:
+                raise ValueError(refusal)
         from vcut import apply_step_cache, apply_vcut
 
         render_pipe = RenderPipeline(**pipe.components)
@@ -273,7 +345,8 @@ class Renderer:
         unet_config = dict(render_pipe.unet.config)
         # The removed weights are freed (nothing will call remove_vcut on a renderer's UNet).
         report = apply_vcut(render_pipe, vcut, keep_removed=False)
-        # Order: VCUT, then the step cache, then compile.
+        # Order: VCUT, then FP8, then the step cache, then compile.
+        quantize_report = quantize_unet(render_pipe.unet, quantize)
         cache_report = apply_step_cache(render_pipe, interval, step_cache_depth)
         mode, cache = plan_compile(
             mode,
@@ -287,6 +360,7 @@ class Renderer:
             step_cache=interval if interval > 1 else None,
             step_cache_depth=step_cache_depth,
             dtype=torch_dtype,
+            quantize=quantize_report.mode if quantize_report is not None else "off",
         )
         compile_report = None
         if mode != "off":
@@ -304,6 +378,8 @@ class Renderer:
             step_cache_depth=step_cache_depth,
             step_cache_report=cache_report,
             compile_report=compile_report,
+            quantize_report=quantize_report,
+            render_batch=render_batch,
         )
         renderer.compile_cache = cache
         return renderer
@@ -395,22 +471,34 @@ class Renderer:
         that runs out of CUDA memory goes on with half as many rows per call (down to single
         rows, which then raise), each row with its own seed, so the frames do not change.
         """
+        given = locals()  # the keywords, whose names the declaration lists (tests/test_params.py)
+        generation = {name: given[name] for name in GENERATION_PARAMS if name != "seed"}
+        prepared = self._prepare(images, seeds, generation, fit=fit, filesystem=filesystem)
+        return self._render(*prepared) if prepared[0] else []
+
+    def _prepare(
+        self,
+        images: Sequence[ImageSource],
+        seeds: Sequence[int],
+        generation: dict[str, Any],
+        *,
+        fit: str,
+        filesystem: Any,
+    ) -> tuple[list[Image.Image], list[int], list[float], dict[str, Any]]:
+        """:meth:`generate_batch`'s checks and image loading: (fitted images, seeds, load seconds, call)."""
         seeds = list(seeds)
         if isinstance(images, str | bytes | os.PathLike) or not isinstance(images, Sequence):
             raise ValueError(f"images must be a sequence of images, got {type(images).__name__}")
         if len(images) != len(seeds):
             raise ValueError(f"seeds must have one seed per image: {len(images)} images, {len(seeds)} seeds")
         seeds = [check_value("seed", seed) for seed in seeds]  # [0, 2**63 - 1]: int64 in the results
-        if num_frames is None:
-            num_frames = int(self.unet_config.get("num_frames", 25))
+        generation = dict(generation)
+        if generation.get("num_frames") is None:
+            generation["num_frames"] = int(self.unet_config.get("num_frames", 25))
         # The declared ranges (pipeline.params), multiples of 8 and min <= max guidance.
-        given = locals()  # the keywords, whose names the declaration lists (tests/test_params.py)
-        call = check_generation(**{name: given[name] for name in GENERATION_PARAMS if name != "seed"})
+        call = check_generation(**generation)
         if fit not in FIT_MODES:
             raise ValueError(f"fit must be one of {FIT_MODES}, got {fit!r}")
-        if not images:
-            return []
-
         fitted, load_seconds = [], []
         for image in images:
             t0 = time.perf_counter()
@@ -420,7 +508,88 @@ class Renderer:
                 )
             )
             load_seconds.append(time.perf_counter() - t0)
-        return self._render(fitted, seeds, load_seconds, call)
+        return fitted, seeds, load_seconds, call
+
+    def generate_stream(
+        self, requests: Iterable[dict[str, Any]], *, overlap: bool = True
+    ) -> Iterator[list[RenderedVideo]]:
+        """Render a sequence of :meth:`generate_batch` calls, yielding each one's videos in order.
+
+        Each request is a dict of :meth:`generate_batch`'s arguments (``images``, ``seeds`` and
+        any keywords). With ``overlap`` (the default), the VAE decode, the conversion to uint8
+        and the copy to the CPU of one call run on a background thread (on CUDA on a stream of
+        its own) while the next call's conditioning and denoising run: each video's frames are
+        exactly those of ``overlap=False``, which is :meth:`generate_batch` call after call.
+        The decode waits for the next call's conditioning (which casts the VAE to fp32 and
+        back) and then overlaps its denoising. Memory: a decode and a denoising at once; a call
+        that runs out of CUDA memory while overlapped waits for the decode before it and is
+        rendered again on its own (with :meth:`generate_batch`'s halving). Timings of
+        overlapped rows are each phase's own (their ``total`` adds up to more than the wall
+        time). A bad request raises when it is reached, after the videos before it.
+        """
+        import inspect
+
+        signature = inspect.signature(self.generate_batch)
+        pending: _Denoised | None = None
+        running: Future | None = None
+        try:
+            for request in requests:
+                bound = signature.bind(**request)
+                bound.apply_defaults()
+                args = dict(bound.arguments)
+                images, seeds = args.pop("images"), args.pop("seeds")
+                fit, filesystem = args.pop("fit"), args.pop("filesystem")
+                try:
+                    fitted, seeds, load_seconds, call = self._prepare(
+                        images, seeds, args, fit=fit, filesystem=filesystem
+                    )
+                except Exception:
+                    if pending is not None:  # the videos before it first
+                        finished, pending = self._finish(pending, False), None
+                        yield finished
+                    raise
+                if not fitted or not overlap:
+                    if pending is not None:  # in order: the call before it first
+                        finished, pending = self._finish(pending, False), None
+                        yield finished
+                if not fitted:
+                    yield []
+                    continue
+                if not overlap:
+                    yield self._render(fitted, seeds, load_seconds, call)
+                    continue
+                if self._decoder is None:
+                    self._decoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vae-decode")
+                # The lock is taken before the previous call's decode is handed over, so that decode
+                # starts once this call's conditioning is done (after_conditioning releases it).
+                self._vae_lock.acquire()
+                if pending is not None:
+                    running, pending = self._decoder.submit(self._finish, pending, True), None
+                try:
+                    pad_to = max(len(fitted), self.render_batch)
+                    denoised = self._denoise(fitted, seeds, load_seconds, call, pad_to, locked=True)
+                except torch.OutOfMemoryError:
+                    denoised = None
+                except Exception:
+                    if running is not None:  # the videos before it first
+                        finished, running = running.result(), None
+                        yield finished
+                    raise
+                if running is not None:
+                    yield running.result()
+                    running = None
+                if denoised is None:  # out of memory next to a decode: again, alone
+                    if torch.cuda.is_available():
+                        torch.cuda.empty_cache()
+                    yield self._render(fitted, seeds, load_seconds, call)
+                    continue
+                pending = denoised
+            if pending is not None:
+                yield self._finish(pending, False)
+                pending = None
+        finally:
+            if running is not None:
+                running.result()
 
     def prepare_image(
         self,
@@ -446,9 +615,10 @@ class Renderer:
         size, start = len(images), 0
 
         def call_rows(n: int) -> list[RenderedVideo]:
-            return self._render_call(
-                images[start : start + n], seeds[start : start + n], load_seconds[start : start + n], call
-            )
+            # padded (under compile) to the render batch, or after an OOM to the new size
+            pad_to = n if n < len(images) else max(n, self.render_batch)
+            rows = slice(start, start + n)
+            return self._render_call(images[rows], seeds[rows], load_seconds[rows], call, pad_to)
 
         def halved(n: int, smaller: int) -> None:
             logger.warning("a batch of %d rows ran out of memory; going on %d rows at a time", n, smaller)
@@ -460,15 +630,43 @@ class Renderer:
         return generations
 
     def _render_call(
-        self, images: list[Image.Image], seeds: list[int], load_seconds: list[float], call: dict[str, Any]
+        self,
+        images: list[Image.Image],
+        seeds: list[int],
+        load_seconds: list[float],
+        call: dict[str, Any],
+        pad_to: int = 1,
     ) -> list[RenderedVideo]:
+        """One pipeline call: denoise, then decode (not overlapped)."""
+        return self._finish(self._denoise(images, seeds, load_seconds, call, pad_to), False)
+
+    def _padding(self, rows: int, pad_to: int) -> int:
+        """Rows of padding for a call of ``rows`` rows: up to ``pad_to`` under compile, else none."""
+        return max(0, pad_to - rows) if self.compile_mode != "off" else 0
+
+    def _denoise(
+        self,
+        images: list[Image.Image],
+        seeds: list[int],
+        load_seconds: list[float],
+        call: dict[str, Any],
+        pad_to: int = 1,
+        locked: bool = False,
+    ) -> _Denoised:
+        """Conditioning and denoising of one pipeline call, to its latents (on the device).
+
+        ``locked``: the caller holds the VAE lock, released here once the conditioning is done.
+        """
         pipe = self.pipe
         pipe.marks = {}
-        pipe.last_decode_chunk_size = None
-        pipe.last_decode_retries = 0
         n = len(images)
+        pad = self._padding(n, pad_to)
+        if pad:  # copies of the last row (its cache entry, its seed): outputs dropped below
+            images, seeds_in = [*images, *[images[-1]] * pad], [*seeds, *[seeds[-1]] * pad]
+        else:
+            seeds_in = seeds
         shape = (
-            n,
+            n + pad,
             call["height"],
             call["width"],
             call["num_frames"],
@@ -477,76 +675,137 @@ class Renderer:
         )
         if self.compile_cache is not None:
             self.compile_cache.before_call(shape)  # the shape's artifacts, before its first call
+        released = threading.Event()
+
+        def release() -> None:
+            if locked and not released.is_set():
+                released.set()
+                self._vae_lock.release()
+
         t_start = time.perf_counter()
         self._begin_video()  # one pipeline call: its rows start their step cache together
         watch = CompileWatch(what="a render") if self.compile_mode != "off" else None
-        if watch is not None:
-            watch.__enter__()
+        pipe.after_conditioning = release
         try:
-            out = pipe(
-                image=list(images),
-                generator=[torch.Generator().manual_seed(seed) for seed in seeds],
-                output_type="np",
-                **call,
-            )
+            with watch if watch is not None else contextlib.nullcontext():
+                latents = pipe(
+                    image=list(images),
+                    generator=[torch.Generator().manual_seed(seed) for seed in seeds_in],
+                    output_type="latent",
+                    **call,
+                ).frames
+            latents = latents[:n]
+            ready = None
+            if latents.device.type == "cuda":
+                ready = torch.cuda.Event()
+                ready.record()
+                torch.cuda.current_stream(latents.device).synchronize()
         finally:
-            if watch is not None:
-                watch.__exit__(None, None, None)
-        videos = [frames_to_uint8(np.asarray(video)) for video in out.frames]
-        t_end = time.perf_counter()
-        if watch is not None:
-            self._note_compile(shape, watch)
-            if self.compile_cache is not None:
-                self.compile_cache.after_call(shape, compiled=watch.compiles > 0)
+            pipe.after_conditioning = None
+            release()
+        return _Denoised(
+            latents=latents,
+            seeds=list(seeds),
+            load_seconds=list(load_seconds),
+            call=call,
+            hits=[bool(h) for h in pipe.last_cache_hits[:n]],
+            rows=n + pad,
+            shape=shape,
+            t_start=t_start,
+            conditioning_end=pipe.marks["conditioning_end"],
+            denoise_end=time.perf_counter(),
+            compile_seconds=watch.seconds if watch is not None else 0.0,
+            compiles=watch.compiles if watch is not None else 0,
+            ready=ready,
+        )
 
-        m = pipe.marks
-        shared = {
-            "conditioning": (m["conditioning_end"] - t_start) / n,
-            "denoise": (m["decode_start"] - m["conditioning_end"]) / n,
-            "decode": (m["decode_end"] - m["decode_start"]) / n,
-            "postprocess": (t_end - m["decode_end"]) / n,
-        }
-        hits = pipe.last_cache_hits
-        generations = []
-        for i, (frames, seed) in enumerate(zip(videos, seeds, strict=True)):
-            timings = {"image_load": load_seconds[i], **shared}
-            timings["total"] = sum(timings.values())
+    def _finish(self, d: _Denoised, overlapped: bool) -> list[RenderedVideo]:
+        """VAE decode, uint8 on the device, copy to the CPU: the videos of a :meth:`_denoise`.
+
+        ``overlapped``: on a background thread (and, on CUDA, a stream of its own that waits
+        for the denoising's event)."""
+        pipe, call, n = self.pipe, d.call, len(d.seeds)
+        stream = None
+        if overlapped and d.latents.device.type == "cuda":
+            if self._decode_stream is None:
+                self._decode_stream = torch.cuda.Stream(d.latents.device)
+            stream = self._decode_stream
+        watch = CompileWatch(what="a render") if self.compile_mode != "off" and not overlapped else None
+        with contextlib.ExitStack() as stack:
+            if stream is not None:
+                stack.enter_context(torch.cuda.stream(stream))
+                stream.wait_event(d.ready)
+                d.latents.record_stream(stream)
             if watch is not None:
-                timings["compile"] = watch.seconds / n
+                stack.enter_context(watch)
+            with self._vae_lock:
+                t_decode = time.perf_counter()
+                pipe.last_decode_chunk_size = None
+                pipe.last_decode_retries = 0
+                chunk = call["decode_chunk_size"] or call["num_frames"]
+                with torch.no_grad():
+                    frames = pipe.decode_latents(d.latents, call["num_frames"], chunk)
+                if frames.device.type == "cuda":
+                    torch.cuda.current_stream(frames.device).synchronize()
+                t_decoded = time.perf_counter()
+                chunk_used, retries = pipe.last_decode_chunk_size, pipe.last_decode_retries
+            with torch.no_grad():
+                video = pipe.video_processor.postprocess_video(video=frames, output_type="pt")
+                # (B, F, C, H, W) in [0, 1] -> uint8 (B, F, H, W, C) on the device, then the CPU
+                videos = frames_to_uint8_torch(video).permute(0, 1, 3, 4, 2).contiguous().cpu().numpy()
+        t_end = time.perf_counter()
+        compile_s = d.compile_seconds + (watch.seconds if watch is not None else 0.0)
+        compiles = d.compiles + (watch.compiles if watch is not None else 0)
+        if self.compile_mode != "off":
+            self._note_compile(d.shape, compile_s, compiles)
+            if self.compile_cache is not None:
+                self.compile_cache.after_call(d.shape, compiled=compiles > 0)
+        shared = {
+            "conditioning": (d.conditioning_end - d.t_start) / n,
+            "denoise": (d.denoise_end - d.conditioning_end) / n,
+            "decode": (t_decoded - t_decode) / n,
+            "postprocess": (t_end - t_decoded) / n,
+        }
+        generations = []
+        for i, seed in enumerate(d.seeds):
+            timings = {"image_load": d.load_seconds[i], **shared}
+            timings["total"] = sum(timings.values())
+            if self.compile_mode != "off":
+                timings["compile"] = compile_s / n
             generations.append(
                 RenderedVideo(
-                    frames=frames,
+                    frames=videos[i],
                     timings=timings,
-                    cache_hit=bool(hits[i]),
+                    cache_hit=d.hits[i],
                     num_inference_steps=call["num_inference_steps"],
                     fps=call["fps"],
                     seed=seed,
-                    decode_chunk_size=pipe.last_decode_chunk_size,
-                    decode_retries=pipe.last_decode_retries,
+                    decode_chunk_size=chunk_used,
+                    decode_retries=retries,
                     batch_size=n,
                 )
             )
         return generations
 
-    def _note_compile(self, shape: tuple, watch: CompileWatch) -> None:
+    def _note_compile(self, shape: tuple, seconds: float, compiles: int) -> None:
         """Log compile time apart; warn when a shape that was already rendered compiled again."""
-        self.compile_seconds += watch.seconds
+        self.compile_seconds += seconds
         warm = shape in self._warm_shapes
         self._warm_shapes.add(shape)
-        if watch.compiles and warm:
+        if compiles and warm:
             logger.warning(
                 "torch.compile recompiled %d frame(s) (%.1fs) while rendering shape %s a second time: "
                 'a render-to-render recompile; run with TORCH_LOGS="recompiles" to see why',
-                watch.compiles,
-                watch.seconds,
+                compiles,
+                seconds,
                 shape,
             )
-        elif watch.compiles:
+        elif compiles:
             logger.info(
                 "torch.compile (%s): compiled %d frame(s) in %.1fs for shape %s",
                 self.compile_mode,
-                watch.compiles,
-                watch.seconds,
+                compiles,
+                seconds,
                 shape,
             )
 
@@ -592,3 +851,9 @@ class Renderer:
             duration_s=f / gen.fps,
             extra={"seed": gen.seed, "decode_chunk_size": gen.decode_chunk_size},
         )
+
+
+def _check_render_batch(value: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"render_batch must be an integer >= 1 (rows per pipeline call), got {value!r}")
+    return value

@@ -51,6 +51,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -161,6 +162,8 @@ class RenderPipeline(StableVideoDiffusionPipeline):
         self.marks: dict[str, float] = {}
         self.last_decode_chunk_size: int | None = None
         self.last_decode_retries: int = 0
+        #: called once the conditioning (which casts the VAE to fp32 and back) is done
+        self.after_conditioning: Callable[[], None] | None = None
 
     # -- embedding cache (the image encoder's hook holds it) ---------------------------------
     @property
@@ -226,15 +229,19 @@ class RenderPipeline(StableVideoDiffusionPipeline):
 
     # -- timing -----------------------------------------------------------------------------
     def mark(self, name: str) -> None:
-        """Record ``time.perf_counter()`` under ``name`` (after a CUDA sync, so GPU work is counted)."""
+        """Record ``time.perf_counter()`` under ``name`` (after syncing this thread's CUDA stream,
+        so its GPU work is counted; not the whole device, so that a decode on another stream,
+        see ``Renderer.generate_stream``, goes on meanwhile)."""
         if self._execution_device.type == "cuda":
-            torch.cuda.synchronize(self._execution_device)
+            torch.cuda.current_stream(self._execution_device).synchronize()
         self.marks[name] = time.perf_counter()
 
     # -- timing marks and decode back-off ------------------------------------------------
     def prepare_latents(self, *args, **kwargs):
         latents = super().prepare_latents(*args, **kwargs)
         self.mark("conditioning_end")
+        if self.after_conditioning is not None:  # the renderer's: the VAE is free again
+            self.after_conditioning()
         return latents
 
     def decode_latents(self, latents: torch.Tensor, num_frames: int, decode_chunk_size: int = 14):

@@ -74,17 +74,19 @@ def _gpu_bench_cmd(*args: str) -> list[str]:
 
 @pytest.mark.slow
 def test_gpu_script_cpu_tiny_path_runs_every_stage(tmp_path):
-    """The CPU path of the GPU script: the same stages, tiny model, dynamo without inductor."""
+    """The CPU path of the GPU script: the same stages, tiny model, dynamo without inductor, FP8
+    through torch's CPU _scaled_mm (--fp8-on-cpu)."""
     out = tmp_path / "gpu_bench.json"
     env = dict(_env(), OUT=str(tmp_path / "out"))
     args = ("--steps", "1,2", "--steps-per-video", "2", "--batch-size", "2", "--step-cache", "2")
+    args += ("--fp8-on-cpu", "--quality-steps", "2", "--budget-s", "900")  # a shared, busy CPU
     proc = subprocess.run(
         _gpu_bench_cmd(*args, "--out", str(out)),
         cwd=ROOT,
-        env=env,
+        env=dict(env, GPU_BENCH_TIMEOUT_S="1000"),
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=1100,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(out.read_text())
@@ -93,10 +95,12 @@ def test_gpu_script_cpu_tiny_path_runs_every_stage(tmp_path):
     assert data["benchmark"] == "gpu_bench" and data["device"] == "cpu" and data["dtype"] == "fp32"
     assert data["compile_backend"] == "eager"  # the CPU default: dynamo without inductor
     assert data["versions"]["torch"] and data["versions"]["diffusers"]
-    assert data["stages_done"][:3] == ["build", "stock", "eager"] and data["stages_done"][-1] == "done"
+    assert data["stages_done"][:2] == ["build", "stock"] and data["stages_done"][-1] == "done"
+    assert "eager" in data["stages_done"]
     stages = data["stages"]
     assert set(stages) == {
-        "build", "stock", "eager", "compile", "compile_step_cache", "whole_video", "batched", "macs"
+        "build", "stock", "eager", "compile", "compile_step_cache", "fp8", "guidance", "whole_video",
+        "quality", "batched", "macs",
     }  # fmt: skip
     # every stage that did not run says why
     for name, stage in stages.items():
@@ -116,7 +120,9 @@ def test_gpu_script_cpu_tiny_path_runs_every_stage(tmp_path):
     # compiled figures are compiled ones: either no graph was compiled while timing, or the
     # recompile check stopped the stage (main's VCUT before it was made compile-safe)
     comp = stages["compile"]
-    if comp["status"] == "done":
+    if comp["status"] == "skipped":  # after fp8's compile and the eager ones, on a busy CPU
+        assert "time budget" in data["stages_skipped"]["compile"]
+    elif comp["status"] == "done":
         assert configs["full+compile"]["graphs_compiled_during_timing"] == 0
         assert configs["full+compile"]["dynamo"]["graphs_compiled"] > 0
         assert configs["full+compile"]["compile_s"] > 0
@@ -141,6 +147,39 @@ def test_gpu_script_cpu_tiny_path_runs_every_stage(tmp_path):
     if data["features"]["step_cache"]:  # timed at whole cycles of its schedule: N and 3N steps
         assert [r["steps"] for r in configs["full+cache2"]["raw"]] == [2, 6]
     assert data["whole_video"]["steps"] == 2 and data["whole_video"]["seconds"] > 0
+    # FP8: its own compiled UNet, no recompiles while timed, frames moved away from stock's (on a
+    # loaded machine the budget may leave no time for a second compile: then it says so)
+    fp8_done = stages["fp8"]["status"] == "done"
+    if not fp8_done:
+        assert "time budget" in data["stages_skipped"]["fp8"], stages["fp8"]
+    else:
+        fp8 = configs["full+compile+cache2+fp8"]
+        assert fp8["graphs_compiled_during_timing"] == 0 and fp8["dynamo"]["graphs_compiled"] > 0
+        assert fp8["quantize_report"]["backend"] in ("scaled_mm", "torchao")
+        assert fp8["quantize_report"]["linear_layers_fp8"] > 0
+    # the guidance interval: measured where the Renderer takes it, else skipped saying why
+    if data["features"]["guidance"]:
+        assert stages["guidance"]["status"] == "done", stages["guidance"]
+        assert any(name.endswith("+g0-0.6") for name in configs)
+    else:
+        assert data["stages_skipped"]["guidance"] == data["features"]["missing"]["guidance"]
+    # quality: every configuration timed at the full shape has its distance to stock (or says it
+    # had no time for it); VCUT off renders stock's frames
+    assert stages["quality"]["status"] == "done", stages["quality"]
+    quality = stages["quality"]["configs"]
+    timed = {
+        n
+        for n, c in configs.items()
+        if c.get("raw") and not c.get("error") and c["shape"]["height"] == 64 and n != "stock"
+    }
+    assert set(quality) == timed, (set(quality), timed)
+    for name, q in quality.items():
+        assert q == {"skipped": "time budget"} or 0 <= q["ssim_mean"] <= 1, (name, q)
+    assert quality["off"]["max_abs_diff"] <= 1 and quality["off"]["ssim_mean"] > 0.99
+    if fp8_done and isinstance(quality.get("full+compile+cache2+fp8"), dict):
+        q8 = quality["full+compile+cache2+fp8"]
+        assert not q8["identical"] and q8["psnr_mean_db"] > 0 and q8["ssim_mean"] < 1.0
+    assert "| PSNR vs stock (dB) |" in out.with_suffix(".md").read_text()
     counted = data["macs"]["counted"]
     assert counted["full|cache0|64x64x4"]["per_step_macs"] < counted["off|cache0|64x64x4"]["per_step_macs"]
     assert data["mfu"]["off"]["achieved_tflops"] > 0 and data["mfu"]["off"]["mfu"] is None  # no CPU peak
@@ -207,6 +246,8 @@ def test_gpu_bench_budget_skips_stages_and_says_why(tmp_path):
     for stage in ("stock", "eager:off", "eager:exact", "eager:full", "eager", "compile"):
         assert "time budget" in skipped[stage], stage
     assert skipped["whole_video"] == "no configuration was measured"
+    assert skipped["quality"].startswith("stock diffusers was not measured")
+    assert skipped["fp8"].startswith("quantize=fp8 needs a CUDA GPU")  # a CPU: refused, one line
     assert skipped["batched"] == "no eager configuration was measured"
     assert data["stages"]["eager"]["status"] == "skipped" and not data["configs"]
 
@@ -215,11 +256,11 @@ def test_time_is_kept_only_for_later_stages_that_will_run():
     from benchmarks import gpu_bench
 
     bench = gpu_bench.Bench(gpu_bench.parse_args(["--device", "cpu", "--tiny", "--out", "/dev/null"]))
-    bench.planned = {"build", "compile", "whole_video", "batched", "macs"}
+    bench.planned = {"build", "compile", "whole_video", "quality", "batched", "macs"}
     everything = bench.reserve_after("compile")
     bench.planned = {"build", "compile", "whole_video"}  # e.g. --stages compile,whole_video
     assert bench.reserve_after("compile") == pytest.approx(
-        everything - bench.est_batched() - bench.est_macs()
+        everything - bench.est_quality() - bench.est_batched() - bench.est_macs()
     )
     assert bench.reserve_after("macs") == pytest.approx(1.0)  # only the margin
 
