@@ -98,6 +98,16 @@ class WorkersConfig:
 
 
 @dataclass
+class ImagesConfig:
+    """Limits of each input image's fetch, in the worker before rendering (pipeline.fetch): a
+    host that never answers, trickles or sends an endless body fails its own row."""
+
+    connect_timeout_s: float = 10.0
+    read_timeout_s: float = 60.0  # after connecting: waiting for the answer and the whole body
+    max_bytes: int = 256 * 2**20  # encoded size
+
+
+@dataclass
 class CacheConfig:
     entries: int = 64
     bytes: int = 256 * 2**20
@@ -121,6 +131,7 @@ class JobConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     ray_address: str | None = None  # None: RAY_ADDRESS, else start a local Ray instance
     progress_interval_s: float = 10.0  # log line period when stderr is not a terminal
@@ -205,6 +216,8 @@ def check_config(cfg: DictConfig) -> None:
         (w.max_restarts >= 0, "workers.max_restarts must be >= 0"),
         (cfg.output.format.isalnum(), "output.format must be a plain extension such as mp4"),
         (cfg.output.shard_size >= 1, "output.shard_size must be >= 1"),
+        (cfg.images.connect_timeout_s > 0 and cfg.images.read_timeout_s > 0, "images.*_timeout_s must be > 0"),
+        (cfg.images.max_bytes >= 1, "images.max_bytes must be >= 1"),
     ]
     for ok, message in checks:
         if not ok:
