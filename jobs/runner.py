@@ -42,6 +42,7 @@ from jobs.progress import Progress
 from jobs.shards import ShardWriter, check_layout, scan
 from jobs.stop import OutputWriteError, StopSignals, output_failure
 from jobs.worker import RenderWorker
+from pipeline.fetch import FetchLimits, fetch_budget_s
 from pipeline.params import BATCH_PARAMS, ROW_PARAMS
 
 log = logging.getLogger("jobs")
@@ -83,7 +84,13 @@ BATCH_DEADLINE_FLOOR_S = 60.0
 
 
 def batch_deadline(
-    rows: int, per_row: list[float] | None, fixed: float | None, first_floor: float | None = None
+    rows: int,
+    per_row: list[float] | None,
+    fixed: float | None,
+    first_floor: float | None = None,
+    *,
+    first_per_row: list[float] | None = None,
+    fetch_s: float = 0.0,
 ) -> float:
     """Seconds a batch of ``rows`` may take on its worker before the worker is taken for hung.
 
@@ -91,16 +98,22 @@ def batch_deadline(
     of ``per_row`` (seconds per row of the batches finished so far on this job), at least
     ``BATCH_DEADLINE_FLOOR_S`` (and with no measurement yet, at least ``first_floor``). A
     worker's first batch (``first_floor`` given: ``workers.start_timeout_s``) always gets at
-    least ``first_floor``: its first call may import, compile or warm up for minutes.
+    least ``first_floor``: its first call may import, compile or warm up for minutes; once
+    ``first_per_row`` (seconds per row of workers' first batches on this job) is measured, that
+    warm-up, x ``BATCH_DEADLINE_FACTOR``, when shorter. ``fetch_s`` (``pipeline.fetch``: the
+    longest the batch's image fetches may take, bounded by their timeouts) is added: a worker
+    is killed as hung for time in the model, never for a slow image host.
     """
+    if first_floor is not None and first_per_row:
+        first_floor = min(float(first_floor), BATCH_DEADLINE_FACTOR * rows * statistics.median(first_per_row))
     if fixed is not None:
-        return max(float(fixed), float(first_floor or 0.0))
+        return max(float(fixed), float(first_floor or 0.0)) + fetch_s
     floor = BATCH_DEADLINE_FLOOR_S
     if first_floor is not None or not per_row:
         floor = max(floor, float(first_floor or 0.0))
     if not per_row:
-        return floor
-    return max(floor, BATCH_DEADLINE_FACTOR * rows * statistics.median(per_row))
+        return floor + fetch_s
+    return max(floor, BATCH_DEADLINE_FACTOR * rows * statistics.median(per_row)) + fetch_s
 
 
 @dataclass
@@ -240,6 +253,8 @@ class Runner:
         self.stopped: str | None = None  # request_stop's reason, once asked to stop
         self._stop_deadline = math.inf
         self.per_row: deque[float] = deque(maxlen=256)  # seconds per row of finished batches
+        self.first_per_row: deque[float] = deque(maxlen=64)  # the same, of workers' first batches
+        self.fetch_limits = FetchLimits(**self.cfg_dict["images"])  # jobs.config.ImagesConfig
         self.elastic = str(cfg.workers.count).lower() == "auto"
         self._next_elastic_check = 0.0
         self._elastic_warned = False
@@ -345,7 +360,12 @@ class Runner:
             ref, since = oldest
             rows = len(self.inflight[ref][1].rows)
             deadline = batch_deadline(
-                rows, list(self.per_row), fixed, first if worker.batches_done == 0 else None
+                rows,
+                list(self.per_row),
+                fixed,
+                first if worker.batches_done == 0 else None,
+                first_per_row=list(self.first_per_row),
+                fetch_s=fetch_budget_s(rows, self.fetch_limits),
             )
             if now - since > deadline:
                 node = worker.info.get("node_ip") or worker.info.get("node") or "?"
@@ -522,6 +542,8 @@ class Runner:
         since = max(worker.inflight.pop(ref), worker.last_done)
         if rows and oldest is not None and oldest[0] == ref:
             self.per_row.append((now - since) / rows)
+            if worker.batches_done == 0:  # warm-up included: a later worker's first batch
+                self.first_per_row.append((now - since) / rows)
         worker.last_done = now
         worker.batches_done += 1
         del self.inflight[ref]
