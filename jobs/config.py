@@ -64,6 +64,8 @@ class OutputConfig:
     crf: int = 18
     preset: str = "medium"
     overwrite: bool = False  # render rows that are already ``ok`` again
+    # "changed": render again the ok rows whose inputs changed (jobs.fingerprint); None: keep them
+    rerender: str | None = None
     layout: Layout = Layout.files
     shard_size: int = 1000  # samples per shard (layout webdataset)
     caption_column: str | None = None  # a manifest column written as <key>.txt (layout webdataset)
@@ -216,8 +218,10 @@ def check_config(cfg: DictConfig) -> None:
         (w.max_restarts >= 0, "workers.max_restarts must be >= 0"),
         (cfg.output.format.isalnum(), "output.format must be a plain extension such as mp4"),
         (cfg.output.shard_size >= 1, "output.shard_size must be >= 1"),
-        (cfg.images.connect_timeout_s > 0 and cfg.images.read_timeout_s > 0, "images.*_timeout_s must be > 0"),
+        (cfg.images.connect_timeout_s > 0, "images.connect_timeout_s must be > 0"),
+        (cfg.images.read_timeout_s > 0, "images.read_timeout_s must be > 0"),
         (cfg.images.max_bytes >= 1, "images.max_bytes must be >= 1"),
+        (cfg.output.rerender in (None, "changed"), "output.rerender must be changed or null"),
     ]
     for ok, message in checks:
         if not ok:

@@ -2,8 +2,10 @@
 
 Validates the manifest, reads DIR's committed results (the resume state: ``results/`` for the
 ``files`` layout, published shards for ``webdataset``; nothing is written or removed) and
-prints the rows to render, distinct images, shapes with counts, MACs per lever
-(``vcut.count_macs``: the model's UNet config only) and an estimate of GPU-hours:
+prints the rows to render (and how many rows already ok changed: ``jobs.fingerprint``),
+distinct images, shapes with counts, MACs per lever (``vcut.count_macs``: the model's UNet
+config only) and an estimate of hours (GPU-hours; CPU-hours when DIR's timed rows ran on CPUs,
+which record no GPU memory peak):
 
 1. from per-shape timings in DIR's earlier results (mean ``seconds`` of ``ok`` rows per
    height x width x frames x steps; shapes without a timing are scaled by MACs from the
@@ -68,6 +70,19 @@ def _count(model: str, shape: tuple[int, int, int, int], guidance: bool, cfg: An
         step_cache=cfg.model.step_cache,
         step_cache_depth=int(cfg.model.step_cache_depth),
     )
+
+
+def _earlier_device(out: OutputDir) -> str:
+    """What DIR's timed ``ok`` rows ran on, for the estimate's unit: ``GPU`` when every one
+    recorded a GPU memory peak (only CUDA rows do), ``CPU`` when none did, else ``worker``."""
+    if not results._parts(out):
+        return "GPU"
+    table = results.read_results(out, ["status", "seconds", "gpu_memory_bytes"])
+    table = table.filter(
+        pc.and_(pc.equal(table.column("status"), "ok"), pc.is_valid(table.column("seconds")))
+    )
+    on_gpu = int(pc.sum(pc.is_valid(table.column("gpu_memory_bytes"))).as_py() or 0)
+    return "GPU" if on_gpu == table.num_rows else "CPU" if on_gpu == 0 else "worker"
 
 
 def _earlier_timings(out: OutputDir) -> dict[tuple[int, int, int, int], tuple[float, int, float]]:
@@ -136,6 +151,12 @@ def dry_run(cfg: Any, manifest: str, out: OutputDir, stream: TextIO) -> int:
     else:
         done = results.done_ids(out)
 
+    from omegaconf import OmegaConf
+
+    from jobs.fingerprint import Changes
+
+    cfg_dict = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    changes = Changes(out, cfg_dict, resolve_params, rerender=cfg.output.rerender == "changed")
     model = _macs_model(str(cfg.model.id))
     frames_default = cfg.defaults.num_frames
     if frames_default is None:
@@ -150,7 +171,7 @@ def dry_run(cfg: Any, manifest: str, out: OutputDir, stream: TextIO) -> int:
     images: set[int] = set()
     shapes: Counter[tuple[int, int, int, int, bool]] = Counter()
     for chunk in iter_manifest(manifest, int(cfg.workers.window_rows)):
-        skip = results.is_done(hash_ids([r["id"] for r in chunk]), done)
+        skip = changes.check(chunk, results.is_done(hash_ids([r["id"] for r in chunk]), done))
         skipped += int(skip.sum())
         for row, skipped_row in zip(chunk, skip, strict=True):
             if skipped_row:
@@ -170,6 +191,13 @@ def dry_run(cfg: Any, manifest: str, out: OutputDir, stream: TextIO) -> int:
     say(f"manifest: {manifest}: {info.num_rows} rows, valid")
     where = f"published shards in {out.uri_of('shards')}" if layout == "webdataset" else out.uri_of("results")
     say(f"to render: {rows} rows ({skipped} already ok in {where})")
+    if changes.changed and changes.rerender:
+        say(f"changed: {changes.changed} rows already ok whose inputs changed render again (--rerender)")
+    elif changes.changed:
+        say(
+            f"changed: {changes.changed} rows already ok whose inputs changed are kept "
+            "(--rerender changed renders them again)"
+        )
     if layout == "webdataset" and rows:
         size = int(cfg.output.shard_size)
         say(f"layout: webdataset, {-(-rows // size)} new shard(s) of up to {size} samples")
@@ -203,12 +231,14 @@ def dry_run(cfg: Any, manifest: str, out: OutputDir, stream: TextIO) -> int:
         say(f"MACs: not counted for every shape ({mac_error})")
 
     seconds, source = _estimate(cfg, out, shapes, macs)
+    # earlier rows' timings are in their own device's hours (a CPU test job's are no GPU-hours)
+    unit = _earlier_device(out) if source.startswith("per-shape timings") else "GPU"
     if not rows:
-        say("estimate: 0 GPU-hours (nothing to render)")
+        say("estimate: 0 hours (nothing to render)")
     elif seconds is None:
         say(f"estimate: none ({source})")
     else:
-        say(f"estimate: {seconds / 3600:.4g} GPU-hours ({source})")
+        say(f"estimate: {seconds / 3600:.4g} {unit}-hours ({source})")
     return 0
 
 

@@ -149,6 +149,7 @@ FLAG_KEYS = {
     "metrics_address": "metrics.address",
     "pushgateway": "metrics.pushgateway",
     "overwrite": "output.overwrite",
+    "rerender": "output.rerender",
 }
 
 
@@ -567,6 +568,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="output folder or URI (s3://, gs://): videos/, results/, summary.json"
     )
     p.add_argument("--overwrite", action="store_true", help="render rows that are already ok again")
+    p.add_argument(
+        "--rerender",
+        choices=["changed"],
+        help="render again the ok rows whose image, generation values, model or VCUT settings changed",
+    )
     p.add_argument(
         "--dry-run",
         action="store_true",

@@ -37,6 +37,7 @@ RESULT_SCHEMA = pa.schema(
         ("error", pa.string()),
         *arrow_fields(),  # the generation parameters (pipeline.params): seed, num_frames, fps, ...
         ("vcut_mode", pa.string()),
+        ("fingerprint", pa.string()),  # what determines the video (jobs.fingerprint)
         ("seconds", pa.float64()),
         ("encode_seconds", pa.float64()),
         ("macs", pa.int64()),
@@ -79,8 +80,10 @@ def _corrupt(exc: BaseException) -> bool:
     if isinstance(exc, pa.ArrowInvalid):
         return True
     text = str(exc).lower()
-    return isinstance(exc, OSError) and exc.errno is None and any(
-        w in text for w in ("corrupt", "deserializ", "end of", "magic bytes", "invalid")
+    return (
+        isinstance(exc, OSError)
+        and exc.errno is None
+        and any(w in text for w in ("corrupt", "deserializ", "end of", "magic bytes", "invalid"))
     )
 
 

@@ -37,6 +37,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from jobs import manifest, output, results
+from jobs.fingerprint import Changes
 from jobs.hooks import JobHook, SafeHook
 from jobs.progress import Progress
 from jobs.shards import ShardWriter, check_layout, scan
@@ -148,17 +149,21 @@ def plan_batches(
     batch_size: int,
     counters: dict[str, int],
     key: Callable[[dict[str, Any]], Hashable] | None = None,
+    changes: Changes | None = None,
 ) -> Iterator[Batch]:
     """Batches of not-yet-ok rows; within each chunk, rows that share an image are adjacent and
     travel in one batch (a group larger than ``batch_size`` is cut into full batches).
 
     With ``key`` (the driver's: a row's generation values but seed), a batch holds rows of one
     key only: rows that can render in one pipeline call travel together, image groups
-    adjacent within them, and rows of another key start a new batch."""
+    adjacent within them, and rows of another key start a new batch. ``changes``
+    (``jobs.fingerprint``) counts done rows whose inputs changed (and renders them again
+    with ``--rerender changed``)."""
     current: list[dict[str, Any]] = []
     current_key: Hashable = None
     for chunk in chunks:
         skip = results.is_done(manifest.hash_ids([r["id"] for r in chunk]), done)
+        skip = changes.check(chunk, skip) if changes is not None else skip  # jobs.fingerprint
         counters["skipped"] += int(skip.sum())
         groups: dict[Hashable, dict[str, list[dict[str, Any]]]] = {}
         for row, skipped in zip(chunk, skip, strict=True):
@@ -459,6 +464,7 @@ class Runner:
             out = {k: v for k, v in row.items() if k not in manifest.PRIVATE_KEYS}  # `_x` columns too
             out.update(resolve_params(row, self.cfg_dict["defaults"]))
             out.setdefault("vcut_mode", self.cfg_dict["model"]["vcut"])
+            out["fingerprint"] = self.changes.of(row)
             video = result.pop("video", None)
             out.update(result)
             out["attempts"] = batch.attempts + 1
@@ -627,7 +633,9 @@ class Runner:
             log.info("workers.batch_size raised to workers.render_batch=%d (rows per task)", batch_size)
         defaults = self.cfg_dict["defaults"]
         key = (lambda row: render_key(row, defaults)) if int(self.cfg.workers.render_batch) > 1 else None
-        batches = plan_batches(chunks, done, batch_size, self.counters, key)
+        rerender = self.cfg_dict["output"].get("rerender") == "changed"
+        self.changes = Changes(self.out, self.cfg_dict, resolve_params, rerender=rerender)
+        batches = plan_batches(chunks, done, batch_size, self.counters, key, self.changes)
         log.info(
             "job: %d manifest rows, %d already ok, %d worker(s) x %.2f CPU / %.2f GPU",
             info.num_rows,
@@ -703,6 +711,9 @@ class Runner:
         else:
             summary["videos"] = self.out.uri_of("videos")
         summary["vcut_mode"] = self.cfg_dict["model"]["vcut"]
+        summary["changed_ok_rows"] = self.changes.changed
+        if self.changes.line():
+            log.warning("%s", self.changes.line())
         if self.stopped:
             summary["stopped"] = self.stopped
         _write_json(self.out, summary)
