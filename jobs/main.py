@@ -289,6 +289,7 @@ def _run_job(args: argparse.Namespace, signals) -> int:
     from jobs.output import open_output
     from jobs.preflight import ClusterUnavailableError, PreflightError, run_preflight
     from jobs.progress import format_summary
+    from jobs.results import CorruptPartError
     from jobs.runner import JobError, run_job
     from jobs.stop import ExitStatus, OutputWriteError, exit_for_signal, quiet_orphaned_storage_errors
 
@@ -310,6 +311,8 @@ def _run_job(args: argparse.Namespace, signals) -> int:
         except ManifestError as exc:
             print(f"vcut: error: {exc}", file=sys.stderr)
             return 2
+        except CorruptPartError as exc:  # a damaged results part: its name and the fix
+            return _fail(str(exc))
     try:  # manifest, output, model, ffmpeg, cluster address: before Ray starts
         info = run_preflight(cfg, args.manifest, out)
     except ClusterUnavailableError as exc:  # --address: nothing answers, not Ray, token auth
@@ -344,6 +347,8 @@ def _run_job(args: argparse.Namespace, signals) -> int:
     except ManifestError as exc:
         print(f"vcut: error: {exc}", file=sys.stderr)
         return 2
+    except CorruptPartError as exc:  # a damaged results part: its name and the fix
+        return _fail(str(exc))
     except JobError as exc:
         logs = f"; details in {out.uri_of('logs')}" if (exc.causes or log_file) else ""
         for cause in exc.causes or [""]:
@@ -370,7 +375,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
         return _fail(f"{out.uri} has no results yet (not the --out of a vcut run?)")
     if args.sample < 0:
         return _fail("--sample must be >= 0")
-    print(f"wrote {write_report(out, sample=args.sample)}")
+    from jobs.results import CorruptPartError
+
+    try:
+        print(f"wrote {write_report(out, sample=args.sample)}")
+    except CorruptPartError as exc:  # a damaged results part: its name and the fix
+        return _fail(str(exc))
     return 0
 
 
