@@ -22,6 +22,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from jobs import leftovers
+
 T = TypeVar("T")
 
 #: The ffmpeg encoder each ``output.format`` needs (see ``pipeline.encode``).
@@ -444,6 +446,8 @@ def connect_ray(address: str | None, *, verbose: bool = False) -> None:
     from pipeline.notices import quiet_notices
 
     quiet_notices()  # the local instance's token-auth banner (pipeline.notices says why)
+    if not address:  # a local instance: first end what killed vcut drivers left (jobs.leftovers)
+        leftovers.end_and_say()
     try:
         ray.init(
             address=address,
@@ -465,6 +469,9 @@ def connect_ray(address: str | None, *, verbose: bool = False) -> None:
                 f"cluster is up (`ray status`) and the address; with token authentication, {TOKEN_HINT}"
             ) from exc
         raise
+    node = getattr(ray._private.worker, "_global_node", None)  # Ray's: no public session dir
+    if getattr(node, "head", False):  # this driver started the instance (not a `ray start` one)
+        leftovers.mark_session(node.get_session_dir_path())
 
 
 def check_gpus(cfg: Any, resources: dict[str, float], address: str | None = None) -> str:

@@ -76,6 +76,7 @@ ALL_ROWS = {
     "model",
     "HF cache, token",
     "output",
+    "Ray leftovers",
 }
 
 
