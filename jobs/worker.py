@@ -421,10 +421,11 @@ class RenderWorker:
     ) -> tuple[list[dict[str, Any]], list[bool]]:
         """Every task's image loaded at once (``pipeline.images.prefetch_images``): the tasks
         with their loaded images, and per task whether it has one (else its result says why)."""
-        from pipeline.images import prefetch_images
+        from pipeline.images import DEFAULT_MAX_PIXELS, prefetch_images
 
         start = time.perf_counter()
-        loaded = prefetch_images([t["image"] for t in tasks], self.fetch_limits)
+        max_pixels = getattr(self.renderer, "max_pixels", DEFAULT_MAX_PIXELS)  # the renderer's own guard
+        loaded = prefetch_images([t["image"] for t in tasks], self.fetch_limits, max_pixels=max_pixels)
         seconds = time.perf_counter() - start
         fetched = [not isinstance(image, Exception) for image in loaded]
         for result, image, ok in zip(results, loaded, fetched, strict=True):

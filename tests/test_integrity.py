@@ -18,11 +18,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import moto_s3
+from omegaconf import OmegaConf
 
 from jobs import manifest, output, results
 from jobs.config import check_config, load_config
 from jobs.lock import EXIT_LOCKED, LEASE_NAME, LOCK_NAME, OutputLock, OutputLockedError
-from jobs.runner import Runner
+from jobs.fingerprint import Changes
+from jobs.runner import Runner, resolve_params
 from pipeline.params import SEED_MAX, as_int
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,6 +157,8 @@ def test_underscore_columns_are_carried(tmp_path):
     runner = Runner.__new__(Runner)  # only _commit: no Ray, no workers
     runner.cfg_dict = {"defaults": {}, "model": {"vcut": "full"}}
     runner.shards = None
+    full = OmegaConf.to_container(load_config(), resolve=True, enum_to_str=True)
+    runner.changes = Changes(tmp_path / "out", full, resolve_params)  # the rows' fingerprints
     committed: list[dict] = []
     runner._commit_rows = committed.extend
     runner._commit(mf_batch(rows), [{"status": "ok"} for _ in rows])
