@@ -22,8 +22,8 @@ from omegaconf import OmegaConf
 
 from jobs import manifest, output, results
 from jobs.config import check_config, load_config
-from jobs.lock import EXIT_LOCKED, LEASE_NAME, LOCK_NAME, OutputLock, OutputLockedError
 from jobs.fingerprint import Changes
+from jobs.lock import EXIT_LOCKED, LEASE_NAME, LOCK_NAME, OutputLock, OutputLockedError
 from jobs.runner import Runner, resolve_params
 from pipeline.params import SEED_MAX, as_int
 
