@@ -79,3 +79,69 @@ def test_the_hung_deadline_allows_the_fetch_and_learns_the_warm_up():
     # ... then that measured warm-up (x the factor), not start_timeout_s again for every worker
     assert batch_deadline(2, [1.0], None, 600.0, first_per_row=[20.0]) == BATCH_DEADLINE_FACTOR * 2 * 20.0
     assert batch_deadline(2, [1.0], None, 600.0, first_per_row=[400.0]) == 600.0  # never above it
+
+
+def test_the_next_batch_loads_its_images_while_the_current_one_renders(tmp_path):
+    """The worker's two slots: batch B's image fetch must not wait for the render lock that
+    batch A holds. A's render blocks until B's image was served by a loopback server; were the
+    fetch under the lock, A would wait for B and B for A (the Event's wait would time out)."""
+    import http.server
+    import threading
+
+    from hostile_http import png_bytes
+    from omegaconf import OmegaConf
+
+    from benchmarks.orchestration import StubRenderer, stub_encode
+    from jobs.config import load_config
+    from jobs.runner import resolve_params
+    from jobs.worker import RenderWorker
+
+    served = threading.Event()
+
+    class Serve(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            body = png_bytes()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            served.set()
+
+        def log_message(self, *args) -> None:
+            pass
+
+    waited: list[bool] = []
+
+    class Blocking(StubRenderer):
+        def generate(self, image, **kwargs):
+            if kwargs.get("seed") == 1:  # batch A's row: renders until B's image has been fetched
+                waited.append(served.wait(timeout=60))
+            return super().generate(image, **kwargs)
+
+    from PIL import Image
+
+    Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
+    cfg = OmegaConf.to_container(load_config(), resolve=True, enum_to_str=True)
+    worker = RenderWorker(cfg, "w0", renderer_factory=lambda m, c: Blocking(), encoder=stub_encode)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Serve)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+
+    def task(image: str, seed: int) -> dict:
+        params = resolve_params({"seed": seed}, cfg["defaults"])
+        return {"id": str(seed), "image": image, "output": str(tmp_path / f"{seed}.mp4"), "params": params}
+
+    out: dict[str, list] = {}
+    try:
+        a = threading.Thread(
+            target=lambda: out.setdefault("a", worker.render_batch([task(str(tmp_path / "a.png"), 1)]))
+        )
+        a.start()
+        while not worker._render_lock.locked():  # A holds the lock (renders) before B arrives
+            threading.Event().wait(0.01)
+        url = f"http://127.0.0.1:{server.server_port}/b.png"
+        out["b"] = worker.render_batch([task(url, 2)])
+        a.join(60)
+    finally:
+        server.shutdown()
+    assert waited == [True]  # A's render saw B's image served
+    assert [r["status"] for r in out["a"] + out["b"]] == ["ok", "ok"]
