@@ -47,3 +47,18 @@ def test_limits_reach_the_http_and_s3_filesystems():
     assert (options.sock_connect, options.sock_read, options.total) == (1.0, 1.5, 2.5)
     assert LIMITS.storage_options("s3") == {"config_kwargs": {"connect_timeout": 1.0, "read_timeout": 1.5}}
     assert LIMITS.storage_options("gs") == {}
+
+
+def test_an_s3_image_through_the_limits(monkeypatch):
+    """botocore's connect/read timeouts reach s3fs (moto on loopback); the size cap applies."""
+    from conftest import moto_s3
+
+    with moto_s3(monkeypatch) as fs:
+        fs.mkdir("bucket")
+        fs.pipe_file("bucket/a.png", png_bytes())
+        assert load_image("s3://bucket/a.png", limits=LIMITS).size == (16, 16)
+        small = FetchLimits(connect_timeout_s=1.0, read_timeout_s=1.5, max_bytes=100)
+        with pytest.raises(ImageError, match=r"^image 's3://bucket/a.png' is too large \(over 100 bytes"):
+            load_image("s3://bucket/a.png", limits=small)
+        with pytest.raises(ImageError, match=r"^image 's3://bucket/missing.png' not found$"):
+            load_image("s3://bucket/missing.png", limits=LIMITS)

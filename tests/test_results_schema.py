@@ -103,3 +103,24 @@ def test_a_folder_written_with_mixed_schemas_is_conformed_by_compaction(tmp_path
     for by_id in _read_three_ways(folder):
         assert (by_id["a"]["note"], by_id["b"]["note"]) == ("1", "x")
     assert [n for n in folder.iterdir() if n.name.startswith(".")] == []
+
+
+def test_on_an_object_store_too(monkeypatch):
+    """``results/`` on S3 (a moto server on loopback): the old parts are rewritten by one
+    upload each under their own name, and pandas / pyarrow read every column through s3fs."""
+    from conftest import moto_s3
+
+    with moto_s3(monkeypatch) as fs:
+        fs.mkdir("bucket")
+        out = "s3://bucket/job"
+        _commit(out, pa.schema([("note", pa.int64())]), _rows(["a", "b"], note=[1, 2]))
+        _commit(out, pa.schema([("note", pa.string())]), _rows(["c"], note=["x"]))
+        fs.invalidate_cache()
+        readers = [
+            pd.read_parquet("s3://bucket/job/results").to_dict("records"),
+            pq.read_table("bucket/job/results", filesystem=fs).to_pylist(),
+            ds.dataset("bucket/job/results", filesystem=fs).to_table().to_pylist(),
+        ]
+        for records in readers:
+            assert sorted((r["id"], r["note"]) for r in records) == [("a", "1"), ("b", "2"), ("c", "x")]
+        assert [n for n in fs.ls("bucket/job/results", detail=False) if "/." in n] == []
