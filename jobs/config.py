@@ -9,6 +9,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.compile_modes import COMPILE_MODES
+from pipeline.fetch import FetchLimits
 from pipeline.params import GENERATION_PARAMS, check_generation
 from vcut.modes import MODES
 
@@ -104,9 +105,9 @@ class ImagesConfig:
     """Limits of each input image's fetch, in the worker before rendering (pipeline.fetch): a
     host that never answers, trickles or sends an endless body fails its own row."""
 
-    connect_timeout_s: float = 10.0
-    read_timeout_s: float = 60.0  # after connecting: waiting for the answer and the whole body
-    max_bytes: int = 256 * 2**20  # encoded size
+    connect_timeout_s: float = FetchLimits.connect_timeout_s
+    read_timeout_s: float = FetchLimits.read_timeout_s  # after connecting: the answer and the whole body
+    max_bytes: int = FetchLimits.max_bytes  # encoded size
 
 
 @dataclass
