@@ -466,7 +466,7 @@ def test_workers_count_auto_config_flag_and_sizing():
         build_parser().parse_args(["run", "m.csv", "--out", "o", "--workers", "two"])
 
 
-def test_worker_given_a_gpu_without_cuda_refuses_unless_cpu_fallback(monkeypatch):
+def test_worker_given_a_gpu_without_cuda_refuses_unless_cpu_fallback(monkeypatch, tmp_path):
     import torch
 
     from jobs import worker as jw
@@ -490,7 +490,11 @@ def test_worker_given_a_gpu_without_cuda_refuses_unless_cpu_fallback(monkeypatch
     cfg["workers"]["allow_cpu_fallback"] = True
     allowed = jw.RenderWorker(cfg, "w1", renderer_factory=slow_renderer, encoder=no_encode)
     assert "error" not in allowed.info() and allowed.info()["device"] == "cpu"
-    task = {"id": "a", "image": "x.png", "output": "/dev/null", "params": {k: 1 for k in ROW_PARAMS}}
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")  # the worker loads images before rendering
+    params = {k: 1 for k in ROW_PARAMS}
+    task = {"id": "a", "image": str(tmp_path / "x.png"), "output": "/dev/null", "params": params}
     assert allowed.render_batch([task])[0]["status"] == "ok"
     # no GPU given: no check at all (torch not even needed)
     monkeypatch.setattr(jw, "_assigned_gpus", lambda: [])
