@@ -19,6 +19,8 @@ from pipeline.params import BATCH_PARAMS, ROW_PARAMS
 if TYPE_CHECKING:
     import numpy as np
 
+    from jobs.fingerprint import Changes
+
 
 def resolve_params(row: Mapping[str, Any], generation: Mapping[str, Any]) -> dict[str, Any]:
     """A row's generation values, the job config's where the row has none."""
@@ -43,7 +45,8 @@ class RowTask:
     generation value (``ROW_PARAMS``), resolved; ``key``: the batching key (``batch_key_of``);
     ``output``: the video's path or URI (None with ``output.layout=webdataset``, where the
     worker returns the bytes); ``columns``: the manifest's own columns carried to the results
-    (``image`` as written in the manifest, and every unknown column), not the private ones.
+    (``image`` as written in the manifest, and every unknown column), not the private ones;
+    ``fingerprint``: what determines its video (``jobs.fingerprint``; None without a job key).
     """
 
     id: str
@@ -52,14 +55,21 @@ class RowTask:
     key: tuple
     output: str | None = None
     columns: dict[str, Any] = field(default_factory=dict)
+    fingerprint: str | None = None
 
     @classmethod
     def from_row(
-        cls, row: Mapping[str, Any], defaults: Mapping[str, Any], output: str | None = None
+        cls,
+        row: Mapping[str, Any],
+        defaults: Mapping[str, Any],
+        output: str | None = None,
+        job_key: str | None = None,
     ) -> RowTask:
-        """The record of a manifest row (``jobs.manifest.iter_manifest``'s dict). On the driver
-        only: ``jobs.manifest`` (pyarrow) is imported here, so a worker that unpickles a
-        RowTask imports neither pyarrow nor numpy."""
+        """The record of a manifest row (``jobs.manifest.iter_manifest``'s dict); with
+        ``job_key`` (``jobs.fingerprint.job_key``), its fingerprint. On the driver only:
+        ``jobs.manifest`` (pyarrow) is imported here, so a worker that unpickles a RowTask
+        imports neither pyarrow nor numpy."""
+        from jobs.fingerprint import row_fingerprint
         from jobs.manifest import PRIVATE_KEYS
 
         params = resolve_params(row, defaults)
@@ -67,12 +77,13 @@ class RowTask:
             k: v for k, v in row.items() if k not in PRIVATE_KEYS and k not in params and k != "id"
         }
         image = row.get("_image", row.get("image"))
-        return cls(str(row["id"]), image, params, batch_key_of(params), output, columns)
+        fingerprint = row_fingerprint(image, params, job_key) if job_key is not None else None
+        return cls(str(row["id"]), image, params, batch_key_of(params), output, columns, fingerprint)
 
     def result_row(self, result: Mapping[str, Any], vcut_mode: str, attempts: int) -> dict[str, Any]:
         """The committed row: the carried columns, the resolved parameters, then the worker's
         ``result`` (status, timings, placement ...) and the attempts."""
-        row = {"id": self.id, **self.columns, **self.params}
+        row = {"id": self.id, **self.columns, **self.params, "fingerprint": self.fingerprint}
         row.setdefault("vcut_mode", vcut_mode)
         row.update(result)
         row["attempts"] = attempts
@@ -107,6 +118,7 @@ def plan_batches(
     counters: dict[str, int],
     make: Callable[[dict[str, Any]], RowTask],
     by_key: bool = False,
+    changes: Changes | None = None,
 ) -> Iterator[Batch]:
     """Batches of not-yet-ok rows, each row made into its record by ``make``; within each
     chunk, rows that share an image are adjacent and travel in one batch (a group larger than
@@ -114,13 +126,15 @@ def plan_batches(
 
     With ``by_key`` (``workers.render_batch`` > 1), a batch holds rows of one batching key only:
     rows that can render in one pipeline call travel together, image groups adjacent within
-    them, and rows of another key start a new batch."""
+    them, and rows of another key start a new batch. ``changes`` (``jobs.fingerprint``) counts
+    done rows whose inputs changed (and renders them again with ``--rerender changed``)."""
     from jobs import manifest, results  # the driver's: a worker needs RowTask only
 
     current: list[RowTask] = []
     current_key: Hashable = None
     for chunk in chunks:
         skip = results.is_done(manifest.hash_ids([r["id"] for r in chunk]), done)
+        skip = changes.check(chunk, skip) if changes is not None else skip  # jobs.fingerprint
         counters["skipped"] += int(skip.sum())
         groups: dict[Hashable, dict[str, list[RowTask]]] = {}
         for row, skipped in zip(chunk, skip, strict=True):
