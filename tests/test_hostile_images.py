@@ -91,9 +91,9 @@ def test_the_next_batch_loads_its_images_while_the_current_one_renders(tmp_path)
     from hostile_http import png_bytes
     from omegaconf import OmegaConf
 
-    from benchmarks.orchestration import StubRenderer, stub_encode
     from jobs.config import load_config
     from jobs.planner import RowTask
+    from jobs.testing import FakeRenderer, fake_encode
     from jobs.worker import RenderWorker
 
     served = threading.Event()
@@ -112,7 +112,7 @@ def test_the_next_batch_loads_its_images_while_the_current_one_renders(tmp_path)
 
     waited: list[bool] = []
 
-    class Blocking(StubRenderer):
+    class Blocking(FakeRenderer):
         def generate(self, image, **kwargs):
             if kwargs.get("seed") == 1:  # batch A's row: renders until B's image has been fetched
                 waited.append(served.wait(timeout=60))
@@ -122,7 +122,7 @@ def test_the_next_batch_loads_its_images_while_the_current_one_renders(tmp_path)
 
     Image.new("RGB", (16, 16)).save(tmp_path / "a.png")
     cfg = OmegaConf.to_container(load_config(), resolve=True, enum_to_str=True)
-    worker = RenderWorker(cfg, "w0", renderer_factory=lambda m, c: Blocking(), encoder=stub_encode)
+    worker = RenderWorker(cfg, "w0", renderer_factory=lambda m, c: Blocking(), encoder=fake_encode)
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Serve)
     threading.Thread(target=server.serve_forever, daemon=True).start()
 
