@@ -145,3 +145,40 @@ def test_the_next_batch_loads_its_images_while_the_current_one_renders(tmp_path)
         server.shutdown()
     assert waited == [True]  # A's render saw B's image served
     assert [r["status"] for r in out["a"] + out["b"]] == ["ok", "ok"]
+
+
+def test_the_pool_measures_first_batches_and_gives_the_next_worker_that_warm_up(monkeypatch, tmp_path):
+    """``WorkerPool.done`` keeps the seconds per row of a worker's first batch apart; a later
+    worker's first batch then gets 5 x that (plus the fetch budget), not start_timeout_s."""
+    import sys
+    import time
+
+    from omegaconf import OmegaConf
+    from test_fleet import _FakeRay, _ready, _task
+
+    from jobs import output
+    from jobs.config import load_config
+    from jobs.planner import Batch
+    from jobs.pool import WorkerPool
+    from pipeline.fetch import fetch_budget_s
+
+    monkeypatch.setitem(sys.modules, "ray", _FakeRay())
+    cfg = load_config(dotlist=["workers.inflight_per_worker=1", "workers.start_timeout_s=600"])
+    pool = WorkerPool(cfg, OmegaConf.to_container(cfg), output.open_output(tmp_path), lambda b, e: None)
+    first, later = pool.start_worker(), pool.start_worker()
+    _ready(pool, first)
+    pool.submit(iter([Batch([_task(0, 64)])]))
+    ref = next(iter(first.inflight))
+    first.inflight[ref] = first.last_done = time.monotonic() - 20.0  # its first batch: 20 s a row
+    pool.done(first, ref, 1)
+    assert len(pool.first_per_row) == 1 and 20.0 <= pool.first_per_row[0] < 30.0
+    _ready(pool, later)
+    pool.submit(iter([Batch([_task(1, 128)])]))  # another shape: to the fresh worker
+    assert len(later.inflight) == 1 and later.batches_done == 0
+    for r in later.inflight:
+        later.inflight[r] = later.last_done = 0.0  # its first batch started at 0
+    fetch = fetch_budget_s(1, pool.fetch_limits)
+    pool.check_deadlines(now=90.0 + fetch)  # 5 x 1 row x 20 s = 100 s (+ fetch): still in time
+    assert later.alive
+    pool.check_deadlines(now=160.0 + fetch)  # past 5 x the measured warm-up, far below 600 s
+    assert not later.alive
