@@ -10,6 +10,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from pipeline.compile_modes import compile_mode
+from pipeline.fetch import FetchLimits
 from pipeline.params import GENERATION_PARAMS, check_generation
 from pipeline.quantize import QUANTIZE_MODES
 from pipeline.storage import is_remote, local_path
@@ -73,6 +74,8 @@ class OutputConfig:
     crf: int = 18
     preset: str = "medium"
     overwrite: bool = False  # render rows that are already ``ok`` again
+    # "changed": render again the ok rows whose inputs changed (jobs.fingerprint); None: keep them
+    rerender: str | None = None
     layout: Layout = Layout.files
     shard_size: int = 1000  # samples per shard (layout webdataset)
     # A worker publishes its open shard once it has been open this long, full or not: what a
@@ -110,6 +113,16 @@ class WorkersConfig:
 
 
 @dataclass
+class ImagesConfig:
+    """Limits of each input image's fetch, in the worker before rendering (pipeline.fetch): a
+    host that never answers, trickles or sends an endless body fails its own row."""
+
+    connect_timeout_s: float = FetchLimits.connect_timeout_s
+    read_timeout_s: float = FetchLimits.read_timeout_s  # after connecting: the answer and the whole body
+    max_bytes: int = FetchLimits.max_bytes  # encoded size
+
+
+@dataclass
 class CacheConfig:
     entries: int = 64
     bytes: int = 256 * 2**20
@@ -133,6 +146,7 @@ class JobConfig:
     output: OutputConfig = field(default_factory=OutputConfig)
     workers: WorkersConfig = field(default_factory=WorkersConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
+    images: ImagesConfig = field(default_factory=ImagesConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     ray_address: str | None = None  # None: RAY_ADDRESS, else start a local Ray instance
     progress_interval_s: float = 10.0  # log line period when stderr is not a terminal
@@ -222,6 +236,10 @@ def check_config(cfg: DictConfig) -> None:
         (cfg.output.format.isalnum(), "output.format must be a plain extension such as mp4"),
         (cfg.output.shard_size >= 1, "output.shard_size must be >= 1"),
         (cfg.output.shard_max_age_s > 0, "output.shard_max_age_s must be > 0"),
+        (cfg.images.connect_timeout_s > 0, "images.connect_timeout_s must be > 0"),
+        (cfg.images.read_timeout_s > 0, "images.read_timeout_s must be > 0"),
+        (cfg.images.max_bytes >= 1, "images.max_bytes must be >= 1"),
+        (cfg.output.rerender in (None, "changed"), "output.rerender must be changed or null"),
     ]
     for ok, message in checks:
         if not ok:

@@ -27,6 +27,9 @@ def batch_deadline(
     fixed: float | None,
     first_floor: float | None = None,
     median: float | None = None,
+    *,
+    first_per_row: list[float] | None = None,
+    fetch_s: float = 0.0,
 ) -> float:
     """Seconds a batch of ``rows`` may take on its worker before the worker is taken for hung.
 
@@ -35,8 +38,24 @@ def batch_deadline(
     when the caller computed it already), at least ``BATCH_DEADLINE_FLOOR_S`` (and with no
     measurement yet, at least ``first_floor``). A worker's first batch (``first_floor`` given:
     ``workers.start_timeout_s``) always gets at least ``first_floor``: its first call may
-    import, compile or warm up for minutes.
+    import, compile or warm up for minutes; once ``first_per_row`` (seconds per row of workers'
+    first batches on this job) is measured, that warm-up x ``BATCH_DEADLINE_FACTOR`` when
+    shorter. ``fetch_s`` (``pipeline.fetch.fetch_budget_s``: the longest the batch's image
+    fetches may take, bounded by their timeouts) is added: a worker is killed as hung for time
+    in the model, never for a slow image host.
     """
+    if first_floor is not None and first_per_row:
+        first_floor = min(float(first_floor), BATCH_DEADLINE_FACTOR * rows * statistics.median(first_per_row))
+    return _deadline(rows, per_row, fixed, first_floor, median) + fetch_s
+
+
+def _deadline(
+    rows: int,
+    per_row: list[float] | None,
+    fixed: float | None,
+    first_floor: float | None,
+    median: float | None,
+) -> float:
     if fixed is not None:
         return max(float(fixed), float(first_floor or 0.0))
     if median is None and per_row:

@@ -142,8 +142,25 @@ def _hf_row(model: str | None) -> Row:
     return Row("HF cache, token", OK, "; ".join(parts))
 
 
+def _leftovers_row() -> Row:
+    """Ray processes of local instances whose vcut driver was killed (``jobs.leftovers``)."""
+    from jobs import leftovers
+
+    found = leftovers.find()
+    if not found:
+        return Row("Ray leftovers", OK, "none (no Ray process of a killed vcut driver)")
+    names = ", ".join(f"{p.pid} {p.name}" for p in found)
+    sessions = ", ".join(sorted({p.session for p in found}))
+    return Row(
+        "Ray leftovers",
+        WARN,
+        f"{len(found)} process(es) of a vcut driver that was killed ({names}; {sessions}): "
+        f"`{leftovers.kill_command(found)}` ends them (the next `vcut run` does too)",
+    )
+
+
 def diagnose(model: str | None = None, address: str | None = None, out: str | None = None) -> list[Row]:
-    rows = [_python(), *_torch(), _ffmpeg_row(), *_ray_rows(preflight.ray_address(address))]
+    rows = [_python(), *_torch(), _ffmpeg_row(), *_ray_rows(preflight.ray_address(address)), _leftovers_row()]
     if model:
         rows.append(_run("model", lambda: preflight.check_model({"id": model})))
     else:

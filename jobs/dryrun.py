@@ -2,9 +2,11 @@
 
 Validates the manifest, reads DIR's committed results (the resume state: ``results/`` for the
 ``files`` layout, published shards for ``webdataset``; nothing is written or removed) and
-prints the rows to render, distinct images, shapes with counts, MACs per lever
-(``vcut.count_macs``: the model's UNet config only) and an estimate of GPU-hours from the
-first of these timing sources that covers every shape to render:
+prints the rows to render (and how many rows already ok changed: ``jobs.fingerprint``),
+distinct images, shapes with counts, MACs per lever (``vcut.count_macs``: the model's UNet
+config only) and an estimate of hours (GPU-hours; CPU-hours when DIR's timed rows ran on CPUs,
+which record no GPU memory peak) from the first of these timing sources that covers every
+shape to render:
 
 1. DIR's own earlier results: the mean ``seconds`` of ``ok`` rows per height x width x frames
    x steps; shapes without a timing are scaled by MACs from the measured ones;
@@ -85,8 +87,21 @@ def _out_timings(out: OutputDir) -> Timings:
     """Per-shape timings of a job folder's committed results (empty: none yet)."""
     if not results._parts(out):
         return {}
-    schema = results.unify_schemas([out.read_schema(p) for p in results._parts(out)])
+    schema = results.committed_schema(out)  # a damaged part: CorruptPartError
     return _timings(results.read_results(out, [c for c in _TIMING_COLUMNS if c in schema.names]))
+
+
+def _earlier_device(out: OutputDir) -> str:
+    """What DIR's timed ``ok`` rows ran on, for the estimate's unit: ``GPU`` when every one
+    recorded a GPU memory peak (only CUDA rows do), ``CPU`` when none did, else ``worker``."""
+    if not results._parts(out):
+        return "GPU"
+    table = results.read_results(out, ["status", "seconds", "gpu_memory_bytes"])
+    table = table.filter(
+        pc.and_(pc.equal(table.column("status"), "ok"), pc.is_valid(table.column("seconds")))
+    )
+    on_gpu = int(pc.sum(pc.is_valid(table.column("gpu_memory_bytes"))).as_py() or 0)
+    return "GPU" if on_gpu == table.num_rows else "CPU" if on_gpu == 0 else "worker"
 
 
 def _bench_seconds_per_mac(data: dict, levers: Levers) -> tuple[float, str]:
@@ -148,6 +163,12 @@ def dry_run(cfg: Any, manifest: str, out: OutputDir, stream: TextIO, *, timing: 
     else:
         done = generation.done_ids(out, gen)
 
+    from omegaconf import OmegaConf
+
+    from jobs.fingerprint import Changes
+
+    cfg_dict = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    changes = Changes(out, cfg_dict, resolve_params, rerender=cfg.output.rerender == "changed")
     model = _macs_model(str(cfg.model.id))
     frames_default = cfg.defaults.num_frames
     if frames_default is None:
@@ -162,7 +183,7 @@ def dry_run(cfg: Any, manifest: str, out: OutputDir, stream: TextIO, *, timing: 
     images: set[int] = set()
     shapes: Counter[tuple[int, int, int, int, tuple[float, float] | None]] = Counter()
     for chunk in iter_manifest(manifest, int(cfg.workers.window_rows)):
-        skip = results.is_done(hash_ids([r["id"] for r in chunk]), done)
+        skip = changes.check(chunk, results.is_done(hash_ids([r["id"] for r in chunk]), done))
         skipped += int(skip.sum())
         for row, skipped_row in zip(chunk, skip, strict=True):
             if skipped_row:
@@ -182,6 +203,13 @@ def dry_run(cfg: Any, manifest: str, out: OutputDir, stream: TextIO, *, timing: 
     say(f"manifest: {manifest}: {info.num_rows} rows, valid")
     where = f"published shards in {out.uri_of('shards')}" if layout == "webdataset" else out.uri_of("results")
     say(f"to render: {rows} rows ({skipped} already ok in {where})")
+    if changes.changed and changes.rerender:
+        say(f"changed: {changes.changed} rows already ok whose inputs changed render again (--rerender)")
+    elif changes.changed:
+        say(
+            f"changed: {changes.changed} rows already ok whose inputs changed are kept "
+            "(--rerender changed renders them again)"
+        )
     if layout == "webdataset" and rows:
         size = int(cfg.output.shard_size)
         say(f"layout: webdataset, {-(-rows // size)} new shard(s) of up to {size} samples")
@@ -218,12 +246,14 @@ def dry_run(cfg: Any, manifest: str, out: OutputDir, stream: TextIO, *, timing: 
         say(f"MACs: not counted for every shape ({mac_error})")
 
     seconds, source = _estimate(out, shapes, macs, other, timing)
+    # DIR's earlier rows' timings are in their own device's hours (a CPU test job's are no GPU-hours)
+    unit = _earlier_device(out) if "earlier ok rows in" in source else "GPU"
     if not rows:
-        say("estimate: 0 GPU-hours (nothing to render)")
+        say("estimate: 0 hours (nothing to render)")
     elif seconds is None:
         say(f"estimate: none ({source})")
     else:
-        say(f"estimate: {seconds / 3600:.4g} GPU-hours ({source})")
+        say(f"estimate: {seconds / 3600:.4g} {unit}-hours ({source})")
     return 0
 
 

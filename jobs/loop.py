@@ -27,6 +27,7 @@ from jobs import manifest, output, results, resume
 from jobs.commits import Committer
 from jobs.config import compile_cache_uri
 from jobs.dispatch import size_workers
+from jobs.fingerprint import Changes
 from jobs.hooks import JobHook, SafeHook
 from jobs.output import OutputError
 from jobs.planner import Batch, RowTask, plan_batches, rows_per_task
@@ -247,15 +248,17 @@ class Runner:
         if batch_size > int(self.cfg.workers.batch_size):
             log.info("workers.batch_size raised to workers.render_batch=%d (rows per task)", batch_size)
         defaults, fmt = self.cfg_dict["defaults"], str(self.cfg.output.format)
+        rerender = self.cfg_dict["output"].get("rerender") == "changed"
+        self.changes = Changes(self.out, self.cfg_dict, rerender=rerender)  # rows whose inputs changed
 
         gen = self.start.generation.id
 
         def make(row: dict[str, Any]) -> RowTask:
             video = None if webdataset else output.video_path(self.out, row["id"], fmt)
-            return RowTask.from_row(row, defaults, video, gen)
+            return RowTask.from_row(row, defaults, video, gen, job_key=self.changes.key)
 
         by_key = int(self.cfg.workers.render_batch) > 1
-        return plan_batches(chunks, done, batch_size, self.counters, make, by_key)
+        return plan_batches(chunks, done, batch_size, self.counters, make, by_key, self.changes)
 
     def _run(self) -> dict[str, Any]:
         import ray
@@ -360,6 +363,7 @@ class Runner:
         )
         self._describe(summary)
         summary.update(resume.summary_fields(self.out, gen))
+        self.changes.report(summary, log)  # changed_ok_rows, and one line when there are some
         if self.stopped:
             summary["stopped"] = self.stopped
         write_summary(self.out, summary)

@@ -362,7 +362,9 @@ def build_manifest(
 ) -> int:
     """Write a Parquet manifest: every image x every option value (the cartesian product).
 
-    Image paths are written relative to the manifest's folder. Returns the number of rows.
+    Image paths keep the form the user gave: an absolute ``source`` (folder or glob) writes
+    absolute paths, a relative one paths relative to the manifest's folder (so the manifest
+    and its images move together). Returns the number of rows.
     """
     options = [
         ("seed", "s", seeds),
@@ -380,6 +382,12 @@ def build_manifest(
     if not images:
         raise ManifestError([f"no images found in {source!r} (extensions: {', '.join(IMAGE_EXTENSIONS)})"])
     out_dir = os.path.dirname(os.path.abspath(out))
+
+    def image_path(path: str) -> str:
+        if os.path.isabs(os.path.expanduser(source)):
+            return os.path.abspath(os.path.expanduser(path))
+        return os.path.relpath(os.path.abspath(path), out_dir)
+
     stems = [os.path.splitext(os.path.basename(p))[0] for p in images]
     names = [s if stems.count(s) == 1 else os.path.basename(p) for s, p in zip(stems, images, strict=True)]
     columns: dict[str, list[Any]] = {"id": [], "image": []}
@@ -391,7 +399,7 @@ def build_manifest(
                 combos = [(f"{i}-{tag}{v}", {**c, col: v}) for i, c in combos for v in values]
         for row_id, values in combos:
             columns["id"].append(row_id)
-            columns["image"].append(os.path.relpath(os.path.abspath(path), out_dir))
+            columns["image"].append(image_path(path))
             for col, value in values.items():
                 columns[col].append(value)
     from jobs.results import param_type  # the results' column types (jobs.results imports this module)

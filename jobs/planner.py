@@ -19,6 +19,8 @@ from pipeline.params import BATCH_PARAMS, ROW_PARAMS
 if TYPE_CHECKING:
     import numpy as np
 
+    from jobs.fingerprint import Changes
+
 
 def resolve_params(row: Mapping[str, Any], generation: Mapping[str, Any]) -> dict[str, Any]:
     """A row's generation values, the job config's where the row has none."""
@@ -45,7 +47,8 @@ class RowTask:
     worker puts the video into its open shard, ``jobs.shard_writer``); ``columns``: the
     manifest's own columns carried to the results (``image`` as written in the manifest, and
     every unknown column), not the private ones; ``generation``: the output generation the row
-    renders in (``jobs.generation``; None when the output was never overwritten).
+    renders in (``jobs.generation``; None when the output was never overwritten);
+    ``fingerprint``: what determines its video (``jobs.fingerprint``; None without a job key).
     """
 
     id: str
@@ -55,6 +58,7 @@ class RowTask:
     output: str | None = None
     columns: dict[str, Any] = field(default_factory=dict)
     generation: str | None = None
+    fingerprint: str | None = None
 
     @classmethod
     def from_row(
@@ -63,10 +67,13 @@ class RowTask:
         defaults: Mapping[str, Any],
         output: str | None = None,
         generation: str | None = None,
+        job_key: str | None = None,
     ) -> RowTask:
-        """The record of a manifest row (``jobs.manifest.iter_manifest``'s dict). On the driver
-        only: ``jobs.manifest`` (pyarrow) is imported here, so a worker that unpickles a
-        RowTask imports neither pyarrow nor numpy."""
+        """The record of a manifest row (``jobs.manifest.iter_manifest``'s dict); with
+        ``job_key`` (``jobs.fingerprint.job_key``), its fingerprint. On the driver only:
+        ``jobs.manifest`` (pyarrow) is imported here, so a worker that unpickles a RowTask
+        imports neither pyarrow nor numpy."""
+        from jobs.fingerprint import row_fingerprint
         from jobs.manifest import PRIVATE_KEYS
 
         params = resolve_params(row, defaults)
@@ -74,13 +81,15 @@ class RowTask:
             k: v for k, v in row.items() if k not in PRIVATE_KEYS and k not in params and k != "id"
         }
         image = row.get("_image", row.get("image"))
-        return cls(str(row["id"]), image, params, batch_key_of(params), output, columns, generation)
+        fingerprint = row_fingerprint(image, params, job_key) if job_key is not None else None
+        key = batch_key_of(params)
+        return cls(str(row["id"]), image, params, key, output, columns, generation, fingerprint)
 
     def sample_row(self, result: Mapping[str, Any], vcut_mode: str) -> dict[str, Any]:
         """The row as the worker knows it: the carried columns, the resolved parameters, the
-        output generation, then the worker's ``result`` (status, timings, placement ...). A
-        webdataset sample's metadata (``<key>.json`` and its shard's Parquet)."""
-        row = {"id": self.id, **self.columns, **self.params}
+        output generation and fingerprint, then the worker's ``result`` (status, timings,
+        placement ...). A webdataset sample's metadata (``<key>.json`` and its shard's Parquet)."""
+        row = {"id": self.id, **self.columns, **self.params, "fingerprint": self.fingerprint}
         row.setdefault("vcut_mode", vcut_mode)
         row["output_generation"] = self.generation  # jobs.generation.COLUMN
         row.update(result)
@@ -119,6 +128,7 @@ def plan_batches(
     counters: dict[str, int],
     make: Callable[[dict[str, Any]], RowTask],
     by_key: bool = False,
+    changes: Changes | None = None,
 ) -> Iterator[Batch]:
     """Batches of not-yet-ok rows, each row made into its record by ``make``; within each
     chunk, rows that share an image are adjacent and travel in one batch (a group larger than
@@ -126,13 +136,15 @@ def plan_batches(
 
     With ``by_key`` (``workers.render_batch`` > 1), a batch holds rows of one batching key only:
     rows that can render in one pipeline call travel together, image groups adjacent within
-    them, and rows of another key start a new batch."""
+    them, and rows of another key start a new batch. ``changes`` (``jobs.fingerprint``) counts
+    done rows whose inputs changed (and renders them again with ``--rerender changed``)."""
     from jobs import manifest, results  # the driver's: a worker needs RowTask only
 
     current: list[RowTask] = []
     current_key: Hashable = None
     for chunk in chunks:
         skip = results.is_done(manifest.hash_ids([r["id"] for r in chunk]), done)
+        skip = changes.check(chunk, skip) if changes is not None else skip  # jobs.fingerprint
         counters["skipped"] += int(skip.sum())
         groups: dict[Hashable, dict[str, list[RowTask]]] = {}
         for row, skipped in zip(chunk, skip, strict=True):

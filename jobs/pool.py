@@ -37,6 +37,7 @@ from jobs.output import OutputDir
 from jobs.planner import Batch, rows_per_task
 from jobs.text import error_line
 from jobs.worker import RenderWorker
+from pipeline.fetch import FetchLimits, fetch_budget_s
 
 log = logging.getLogger("jobs")
 
@@ -114,6 +115,8 @@ class WorkerPool:
         self.hungry: set[PoolWorker] = set()  # ready, alive, with a free in-flight slot
         self.start_failures: dict[str, list[str]] = {}  # one line per cause -> "worker (node)"
         self.per_row: deque[float] = deque(maxlen=256)  # seconds per row of finished batches
+        self.first_per_row: deque[float] = deque(maxlen=64)  # the same, of workers' first batches
+        self.fetch_limits = FetchLimits(**cfg_dict["images"])  # jobs.config.ImagesConfig
         self.per_worker = int(cfg.workers.inflight_per_worker)
         self.elastic = str(cfg.workers.count).lower() == "auto"
         self.restarts_left = int(cfg.workers.max_restarts)
@@ -307,6 +310,8 @@ class WorkerPool:
         since = max(worker.inflight.pop(ref), worker.last_done)
         if rows and oldest is not None and oldest[0] == ref:
             self.per_row.append((now - since) / rows)
+            if worker.batches_done == 0:  # warm-up included: a later worker's first batch
+                self.first_per_row.append((now - since) / rows)
         worker.last_done = now
         worker.batches_done += 1
         del self.inflight[ref]
@@ -327,6 +332,7 @@ class WorkerPool:
         first = float(self.cfg.workers.start_timeout_s)
         floor = float(fixed) if fixed is not None else BATCH_DEADLINE_FLOOR_S  # no deadline is shorter
         median: float | None = None
+        warmups = list(self.first_per_row)
         for worker in list(self.workers):
             oldest = worker.oldest() if worker.alive else None
             if oldest is None or now - oldest[1] <= floor:
@@ -336,7 +342,10 @@ class WorkerPool:
             ref, since = oldest
             rows = len(self.inflight[ref][1].rows)
             first_floor = first if worker.batches_done == 0 else None
-            deadline = batch_deadline(rows, None, fixed, first_floor, median=median)
+            fetch_s = fetch_budget_s(rows, self.fetch_limits)  # the images' fetch limits: never "hung"
+            deadline = batch_deadline(
+                rows, None, fixed, first_floor, median, first_per_row=warmups, fetch_s=fetch_s
+            )
             if now - since > deadline:
                 log.warning(
                     "%s (pid %s on %s) has not returned a batch of %d row(s) in %.0f s (deadline %.0f s): "

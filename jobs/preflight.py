@@ -22,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
+from jobs import leftovers
 from jobs.text import error_line
 
 T = TypeVar("T")
@@ -397,6 +398,8 @@ def connect_ray(address: str | None, *, verbose: bool = False) -> None:
     from pipeline.notices import quiet_notices
 
     quiet_notices()  # the local instance's token-auth banner (pipeline.notices says why)
+    if not address:  # a local instance: first end what killed vcut drivers left (jobs.leftovers)
+        leftovers.end_and_say()
     try:
         ray.init(
             # no address: an instance of our own ("local"), never one `ray start` registered
@@ -420,6 +423,9 @@ def connect_ray(address: str | None, *, verbose: bool = False) -> None:
                 f"cluster is up (`ray status`) and the address; with token authentication, {TOKEN_HINT}"
             ) from exc
         raise
+    node = getattr(ray._private.worker, "_global_node", None)  # Ray's: no public session dir
+    if getattr(node, "head", False):  # this driver started the instance (not a `ray start` one)
+        leftovers.mark_session(node.get_session_dir_path())
 
 
 def check_gpus(cfg: Any, resources: dict[str, float], address: str | None = None) -> str:
@@ -445,11 +451,13 @@ def check_gpus(cfg: Any, resources: dict[str, float], address: str | None = None
 def run_preflight(cfg: Any, manifest: str, out: Any) -> Any:
     """Every check ``vcut run`` can do before Ray starts, cheapest first. Returns the
     ManifestInfo; raises PreflightError (or ManifestError with its own lines)."""
+    from jobs.preflight_checks import check_metrics, check_results
     from jobs.shards import check_layout
 
     info = check_manifest(manifest)
     check_layout(cfg, info)
     check_output(out)
+    check_results(out)
     check_model(cfg.model)
     from pipeline.quantize import quantize_refusal  # FP8 where the GPUs cannot: before any worker
 
@@ -459,5 +467,6 @@ def run_preflight(cfg: Any, manifest: str, out: Any) -> Any:
     if refusal:
         raise PreflightError(f"model.quantize: {refusal}")
     check_ffmpeg(str(cfg.output.format))
+    check_metrics(cfg.metrics)
     check_address(ray_address(cfg.ray_address))
     return info

@@ -26,6 +26,9 @@ import pyarrow.compute as pc
 
 from jobs.manifest import hash_ids
 from jobs.output import OutputDir, open_output
+from jobs.part_reads import CorruptPartError as CorruptPartError  # re-exported: a damaged part
+from jobs.part_reads import read_schema as _read_schema
+from jobs.part_reads import read_table as _read_table
 from pipeline.params import GENERATION_PARAMS, ROW_PARAMS
 
 
@@ -44,6 +47,7 @@ RESULT_SCHEMA = pa.schema(
         ("error", pa.string()),
         *((n, param_type(n)) for n in ROW_PARAMS),  # generation parameters: seed, num_frames, fps, ...
         ("vcut_mode", pa.string()),
+        ("fingerprint", pa.string()),  # what determines the video (jobs.fingerprint)
         ("seconds", pa.float64()),
         ("encode_seconds", pa.float64()),
         ("macs", pa.int64()),
@@ -106,17 +110,53 @@ def committed_schema(out_dir: str | OutputDir) -> pa.Schema | None:
     """The unified schema of the committed parts (None when there are none)."""
     out = open_output(out_dir)
     parts = _parts(out)
-    return unify_schemas([out.read_schema(p) for p in parts]) if parts else None
+    return unify_schemas([_read_schema(out, p) for p in parts]) if parts else None
+
+
+def _in_order(schema: pa.Schema) -> pa.Schema:
+    """``schema``'s fields in one order: ``RESULT_SCHEMA``'s, then the carried columns."""
+    known = [schema.field(n) for n in RESULT_SCHEMA.names if n in schema.names]
+    return pa.schema(known + [f for f in schema if f.name not in RESULT_SCHEMA.names])
+
+
+def conform_table(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` with exactly ``schema``'s columns and types (missing ones as nulls)."""
+    n = table.num_rows
+    cols = [
+        cast_column(table.column(f.name), f.type) if f.name in table.column_names else pa.nulls(n, f.type)
+        for f in schema
+    ]
+    return pa.Table.from_arrays(cols, schema=schema)
+
+
+def conform_parts(out_dir: str | OutputDir, schema: pa.Schema | None = None) -> pa.Schema | None:
+    """Give every part one schema, so that standard readers (``pandas.read_parquet(DIR/results)``,
+    ``pyarrow.parquet.read_table``, ``pyarrow.dataset``, which take the schema of one file)
+    read every column and every value: ``schema`` (else the parts' unified one,
+    ``unify_schemas``) merged with the parts'. A part that differs is rewritten under its own
+    name, atomically (``OutputDir.write_table``): the commit order is kept, and a crash
+    leaves each part whole, old or new. Returns the schema (None without parts)."""
+    out = open_output(out_dir)
+    parts = _parts(out)
+    schemas = [_read_schema(out, p) for p in parts]
+    if not schemas and schema is None:
+        return None
+    target = _in_order(unify_schemas(schemas + ([schema] if schema is not None else [])))
+    for path, have in zip(parts, schemas, strict=True):
+        if not have.equals(target):
+            out.write_table(conform_table(_read_table(out, path), target), path)
+    return target
 
 
 class ResultWriter:
     """Commits result rows, one small Parquet part per call, atomically.
 
-    Carried columns (the manifest's own) keep the type they were first committed with when a
-    later manifest's values cast to it (integers into a text column, int32 into int64 ...). When
-    they do not (text into an integer column), that part stores the column as text, and readers
-    (``read_results``) read a column with conflicting types as text: a type change between runs
-    never breaks the output folder and never drops a value.
+    Every part of ``results/`` has one schema (``conform_parts``): the committed parts' and
+    this manifest's types unified (int32 and int64 to int64, int and float to float, null to
+    anything; types with no common type, text and integers, to text), carried columns of earlier
+    runs kept (null in this run's rows), a column new in this run added to the old parts. So a
+    type change between runs never breaks the folder for any Parquet reader and never drops a
+    value.
     """
 
     def __init__(
@@ -137,38 +177,15 @@ class ResultWriter:
         carried = [f for f in (carried_schema or []) if f.name not in RESULT_SCHEMA.names]
         #: The rows' own types (the manifest's): what ``commit`` receives.
         self.input_schema = pa.schema(list(RESULT_SCHEMA) + carried)
-        committed = committed_schema(self.out)
-        targets = []
-        for f in carried:
-            if (
-                committed is not None
-                and f.name in committed.names
-                and not pa.types.is_null(committed.field(f.name).type)
-            ):
-                f = f.with_type(committed.field(f.name).type)
-            targets.append(f)
-        #: The types parts are written with (carried columns: the committed type, see above).
-        self.schema = pa.schema(list(RESULT_SCHEMA) + targets)
+        #: The types every part is written with: the committed parts' and this manifest's
+        #: unified (``conform_parts`` rewrites the parts that differ, once, before any commit).
+        self.schema = conform_parts(self.out, self.input_schema)
         self._tag = uuid.uuid4().hex[:8]
         self._seq = 0
 
     def table(self, rows: list[dict[str, Any]]) -> pa.Table:
         """The rows as a table of ``schema`` (a carried column that does not cast: as text)."""
-        table = pa.Table.from_pylist(rows, schema=self.input_schema)
-        if self.schema.equals(self.input_schema):
-            return table
-        columns, fields = [], []
-        for have, want in zip(self.input_schema, self.schema, strict=True):
-            col = table.column(have.name)
-            if not have.type.equals(want.type):
-                try:
-                    col = col.cast(want.type)
-                except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
-                    want = want.with_type(pa.string())
-                    col = cast_column(col, pa.string())
-            columns.append(col)
-            fields.append(want)
-        return pa.Table.from_arrays(columns, schema=pa.schema(fields))
+        return conform_table(pa.Table.from_pylist(rows, schema=self.input_schema), self.schema)
 
     def commit(self, rows: list[dict[str, Any]]) -> str:
         now = time.time_ns()
@@ -237,7 +254,7 @@ def _latest(out: OutputDir, parts: list[str]) -> tuple[list[np.ndarray], list[np
     are kept (no table stays in memory)."""
     hashes, oks = [], []
     for path in parts:
-        table = out.read_table(path, columns=["id", "status"])
+        table = _read_table(out, path, columns=["id", "status"])
         hashes.append(hash_ids(table.column("id").to_pylist()))
         oks.append(pc.fill_null(pc.equal(table.column("status"), "ok"), False).to_numpy(zero_copy_only=False))
         del table
@@ -247,7 +264,7 @@ def _latest(out: OutputDir, parts: list[str]) -> tuple[list[np.ndarray], list[np
 def _latest_mask(out: OutputDir, parts: list[str]) -> tuple[list[np.ndarray], list[pa.Table]]:
     """Per part, a mask of the rows that are the last committed row of their id, and the
     part's ``id``/``status`` table (for callers that need the ids themselves)."""
-    tables = [out.read_table(p, columns=["id", "status"]) for p in parts]
+    tables = [_read_table(out, p, columns=["id", "status"]) for p in parts]
     return _last_of_id([hash_ids(t.column("id").to_pylist()) for t in tables]), tables
 
 
@@ -277,6 +294,8 @@ def compact(out_dir: str | OutputDir, target_rows: int = 100_000, parts: list[st
     of superseded rows removed.
     """
     out = open_output(out_dir)
+    if parts is None:  # a folder written before parts had one schema: one schema now
+        conform_parts(out)
     parts = _parts(out) if parts is None else sorted(parts)
     masks = _latest(out, parts)[0]
     dropped = 0
@@ -284,7 +303,7 @@ def compact(out_dir: str | OutputDir, target_rows: int = 100_000, parts: list[st
     schema = None
     rows = 0
     for i, path in enumerate(parts):
-        part_schema = out.read_schema(path)
+        part_schema = _read_schema(out, path)
         n = int(masks[i].sum())
         if groups and part_schema.equals(schema) and rows + n <= target_rows:
             groups[-1].append(i)
@@ -298,7 +317,7 @@ def compact(out_dir: str | OutputDir, target_rows: int = 100_000, parts: list[st
         if len(group) == 1 and kept == total:
             continue
         dropped += total - kept
-        tables = [out.read_table(parts[i]).filter(pa.array(masks[i])) for i in group]
+        tables = [_read_table(out, parts[i]).filter(pa.array(masks[i])) for i in group]
         _replace(out, [parts[i] for i in group], pa.concat_tables(tables))
     return dropped
 
@@ -329,14 +348,14 @@ def iter_results(out_dir: str | OutputDir, columns: list[str] | None = None) -> 
     if not parts:
         return
     masks = _latest(out, parts)[0]
-    schema = unify_schemas([out.read_schema(p) for p in parts])
+    schema = unify_schemas([_read_schema(out, p) for p in parts])
     if columns is not None:
         schema = pa.schema([f for f in (_field(schema, c) for c in columns) if f is not None])
     for path, mask in zip(parts, masks, strict=True):
         if not mask.any():
             continue
-        names = out.read_schema(path).names
-        t = out.read_table(path, columns=[f.name for f in schema if f.name in names]).filter(pa.array(mask))
+        names = _read_schema(out, path).names
+        t = _read_table(out, path, [f.name for f in schema if f.name in names]).filter(pa.array(mask))
         cols = [
             cast_column(t.column(f.name), f.type)
             if f.name in t.column_names

@@ -19,6 +19,7 @@ job silently rendering on CPUs would run for days. Results carry the Ray node id
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import socket
@@ -34,6 +35,7 @@ from typing import Any
 from jobs.macs import MAC_FIELDS
 from jobs.planner import RowTask
 from jobs.text import error_line
+from pipeline.fetch import FetchLimits
 from pipeline.notices import quiet_notices
 from pipeline.params import BATCH_PARAMS, JOB_PARAMS, ROW_PARAMS
 
@@ -216,6 +218,7 @@ class RenderWorker:
         self.rows_per_call = max(1, int(cfg["workers"].get("render_batch") or 1))
         if hasattr(self.renderer, "render_batch"):  # under compile, a short call is padded to it
             self.renderer.render_batch = self.rows_per_call
+        self.fetch_limits = FetchLimits(**(cfg.get("images") or {}))  # jobs.config.ImagesConfig
         self._render_lock = threading.Lock()
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
         self._macs: dict[tuple, dict[str, int | None]] = {}
@@ -423,6 +426,22 @@ class RenderWorker:
         """Layout webdataset, end of the job: publish the open shard; the reports."""
         return self.shards.reports(numbers, flush=True) if self.shards is not None else []
 
+    def _fetch(self, tasks: list[RowTask], results: list[dict[str, Any]]) -> tuple[list[RowTask], list[bool]]:
+        """Every task's image loaded at once (``pipeline.images.prefetch_images``): the tasks
+        with their loaded images, and per task whether it has one (else its result says why)."""
+        from pipeline.images import DEFAULT_MAX_PIXELS, prefetch_images
+
+        start = time.perf_counter()
+        max_pixels = getattr(self.renderer, "max_pixels", DEFAULT_MAX_PIXELS)  # the renderer's own guard
+        loaded = prefetch_images([t.image for t in tasks], self.fetch_limits, max_pixels=max_pixels)
+        seconds = time.perf_counter() - start
+        fetched = [not isinstance(image, Exception) for image in loaded]
+        for result, image, ok in zip(results, loaded, fetched, strict=True):
+            if not ok:
+                result.update(error=_error(image), seconds=seconds, finished_at=_now_us())
+        pairs = zip(tasks, loaded, fetched, strict=True)
+        return [dataclasses.replace(task, image=image) if ok else task for task, image, ok in pairs], fetched
+
     def render_batch(
         self, tasks: list[RowTask], shard_numbers: list[int] | None = None
     ) -> list[dict[str, Any]]:
@@ -439,8 +458,14 @@ class RenderWorker:
             raise RuntimeError(f"{self.label} did not start: {self.startup_error['error']}")
         results = [self._new_result() for _ in tasks]
         futures: list[Future | None] = [None] * len(tasks)
+        # Images first, outside the render lock: the other slot's batch renders meanwhile, and a
+        # slow or dead host fails its own row within the fetch limits (pipeline.fetch).
+        tasks, fetched = self._fetch(tasks, results)
         with self._render_lock:
             for group in self._groups(tasks):
+                group = [i for i in group if fetched[i]]
+                if not group:
+                    continue
                 if len(group) == 1:
                     rendered = [self._render_row(tasks[group[0]], results[group[0]])]
                 else:

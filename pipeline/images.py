@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import warnings
 from typing import IO, Any
 
@@ -32,14 +31,11 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
-from .storage import url_to_fs
+from .fetch import DEFAULT_MAX_BYTES, FETCH_THREADS, FetchLimits, read_limited, read_source
 
 #: Default pixel-count limit (about 50 megapixels: larger than any real photo, far below
 #: what would exhaust a worker's memory once decoded).
 DEFAULT_MAX_PIXELS = 50_000_000
-#: Default limit on the encoded size of an input.
-DEFAULT_MAX_BYTES = 256 * 2**20
-
 FIT_MODES = ("crop", "letterbox")
 
 ImageSource = str | os.PathLike | bytes | bytearray | memoryview | Image.Image | IO[bytes]
@@ -57,68 +53,22 @@ def describe_source(source: Any) -> str:
     return repr(name) if isinstance(name, str) else f"<{type(source).__name__}>"
 
 
-def _read_limited(fh: IO[bytes], name: str, max_bytes: int) -> bytes:
-    data = fh.read(max_bytes + 1)
-    if len(data) > max_bytes:
-        raise ImageError(f"image {name} is too large: more than {max_bytes} bytes (max_bytes={max_bytes})")
-    return data
-
-
-def _unreachable(exc: BaseException) -> str | None:
-    """Why an ``http(s)://`` image "not found" is not a 404: fsspec's HTTP filesystem raises
-    FileNotFoundError for every failure, the real one being its cause (a refused connection,
-    an unknown host, a timeout, another HTTP status). None when it is a 404 (or 410)."""
-    seen: list[BaseException] = []
-    cause = exc.__cause__ or exc.__context__
-    while cause is not None and cause not in seen:
-        seen.append(cause)
-        cause = cause.__cause__ or cause.__context__
-    for err in seen:
-        status = getattr(err, "status", None)
-        if isinstance(status, int):
-            if status in (404, 410):
-                return None
-            return f"the server answered HTTP {status} {getattr(err, 'message', '')}".rstrip()
-    for err in seen:
-        if isinstance(err, ConnectionRefusedError):
-            return f"connection refused (nothing listens there): {err.strerror or err}"
-        if isinstance(err, socket.gaierror):
-            return f"host unknown (DNS: {err.strerror or err})"
-        if isinstance(err, TimeoutError):
-            return "unreachable: no answer in time (timeout)"
-    for err in seen:
-        if isinstance(err, OSError):
-            return f"unreachable ({type(err).__name__}: {err})"
-    return None
-
-
-def _read_bytes(source: Any, name: str, filesystem: Any, max_bytes: int) -> bytes:
-    """Read the encoded bytes of ``source``; every OS-level failure becomes an ImageError."""
-    try:
-        if isinstance(source, bytes | bytearray | memoryview):
-            data = bytes(source)
-            if len(data) > max_bytes:
-                raise ImageError(f"image {name} is too large: {len(data)} bytes > max_bytes={max_bytes}")
-            return data
-        if hasattr(source, "read"):
-            return _read_limited(source, name, max_bytes)
-        path = os.fspath(source)
-        fs, path = (filesystem, path) if filesystem is not None else url_to_fs(path)
-        with fs.open(path, "rb") if fs is not None else open(path, "rb") as fh:
-            return _read_limited(fh, name, max_bytes)
-    except ImageError:
-        raise
-    except FileNotFoundError as exc:
-        unreachable = _unreachable(exc)
-        if unreachable:
-            raise ImageError(f"image {name} cannot be read: {unreachable}") from exc
-        raise ImageError(f"image {name} not found") from exc
-    except IsADirectoryError as exc:
-        raise ImageError(f"image {name} is a directory, not a file") from exc
-    except PermissionError as exc:
-        raise ImageError(f"image {name} cannot be read: permission denied") from exc
-    except (OSError, ValueError, ImportError) as exc:
-        raise ImageError(f"image {name} cannot be read: {exc}") from exc
+def _read_bytes(source: Any, name: str, filesystem: Any, limits: FetchLimits) -> bytes:
+    """Read the encoded bytes of ``source`` (``pipeline.fetch``: timeouts and size limit);
+    every failure becomes an ImageError."""
+    if isinstance(source, bytes | bytearray | memoryview):
+        data = bytes(source)
+        if len(data) > limits.max_bytes:
+            raise ImageError(f"image {name} is too large: {len(data)} bytes > max_bytes={limits.max_bytes}")
+        return data
+    if hasattr(source, "read"):
+        try:
+            return read_limited(source, name, limits)
+        except ImageError:
+            raise
+        except (OSError, ValueError) as exc:
+            raise ImageError(f"image {name} cannot be read: {exc}") from exc
+    return read_source(source, name, filesystem, limits)
 
 
 def _check_pixels(img: Image.Image, name: str, max_pixels: int) -> None:
@@ -183,11 +133,14 @@ def load_image(
     max_bytes: int = DEFAULT_MAX_BYTES,
     filesystem: Any = None,
     background: tuple[int, int, int] = (255, 255, 255),
+    limits: FetchLimits | None = None,
 ) -> Image.Image:
     """Read ``source`` and return an 8-bit RGB PIL image with its EXIF orientation applied.
 
     ``filesystem`` (an fsspec filesystem) is used to open a path source when given; without
-    it, a URI goes through its fsspec filesystem (``pipeline.storage.url_to_fs``).
+    it, a URI goes through its fsspec filesystem (``pipeline.storage.url_to_fs``). ``limits``
+    (``pipeline.fetch.FetchLimits``: connect and read timeouts, size) bound the read; without
+    it, the defaults with ``max_bytes``.
     Raises :class:`ImageError` for any input that cannot be used.
     """
     name = describe_source(source)
@@ -199,7 +152,8 @@ def load_image(
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
             raise ImageError(f"image {name} is truncated or corrupt: {exc}") from exc
     elif isinstance(source, str | os.PathLike | bytes | bytearray | memoryview) or hasattr(source, "read"):
-        img = _decode(_read_bytes(source, name, filesystem, max_bytes), name, max_pixels)
+        limits = limits or FetchLimits(max_bytes=max_bytes)
+        img = _decode(_read_bytes(source, name, filesystem, limits), name, max_pixels)
     else:
         raise ImageError(f"image {name} has an unsupported source type {type(source).__name__}")
     try:
@@ -234,3 +188,24 @@ def fit_image(
     if mode == "crop":
         return ImageOps.fit(img, (width, height), method=Image.Resampling.LANCZOS, centering=(0.5, 0.5))
     return ImageOps.pad(img, (width, height), method=Image.Resampling.LANCZOS, color=background)
+
+
+def prefetch_images(
+    sources: list[Any], limits: FetchLimits, *, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> list[Image.Image | ImageError]:
+    """Load every source (``load_image`` within ``limits``) at once on up to
+    ``pipeline.fetch.FETCH_THREADS`` threads: per source, its RGB image or the ImageError that
+    fails its row alone. Each read ends within ``limits.budget_s`` (``pipeline.fetch``), so the
+    whole call ends within ``fetch_budget_s(len(sources), limits)`` plus decoding."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(source: Any) -> Image.Image | ImageError:
+        try:
+            return load_image(source, max_pixels=max_pixels, limits=limits)
+        except ImageError as exc:
+            return exc
+
+    if len(sources) <= 1:
+        return [one(s) for s in sources]
+    with ThreadPoolExecutor(max_workers=min(FETCH_THREADS, len(sources)), thread_name_prefix="fetch") as pool:
+        return list(pool.map(one, sources))

@@ -54,16 +54,17 @@ def local_path(path: str | os.PathLike) -> str:
     return path[len("file://") :] if path[: len("file://")].lower() == "file://" else path
 
 
-def url_to_fs(path: str | os.PathLike) -> tuple[Any, str]:
-    """``(fs, path on fs)`` for a URI (fsspec's ``url_to_fs``); ``(None, OS path)`` for a local
-    path, ``file://`` or any URI fsspec serves from the local disk. Raises ValueError for a
-    protocol fsspec does not know, ImportError when its package (s3fs, gcsfs ...) is missing."""
+def url_to_fs(path: str | os.PathLike, **storage_options: Any) -> tuple[Any, str]:
+    """``(fs, path on fs)`` for a URI (fsspec's ``url_to_fs``, given ``storage_options``);
+    ``(None, OS path)`` for a local path, ``file://`` or any URI fsspec serves from the local
+    disk. Raises ValueError for a protocol fsspec does not know, ImportError when its package
+    (s3fs, gcsfs ...) is missing."""
     if not is_remote(path):
         return None, local_path(path)
     import fsspec
     from fsspec.implementations.local import LocalFileSystem
 
-    fs, fs_path = fsspec.core.url_to_fs(os.fspath(path))
+    fs, fs_path = fsspec.core.url_to_fs(os.fspath(path), **storage_options)
     return (None, fs_path) if isinstance(fs, LocalFileSystem) else (fs, fs_path)
 
 

@@ -263,12 +263,13 @@ class _FailingBatchRenderer:
         return _FakeGeneration(seed)
 
 
-def test_worker_retries_a_failed_batch_row_by_row(renderers, tiny_model_dir: Path) -> None:
+def test_worker_retries_a_failed_batch_row_by_row(renderers, tiny_model_dir: Path, tmp_path: Path) -> None:
     cfg = _worker_cfg(tiny_model_dir, "workers.render_batch=4")
     encoder = _Recorder()
     fake = _FailingBatchRenderer(renderers["off"].unet_config)
     worker = RenderWorker(cfg, "w0", renderer_factory=lambda m, c: fake, encoder=encoder)
-    tasks = [_task(cfg, "x.png", seed, f"r{seed}") for seed in (11, 12, 13)]
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")  # the worker loads images before rendering
+    tasks = [_task(cfg, str(tmp_path / "x.png"), seed, f"r{seed}") for seed in (11, 12, 13)]
     results = worker.render_batch(tasks)
     assert [r["status"] for r in results] == ["ok", "ok", "failed"]
     assert results[2]["error"] == "RuntimeError: row 13 blew up"

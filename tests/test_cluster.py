@@ -428,7 +428,7 @@ def test_workers_count_auto_config_flag_and_sizing():
         build_parser().parse_args(["run", "m.csv", "--out", "o", "--workers", "two"])
 
 
-def test_worker_given_a_gpu_without_cuda_refuses_unless_cpu_fallback(monkeypatch):
+def test_worker_given_a_gpu_without_cuda_refuses_unless_cpu_fallback(monkeypatch, tmp_path):
     import torch
 
     from jobs import worker as jw
@@ -452,10 +452,13 @@ def test_worker_given_a_gpu_without_cuda_refuses_unless_cpu_fallback(monkeypatch
     cfg["workers"]["allow_cpu_fallback"] = True
     allowed = jw.RenderWorker(cfg, "w1", renderer_factory=fake_renderer, encoder=fake_encode)
     assert "error" not in allowed.info() and allowed.info()["device"] == "cpu"
+    from PIL import Image
+
     from jobs.planner import RowTask, batch_key_of
 
+    Image.new("RGB", (8, 8)).save(tmp_path / "x.png")  # the worker loads images before rendering
     params = {k: cfg["defaults"][k] for k in ROW_PARAMS}
-    task = RowTask("a", "x.png", params, batch_key_of(params), output="/dev/null")
+    task = RowTask("a", str(tmp_path / "x.png"), params, batch_key_of(params), output="/dev/null")
     assert allowed.render_batch([task])[0]["status"] == "ok"
     # no GPU given: no check at all (torch not even needed)
     monkeypatch.setattr(jw, "_assigned_gpus", lambda: [])

@@ -59,6 +59,7 @@ ALL_ROWS = {
     "model",
     "HF cache, token",
     "output",
+    "Ray leftovers",
 }
 
 

@@ -21,6 +21,7 @@ from jobs.config import load_config
 from jobs.metrics import JobMetrics
 from jobs.planner import Batch, RowTask, plan_batches
 from jobs.pool import PoolWorker, WorkerPool
+from pipeline.fetch import fetch_budget_s
 from pipeline.params import BATCH_PARAMS, ROW_PARAMS
 
 # -- the row record ------------------------------------------------------------------------------
@@ -250,7 +251,8 @@ def test_deadline_median_is_computed_once_per_check(pool, monkeypatch):
     assert len(calls) == 1 and all(w.alive for w in workers)
     pool.check_deadlines(now=dispatch.BATCH_DEADLINE_FLOOR_S + 10.5)  # within the check period
     assert len(calls) == 1
-    pool.check_deadlines(now=101.0)  # past every deadline: all taken for hung
+    # past every deadline (100 s in the model + the batch's image fetch budget): all taken for hung
+    pool.check_deadlines(now=101.0 + fetch_budget_s(1, pool.fetch_limits))
     assert len(calls) == 2 and not any(w.alive for w in workers)
 
 

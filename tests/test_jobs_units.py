@@ -98,7 +98,7 @@ def test_iter_manifest_streams_resolved_rows(tmp_path):
     assert params["seed"] == 0 and params["fps"] == 7 and params["num_frames"] is None
 
 
-def test_build_manifest_cartesian_product(tmp_path):
+def test_build_manifest_cartesian_product(tmp_path, monkeypatch):
     imgs = tmp_path / "imgs"
     imgs.mkdir()
     for name in ("a.png", "b.jpg", "notes.txt"):
@@ -109,9 +109,14 @@ def test_build_manifest_cartesian_product(tmp_path):
     )
     table = pq.read_table(out).to_pylist()
     assert len(table) == 8
-    assert table[0] == {"id": "a-s0-m10", "image": "../imgs/a.png", "seed": 0, "motion_bucket_id": 10}
+    # an absolute folder: absolute image paths, as given (issue 19)
+    assert table[0] == {"id": "a-s0-m10", "image": str(imgs / "a.png"), "seed": 0, "motion_bucket_id": 10}
     assert len({r["id"] for r in table}) == 8
     assert manifest.validate_manifest(str(out)).num_rows == 8
+    # a relative folder: paths relative to the manifest's folder (they move together)
+    monkeypatch.chdir(tmp_path)
+    assert main(["manifest", "imgs", "-o", str(out)]) == 0
+    assert pq.read_table(out).column("image").to_pylist() == ["../imgs/a.png", "../imgs/b.jpg"]
     assert main(["manifest", str(tmp_path / "empty*"), "-o", str(out)]) == 2
 
 

@@ -22,6 +22,7 @@ FLAG_KEYS = {
     "metrics_address": "metrics.address",
     "pushgateway": "metrics.pushgateway",
     "overwrite": "output.overwrite",
+    "rerender": "output.rerender",
 }
 
 

@@ -25,6 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from jobs.output import open_output
     from jobs.report import write_report
+    from jobs.results import CorruptPartError
 
     try:
         out = open_output(args.dir)
@@ -34,5 +35,8 @@ def run(args: argparse.Namespace) -> int:
         return fail(f"{out.uri} has no results yet (not the --out of a vcut run?)")
     if args.sample < 0:
         return fail("--sample must be >= 0")
-    print(f"wrote {write_report(out, sample=args.sample)}")
+    try:
+        print(f"wrote {write_report(out, sample=args.sample)}")
+    except CorruptPartError as exc:  # a damaged results part: its name and the fix
+        return fail(exc)
     return ExitStatus.OK

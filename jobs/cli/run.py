@@ -35,6 +35,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="render rows that are already ok again")
     p.add_argument(
+        "--rerender",
+        choices=["changed"],
+        help="render again the ok rows whose image, generation values, model or VCUT settings changed",
+    )
+    p.add_argument(
         "--dry-run",
         action="store_true",
         help="validate the manifest and print what would run (rows, images, shapes, MACs, GPU-hours); "
@@ -96,6 +101,7 @@ def _run_job(args: argparse.Namespace, signals: Any) -> int:
     from jobs.output import open_output
     from jobs.preflight import ClusterUnavailableError, PreflightError, run_preflight
     from jobs.progress import format_summary
+    from jobs.results import CorruptPartError
     from jobs.runner import JobError, run_job
     from jobs.stop import OutputWriteError, exit_for_signal, exit_status, quiet_orphaned_storage_errors
     from jobs.testing import seams_from_env
@@ -117,7 +123,7 @@ def _run_job(args: argparse.Namespace, signals: Any) -> int:
             return dry_run(cfg, args.manifest, out, sys.stdout, timing=args.timing)
         except ManifestError as exc:
             return fail_lines(exc)
-        except TimingError as exc:
+        except (TimingError, CorruptPartError) as exc:  # a damaged results part: its name and the fix
             return fail(exc)
     if args.timing:
         return fail("--timing goes with --dry-run (a job measures its own timings)")
@@ -147,6 +153,8 @@ def _run_job(args: argparse.Namespace, signals: Any) -> int:
     except ManifestError as exc:
         fail_lines(exc)
         return exit_status(exc)
+    except CorruptPartError as exc:  # a damaged results part: its name and the fix
+        return fail(exc)
     except JobError as exc:
         logs = f"; details in {out.uri_of('logs')}" if (exc.causes or log_file) else ""
         for cause in exc.causes or [""]:
