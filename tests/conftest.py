@@ -261,3 +261,17 @@ def ray_head_node(**env: str) -> Iterator[str]:
             pass
         proc.wait(timeout=30)
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def random_image(seed: int, w: int = 80, h: int = 72) -> Any:
+    """A reproducible RGB noise image (PIL) of ``w`` x ``h`` pixels."""
+    import numpy as np
+    from PIL import Image
+
+    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8))
+
+
+def max_level_diff(a: Any, b: Any) -> int:
+    """The largest difference, in uint8 levels, between two videos of one shape."""
+    assert a.shape == b.shape
+    return int(abs(a.astype(int) - b.astype(int)).max())

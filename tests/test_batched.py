@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import max_level_diff, random_image
 from diffusers import StableVideoDiffusionPipeline
 from omegaconf import OmegaConf
 from PIL import Image
@@ -31,13 +32,6 @@ TINY_JOB = str(ROOT / "examples" / "tiny-job.yaml")
 SMALL = dict(height=64, width=64, num_frames=4, num_inference_steps=2, noise_aug_strength=0.05)
 
 
-def _image(seed: int, w: int = 80, h: int = 72) -> Image.Image:
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8))
-
-
-def _maxdiff(a: np.ndarray, b: np.ndarray) -> int:
-    assert a.shape == b.shape
-    return int(np.abs(a.astype(int) - b.astype(int)).max())
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +47,7 @@ def renderers(tiny_model_dir: Path) -> dict[str, Renderer]:
 @pytest.mark.parametrize("mode", ["off", "full", "full+cache2"])
 def test_batch_rows_equal_rows_rendered_alone(renderers, mode: str) -> None:
     r = renderers[mode]
-    images, seeds = [_image(1), _image(2, 64, 96), _image(3)], [10, 11, 2**40]
+    images, seeds = [random_image(1), random_image(2, 64, 96), random_image(3)], [10, 11, 2**40]
     kw = dict(SMALL, decode_chunk_size=3)
     if mode == "full+cache2":  # step caching: steps 1 and 3 full, step 2 reuses the deep features
         kw["num_inference_steps"] = 3
@@ -61,11 +55,11 @@ def test_batch_rows_equal_rows_rendered_alone(renderers, mode: str) -> None:
     batch = r.generate_batch(images, seeds=seeds, **kw)
     wall = time.perf_counter() - start
     alone = [r.generate(img, seed=s, **kw) for img, s in zip(images, seeds, strict=True)]
-    diffs = [_maxdiff(b.frames, a.frames) for b, a in zip(batch, alone, strict=True)]
+    diffs = [max_level_diff(b.frames, a.frames) for b, a in zip(batch, alone, strict=True)]
     print(f"vcut={mode}: max |batch - alone| per row (uint8 levels): {diffs}")
     assert max(diffs) <= 1, diffs
     # the rows are different videos (a row mix-up would not pass the check above)
-    assert _maxdiff(batch[0].frames, batch[2].frames) > 50
+    assert max_level_diff(batch[0].frames, batch[2].frames) > 50
     assert [g.seed for g in batch] == seeds and all(g.batch_size == 3 for g in batch)
     assert all(a.batch_size == 1 for a in alone)
     assert all(g.frames.shape == (4, 64, 64, 3) and g.decode_chunk_size == 3 for g in batch)
@@ -79,20 +73,20 @@ def test_exact_batch_equals_stock_diffusers_rows(renderers, tiny_model_dir: Path
     """VCUT exact on a batch of 3 (embeddings (3, 1, dim), CFG -> (6, 1, dim)) vs stock, row by row."""
     stock = StableVideoDiffusionPipeline.from_pretrained(tiny_model_dir)
     stock.set_progress_bar_config(disable=True)
-    images, seeds = [_image(4), _image(5), _image(6)], [1, 2, 3]
+    images, seeds = [random_image(4), random_image(5), random_image(6)], [1, 2, 3]
     batch = renderers["exact"].generate_batch(images, seeds=seeds, **SMALL)
     diffs = []
     for img, seed, gen in zip(images, seeds, batch, strict=True):
         fitted = fit_image(load_image(img), 64, 64)
         ref = stock(fitted, generator=torch.Generator().manual_seed(seed), output_type="np", **SMALL)
-        diffs.append(_maxdiff(gen.frames, frames_to_uint8(ref.frames[0])))
+        diffs.append(max_level_diff(gen.frames, frames_to_uint8(ref.frames[0])))
     print(f"vcut=exact batch of 3 vs stock diffusers alone: {diffs}")
     assert max(diffs) <= 1, diffs
 
 
 def test_embedding_cache_per_image_in_a_batch(renderers) -> None:
     r = renderers["off"]
-    a, b = _image(21), _image(22)
+    a, b = random_image(21), random_image(22)
     r.cache.clear()
     first = r.generate(a, seed=5, **SMALL)
     assert not first.cache_hit
@@ -110,14 +104,14 @@ def test_embedding_cache_per_image_in_a_batch(renderers) -> None:
     assert [g.cache_hit for g in gens] == [True, False, True]
     assert (after["hits"] - before["hits"], after["misses"] - before["misses"]) == (2, 1)
     assert calls == [1]  # only b was encoded, on its own
-    assert _maxdiff(gens[0].frames, first.frames) <= 1
+    assert max_level_diff(gens[0].frames, first.frames) <= 1
 
 
 def test_batch_embeddings_have_diffusers_cfg_layout(renderers, tiny_model_dir: Path) -> None:
     """(2B, 1, dim): zeros for the unconditional half in front, as diffusers does for a list."""
     r = renderers["off"]
     r.cache.clear()
-    imgs = [fit_image(_image(s), 64, 64) for s in (31, 32, 33)]
+    imgs = [fit_image(random_image(s), 64, 64) for s in (31, 32, 33)]
     r.generate(imgs[1], seed=0, **SMALL)  # one of them cached
     ours = r.pipe._encode_image(imgs, torch.device("cpu"), 1, True)
     assert r.pipe.last_cache_hits == [False, True, False]
@@ -131,7 +125,7 @@ def test_batch_embeddings_have_diffusers_cfg_layout(renderers, tiny_model_dir: P
 
 def test_out_of_memory_batch_is_halved(renderers, monkeypatch, caplog) -> None:
     r = renderers["full"]
-    images, seeds = [_image(41), _image(42), _image(43)], [1, 2, 3]
+    images, seeds = [random_image(41), random_image(42), random_image(43)], [1, 2, 3]
     unet = r.pipe.unet
     real_forward = unet.forward
     sizes: list[int] = []
@@ -158,13 +152,13 @@ def test_out_of_memory_batch_is_halved(renderers, monkeypatch, caplog) -> None:
 def test_generate_batch_validation(renderers, tmp_path: Path) -> None:
     r = renderers["off"]
     with pytest.raises(ValueError, match="one seed per image"):
-        r.generate_batch([_image(1), _image(2)], seeds=[1], **SMALL)
+        r.generate_batch([random_image(1), random_image(2)], seeds=[1], **SMALL)
     with pytest.raises(ValueError, match="seed"):
-        r.generate_batch([_image(1)], seeds=[-1], **SMALL)
+        r.generate_batch([random_image(1)], seeds=[-1], **SMALL)
     with pytest.raises(ValueError, match="sequence of images"):
         r.generate_batch("a.png", seeds=[1], **SMALL)
     with pytest.raises(ValueError, match="width"):
-        r.generate_batch([_image(1)], seeds=[1], **dict(SMALL, width=60))
+        r.generate_batch([random_image(1)], seeds=[1], **dict(SMALL, width=60))
     assert r.generate_batch([], seeds=[], **SMALL) == []
 
 
@@ -213,7 +207,7 @@ def test_worker_batches_compatible_rows_and_a_bad_image_fails_only_its_row(
     paths = []
     for i in (51, 52, 53):
         paths.append(str(tmp_path / f"{i}.png"))
-        _image(i).save(paths[-1])
+        random_image(i).save(paths[-1])
     tasks = [
         _task(cfg, paths[0], 1, "a"),
         _task(cfg, str(corrupt), 2, "bad"),
@@ -229,7 +223,7 @@ def test_worker_batches_compatible_rows_and_a_bad_image_fails_only_its_row(
     assert results[0]["denoise_seconds"] == results[2]["denoise_seconds"]  # the batch's share
     for task in (tasks[0], tasks[2], tasks[3]):
         alone = renderer.generate(task.image, **{k: task.params[k] for k in ROW_PARAMS}).frames
-        assert _maxdiff(encoder.frames[task.output], alone) <= 1
+        assert max_level_diff(encoder.frames[task.output], alone) <= 1
 
 
 class _FakeGeneration:
@@ -331,7 +325,7 @@ def test_job_with_render_batch_2_equals_render_batch_1(ray_address, tiny_model_d
     imgs = []
     for i in range(3):
         imgs.append(str(tmp_path / f"img{i}.png"))
-        _image(60 + i, 64, 64).save(imgs[-1])
+        random_image(60 + i, 64, 64).save(imgs[-1])
     rows = [
         {"id": "a0", "image": imgs[0], "seed": 0},
         {"id": "missing", "image": str(tmp_path / "nope.png"), "seed": 1},

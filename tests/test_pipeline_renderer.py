@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from conftest import FakeClock
+from conftest import FakeClock, random_image
 from diffusers import StableVideoDiffusionPipeline
 from PIL import Image
 
@@ -19,9 +19,6 @@ from pipeline import ImageError, Renderer, fit_image, frames_to_uint8, load_imag
 
 SMALL = dict(height=64, width=64, num_frames=3, num_inference_steps=2)
 
-
-def _image(seed: int, w: int = 80, h: int = 72) -> Image.Image:
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8))
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +42,7 @@ def _stock_frames(stock: StableVideoDiffusionPipeline, image: Image.Image, seed:
 @pytest.mark.parametrize("mode", ["off", "exact"])
 def test_frames_equal_stock_diffusers(renderers, stock, mode: str) -> None:
     kw = dict(SMALL, fps=6, motion_bucket_id=100, noise_aug_strength=0.05, max_guidance_scale=2.5)
-    img = _image(1)
+    img = random_image(1)
     gen = renderers[mode].generate(img, seed=123, **kw)
     ref = _stock_frames(stock, img, 123, **kw)
     assert gen.frames.shape == (3, 64, 64, 3) and gen.frames.dtype == np.uint8
@@ -56,7 +53,7 @@ def test_frames_equal_stock_diffusers(renderers, stock, mode: str) -> None:
 
 
 def test_full_mode_renders(renderers) -> None:
-    gen = renderers["full"].generate(_image(1), seed=1, **SMALL)
+    gen = renderers["full"].generate(random_image(1), seed=1, **SMALL)
     assert gen.frames.shape == (3, 64, 64, 3)
     assert renderers["full"].vcut_report.temporal_cross_attentions_removed > 0
 
@@ -64,7 +61,7 @@ def test_full_mode_renders(renderers) -> None:
 @pytest.mark.parametrize("mode", ["off", "exact", "full"])
 def test_cache_hit_gives_exactly_the_frames_of_a_miss(renderers, mode: str) -> None:
     r = renderers[mode]
-    img = _image(7)
+    img = random_image(7)
     before = r.cache_stats()
     miss = r.generate(img, seed=5, **SMALL)
     hit = r.generate(img, seed=5, **SMALL)
@@ -82,7 +79,7 @@ def test_cache_hit_gives_exactly_the_frames_of_a_miss(renderers, mode: str) -> N
 
 def test_cache_skips_the_image_encoder(renderers) -> None:
     r = renderers["off"]
-    img = _image(11)
+    img = random_image(11)
     r.generate(img, seed=0, **SMALL)
     calls = []
     vision = r.pipe.image_encoder.vision_model  # the CLIP tower, inside the encoder's cache hook
@@ -91,7 +88,7 @@ def test_cache_skips_the_image_encoder(renderers) -> None:
     )
     try:
         assert r.generate(img, seed=0, **SMALL).cache_hit and not calls
-        assert not r.generate(_image(12), seed=0, **SMALL).cache_hit and calls == [1]
+        assert not r.generate(random_image(12), seed=0, **SMALL).cache_hit and calls == [1]
     finally:
         handle.remove()
 
@@ -114,7 +111,7 @@ def test_cache_hook_is_registered_once_and_leaves_the_source_pipeline_stock(stoc
     registry = again.image_encoder._diffusers_hook
     assert registry._hook_order == [EMBEDDING_CACHE_HOOK]
     assert registry.get_hook(EMBEDDING_CACHE_HOOK) is not hook
-    img = fit_image(_image(13), 64, 64)
+    img = fit_image(random_image(13), 64, 64)
     ref = stock._encode_image(img, torch.device("cpu"), 1, True)
     again.embedding_cache = r.cache
     r.cache.clear()
@@ -125,10 +122,10 @@ def test_cache_hook_is_registered_once_and_leaves_the_source_pipeline_stock(stoc
 
 def test_same_seed_same_video_whatever_came_before(renderers, tiny_model_dir: Path) -> None:
     r = renderers["exact"]
-    img = _image(3)
+    img = random_image(3)
     first = r.generate(img, seed=42, **SMALL).frames
-    r.generate(_image(4), seed=1, **dict(SMALL, num_frames=4))  # something else in between
-    r.generate(_image(5), seed=2, height=48, width=48, num_frames=2, num_inference_steps=3)
+    r.generate(random_image(4), seed=1, **dict(SMALL, num_frames=4))  # something else in between
+    r.generate(random_image(5), seed=2, height=48, width=48, num_frames=2, num_inference_steps=3)
     again = r.generate(img, seed=42, **SMALL).frames
     fresh = Renderer.from_pretrained(tiny_model_dir, vcut="exact").generate(img, seed=42, **SMALL).frames
     assert np.array_equal(first, again) and np.array_equal(first, fresh)
@@ -162,7 +159,7 @@ def test_generation_record_and_timings(renderers, monkeypatch) -> None:
     ticking(r.pipe.vae, "encode", 10)
     ticking(r.pipe.unet, "forward", 100)
     ticking(r.pipe.vae, "decode", 1000)
-    gen = r.generate(_image(1), seed=0, fps=9, **SMALL)
+    gen = r.generate(random_image(1), seed=0, fps=9, **SMALL)
     t = gen.timings
     assert calls["prepare_image"] == calls["encode"] == 1 and calls["decode"] >= 1
     assert calls["forward"] == SMALL["num_inference_steps"]  # guidance: both halves in one call
@@ -173,7 +170,7 @@ def test_generation_record_and_timings(renderers, monkeypatch) -> None:
 
 
 def test_num_frames_defaults_to_the_unet_config(renderers) -> None:
-    gen = renderers["off"].generate(_image(1), seed=0, height=64, width=64, num_inference_steps=1)
+    gen = renderers["off"].generate(random_image(1), seed=0, height=64, width=64, num_inference_steps=1)
     assert gen.frames.shape[0] == 4
 
 
@@ -198,7 +195,7 @@ def test_invalid_values_raise_value_error_naming_the_parameter(renderers, kwargs
     args = dict(SMALL, seed=0)
     args.update(kwargs)
     with pytest.raises(ValueError, match=name):
-        renderers["off"].generate(_image(1), **args)
+        renderers["off"].generate(random_image(1), **args)
 
 
 def test_bad_image_raises_image_error(renderers, tmp_path: Path) -> None:
@@ -210,7 +207,7 @@ def test_bad_image_raises_image_error(renderers, tmp_path: Path) -> None:
 
 def test_decode_oom_backs_off_to_smaller_chunks(renderers, monkeypatch, caplog) -> None:
     r = renderers["off"]
-    img = _image(9)
+    img = random_image(9)
     kw = dict(SMALL, num_frames=4)
     reference = r.generate(img, seed=3, decode_chunk_size=1, **kw).frames
 
@@ -240,7 +237,7 @@ def test_decode_oom_backs_off_to_smaller_chunks(renderers, monkeypatch, caplog) 
 def test_render_to_file(renderers, tmp_path: Path) -> None:
     r = renderers["full"]
     img_path = tmp_path / "in.png"
-    _image(2, 100, 60).save(img_path)
+    random_image(2, 100, 60).save(img_path)
     out = tmp_path / "videos" / "out.mp4"
     rec = r.render_to_file(img_path, out, seed=8, fps=8, preset="ultrafast", crf=23, **SMALL)
     assert rec.path == str(out) and rec.frames == 3 and rec.fps == 8 and (rec.width, rec.height) == (64, 64)

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import max_level_diff, random_image
 from diffusers import StableVideoDiffusionPipeline
-from PIL import Image
 
 from pipeline import Renderer
 from pipeline.compile import CompileWatch
@@ -25,13 +25,6 @@ from pipeline.renderer import frames_to_uint8, frames_to_uint8_torch
 SMALL = dict(height=64, width=64, num_frames=4, num_inference_steps=2, noise_aug_strength=0.05)
 
 
-def _image(seed: int, w: int = 80, h: int = 72) -> Image.Image:
-    return Image.fromarray(np.random.RandomState(seed).randint(0, 255, (h, w, 3), dtype=np.uint8))
-
-
-def _maxdiff(a: np.ndarray, b: np.ndarray) -> int:
-    assert a.shape == b.shape
-    return int(np.abs(a.astype(int) - b.astype(int)).max())
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +44,7 @@ def test_short_last_batch_under_compile_compiles_no_new_graph(stock) -> None:
     import torch._dynamo
 
     torch._dynamo.reset()
-    images, seeds = [_image(1), _image(2), _image(3)], [10, 11, 12]
+    images, seeds = [random_image(1), random_image(2), random_image(3)], [10, 11, 12]
     padded = Renderer.from_pipe(
         copy.deepcopy(stock), vcut="full", compile="default", compile_backend="eager", render_batch=3
     )
@@ -67,8 +60,8 @@ def test_short_last_batch_under_compile_compiles_no_new_graph(stock) -> None:
     eager = Renderer.from_pipe(copy.deepcopy(stock), vcut="full")
     for gen, image, seed in zip(short + one, images, seeds, strict=True):
         alone = eager.generate(image, seed=seed, **SMALL)
-        assert _maxdiff(gen.frames, alone.frames) <= 1
-    assert _maxdiff(short[0].frames, short[1].frames) > 50  # different videos: no row mix-up
+        assert max_level_diff(gen.frames, alone.frames) <= 1
+    assert max_level_diff(short[0].frames, short[1].frames) > 50  # different videos: no row mix-up
 
     # the control: without padding (render_batch 1), the same short batch compiles again
     unpadded = Renderer.from_pipe(
@@ -89,9 +82,9 @@ def test_render_batch_is_checked(stock) -> None:
 def test_overlapped_stream_renders_the_same_frames(stock) -> None:
     renderer = Renderer.from_pipe(copy.deepcopy(stock), vcut="full")
     requests = [
-        dict(images=[_image(1), _image(2)], seeds=[1, 2], **SMALL),
-        dict(images=[_image(3)], seeds=[3], **dict(SMALL, num_inference_steps=3)),
-        dict(images=[_image(4), _image(5)], seeds=[4, 5], decode_chunk_size=3, **SMALL),
+        dict(images=[random_image(1), random_image(2)], seeds=[1, 2], **SMALL),
+        dict(images=[random_image(3)], seeds=[3], **dict(SMALL, num_inference_steps=3)),
+        dict(images=[random_image(4), random_image(5)], seeds=[4, 5], decode_chunk_size=3, **SMALL),
         dict(images=[], seeds=[]),
     ]
     events: list[tuple[str, str]] = []
@@ -136,7 +129,10 @@ def test_overlapped_stream_renders_the_same_frames(stock) -> None:
 def test_stream_raises_a_bad_request_after_the_videos_before_it(stock) -> None:
     renderer = Renderer.from_pipe(copy.deepcopy(stock), vcut="off")
     stream = renderer.generate_stream(
-        [dict(images=[_image(1)], seeds=[1], **SMALL), dict(images=[_image(2)], seeds=[2], fps=0, **SMALL)]
+        [
+            dict(images=[random_image(1)], seeds=[1], **SMALL),
+            dict(images=[random_image(2)], seeds=[2], fps=0, **SMALL),
+        ]
     )
     with pytest.raises(ValueError, match="fps"):
         first = next(stream)
