@@ -493,7 +493,7 @@ def test_job_config_compile_cache(tmp_path, monkeypatch) -> None:
     assert compile_cache_uri("file://" + str(tmp_path / "x"), default) == str(tmp_path / "x")
 
 
-def test_worker_reports_startup_and_compile_seconds(tiny_model_dir) -> None:
+def test_worker_reports_startup_and_compile_seconds(tiny_model_dir, tmp_path) -> None:
     from jobs.config import load_config
     from jobs.worker import RenderWorker
 
@@ -517,7 +517,10 @@ def test_worker_reports_startup_and_compile_seconds(tiny_model_dir) -> None:
     assert info["startup_seconds"] >= 0 and info["compile"] == "default"
     from jobs.planner import RowTask
 
-    task = RowTask.from_row({"id": "a", "image": "x.png", "seed": 1}, cfg["defaults"], output="a.mp4")
+    image = tmp_path / "x.png"
+    _image(0).save(image)  # the worker loads a task's image before rendering it
+    row = {"id": "a", "image": str(image), "seed": 1}
+    task = RowTask.from_row(row, cfg["defaults"], output=str(tmp_path / "a.mp4"))
     (result,) = worker.render_batch([task])
     assert result["status"] == "ok" and result["compile_seconds"] == 1.25
     from jobs.results import RESULT_SCHEMA
