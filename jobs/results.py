@@ -299,7 +299,18 @@ def compact(out_dir: str | OutputDir, target_rows: int = 100_000, parts: list[st
         dropped += total - kept
         tables = [out.read_table(parts[i]).filter(pa.array(masks[i])) for i in group]
         _replace(out, [parts[i] for i in group], pa.concat_tables(tables))
+        del tables
+        release_memory()
     return dropped
+
+
+def release_memory() -> None:
+    """Hand the memory pyarrow freed back to the system. Its default pool (mimalloc in the
+    wheels) keeps freed pages for reuse; after reading and writing parts of up to 100,000 rows
+    one after another, the driver's RSS grew with every part (~25 MiB per 100,000 rows
+    compacted: 316 MiB for 400,000 rows instead of 221 with the system allocator). Called
+    between parts, it keeps the RSS at one part's worth."""
+    pa.default_memory_pool().release_unused()
 
 
 def _replace(out: OutputDir, parts: list[str], merged: pa.Table) -> None:
@@ -334,6 +345,7 @@ def iter_results(out_dir: str | OutputDir, columns: list[str] | None = None) -> 
     for path, mask in zip(parts, masks, strict=True):
         if not mask.any():
             continue
+        release_memory()  # the previous part's buffers (see release_memory)
         names = out.read_schema(path).names
         t = out.read_table(path, columns=[f.name for f in schema if f.name in names]).filter(pa.array(mask))
         cols = [
