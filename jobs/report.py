@@ -84,7 +84,7 @@ class _Scan:
     def __init__(self) -> None:
         self.ok: list[np.ndarray] = []
         self.seconds: list[np.ndarray] = []
-        self.encode: list[np.ndarray] = []
+        self.t0 = np.inf  # the first row's start: its finish less its render and encode seconds
         self.finished: list[np.ndarray] = []
         self.worker: list[np.ndarray] = []
         self.codes: dict[str, int] = {}  # worker name -> code
@@ -103,9 +103,14 @@ class _Scan:
         self.ok.append(ok)
         seconds = _column(table, "seconds", float)
         self.seconds.append(seconds)
-        self.encode.append(np.nan_to_num(_column(table, "encode_seconds", float)))
+        encode = np.nan_to_num(_column(table, "encode_seconds", float))
         finished = _timestamps(table, "finished_at")
-        self.finished.append(np.where(np.isnan(finished), _timestamps(table, "committed_at"), finished))
+        finished = np.where(np.isnan(finished), _timestamps(table, "committed_at"), finished)
+        self.finished.append(finished)
+        has_t = ~np.isnan(finished)
+        if has_t.any():
+            starts = finished[has_t] - np.nan_to_num(seconds[has_t]) - encode[has_t]
+            self.t0 = min(self.t0, float(starts.min()))
         # workers by code: "" and null are the driver's rows; each name's nodes
         worker = pc.if_else(
             pc.fill_null(pc.equal(_text(table, "worker"), ""), True), "(driver)", _text(table, "worker")
@@ -147,7 +152,10 @@ def _text(table: pa.Table, name: str) -> pa.ChunkedArray:
 
 
 def _cat(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:
-    return np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
+    """One array of the parts' ``arrays``, which are emptied (a part's copy freed at once)."""
+    whole = np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
+    arrays.clear()
+    return whole
 
 
 def report_data(
@@ -174,15 +182,14 @@ def report_data(
     ok_mask = _cat(scan.ok, bool)
     n, ok = ok_mask.size, int(ok_mask.sum())
     failed = n - ok
-    seconds, encode, finished = (_cat(a, float) for a in (scan.seconds, scan.encode, scan.finished))
+    seconds, finished = _cat(scan.seconds, float), _cat(scan.finished, float)
     workers = _cat(scan.worker, np.int32)
     current = bool(summary) and (summary.get("ok"), summary.get("failed")) == (ok, failed)
 
     has_t = ~np.isnan(finished)
     t0 = t1 = None
     if has_t.any():
-        starts = finished[has_t] - np.nan_to_num(seconds[has_t]) - encode[has_t]
-        t0, t1 = float(starts.min()), float(finished[has_t].max())
+        t0, t1 = scan.t0, float(finished[has_t].max())
     if current:
         wall = float(summary.get("wall_seconds") or 0.0)
         per_hour = float(summary.get("videos_per_second") or 0.0) * 3600
@@ -261,19 +268,20 @@ def report_data(
     )
     order = pc.sort_indices(keys, [("f", "ascending"), ("id", "ascending")])
     picked = [order[j].as_py() for j in _sample_indices(ok, sample)]
-    ids = [keys.column("id")[i].as_py() for i in picked]
-    outputs = _outputs(parts, ids) if ids else {}
     contact = [
         {
-            "id": row_id,
-            "output": outputs.get(row_id),
+            "id": keys.column("id")[i].as_py(),
             "in_shard": bool(in_shard[i]),
             "seconds": None if np.isnan(ok_seconds[i]) else float(ok_seconds[i]),
         }
-        for i, row_id in zip(picked, ids, strict=True)
+        for i in picked
     ]
-
     modes = sorted(scan.modes)
+    # the per-row arrays are not needed any more: freed before the second pass over the parts
+    del scan, keys, order, ok_mask, seconds, finished, workers, ok_finished, ok_seconds, in_shard
+    outputs = _outputs(parts, [c["id"] for c in contact]) if contact else {}
+    for c in contact:
+        c["output"] = outputs.get(c["id"])
     return {
         "state": "finished" if current else ("running or interrupted" if n else "no rows yet"),
         "rows": manifest_rows if manifest_rows is not None else n,

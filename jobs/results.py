@@ -240,6 +240,7 @@ def _latest(out: OutputDir, parts: list[str]) -> tuple[list[np.ndarray], list[np
         hashes.append(hash_ids(table.column("id").to_pylist()))
         oks.append(pc.fill_null(pc.equal(table.column("status"), "ok"), False).to_numpy(zero_copy_only=False))
         del table
+        release_memory()
     return _last_of_id(hashes), hashes, oks
 
 
