@@ -35,6 +35,8 @@ Reported per run: rows, wall time (Ray start excluded: it is timed apart), rows 
 over the wall time and between the first and the last committed row (steady), the driver's
 peak RSS (sampled every 20 ms, and ``ru_maxrss``), and the peak total RSS of the Ray
 processes it started. Memory must not grow with the manifest: compare 10k with 50k.
+``--sample-s N`` adds ``driver_series``: every N s the driver's RSS against the rows committed
+and what the driver holds (:class:`TimeSeries`), to see when memory grows and with what.
 """
 
 from __future__ import annotations

@@ -163,12 +163,15 @@ def report_data(
     summary: dict | None = None,
     *,
     sample: int = SAMPLE,
+    every_row: Callable[[list[str]], Iterable[pa.Table]] | None = None,
 ) -> dict[str, Any]:
     """Everything the page shows, from the results (one row per id) and summary.json.
 
-    ``source``: the results table, or ``columns -> tables`` (``jobs.results.iter_results``):
-    read one part at a time, twice (the second time only ``id`` and ``output`` of the rows on
-    the contact sheet), so that memory holds a few numbers a row, not the table.
+    ``source``: the results table, or ``columns -> tables`` (``jobs.results.iter_results``),
+    read one part at a time so that memory holds a few numbers a row, not the table. The
+    ``output`` of the contact sheet's rows is read afterwards from ``every_row`` (``columns ->
+    tables`` of every committed row in commit order, superseded ones too: the last row of an
+    id wins; ``jobs.results.iter_parts``; default ``source``), ``id`` and ``output`` only.
 
     A summary counts as current when its ok/failed counts match the table (a finished job);
     then its wall time and throughput are the run's own. Otherwise (a running or interrupted
@@ -279,7 +282,7 @@ def report_data(
     modes = sorted(scan.modes)
     # the per-row arrays are not needed any more: freed before the second pass over the parts
     del scan, keys, order, ok_mask, seconds, finished, workers, ok_finished, ok_seconds, in_shard
-    outputs = _outputs(parts, [c["id"] for c in contact]) if contact else {}
+    outputs = _outputs(every_row or parts, [c["id"] for c in contact]) if contact else {}
     for c in contact:
         c["output"] = outputs.get(c["id"])
     return {
@@ -305,7 +308,7 @@ def report_data(
 
 
 def _outputs(parts: Callable[[list[str]], Iterable[pa.Table]], ids: list[str]) -> dict[str, str | None]:
-    """``output`` of the rows ``ids`` (a second pass over ``id`` and ``output`` only)."""
+    """``output`` of the rows ``ids``: the last of each id in ``parts`` (``id``, ``output`` only)."""
     found: dict[str, str | None] = {}
     wanted = pa.array(ids, pa.string())
     for part in parts(["id", "output"]):
@@ -439,7 +442,12 @@ def write_report(
         pass
     for attempt in range(3):  # a running job's compaction may remove a part between list and read
         try:  # only what the page shows, one part at a time (memory: a few numbers a row)
-            data = report_data(lambda columns: results.iter_results(out, columns), summary, sample=sample)
+            data = report_data(
+                lambda columns: results.iter_results(out, columns),
+                summary,
+                sample=sample,
+                every_row=lambda columns: results.iter_parts(out, columns),
+            )
             break
         except FileNotFoundError:
             if attempt == 2:

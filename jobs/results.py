@@ -358,6 +358,16 @@ def iter_results(out_dir: str | OutputDir, columns: list[str] | None = None) -> 
         yield pa.table(cols, schema=schema)
 
 
+def iter_parts(out_dir: str | OutputDir, columns: list[str]) -> Iterator[pa.Table]:
+    """Every committed row, superseded ones too, one part at a time in commit order, with the
+    ``columns`` each part has (no last-row-wins masks: nothing is read but ``columns``)."""
+    out = open_output(out_dir)
+    for path in _parts(out):
+        release_memory()  # the previous part's buffers
+        names = out.read_schema(path).names
+        yield out.read_table(path, columns=[c for c in columns if c in names])
+
+
 def read_results(out_dir: str | OutputDir, columns: list[str] | None = None) -> pa.Table:
     """The results table, one row per id (the last committed row wins), with ``columns`` only
     (None: all; see :func:`iter_results`)."""
