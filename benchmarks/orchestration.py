@@ -74,6 +74,7 @@ class MemorySampler:
         self.proc = psutil.Process()
         self.period = period
         self.peak = 0
+        self.peak_at = 0.0  # when (monotonic) the peak was seen
         self.peak_children = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -83,7 +84,9 @@ class MemorySampler:
 
         last_children = 0.0
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
+            rss = self.proc.memory_info().rss
+            if rss > self.peak:
+                self.peak, self.peak_at = rss, time.monotonic()
             now = time.monotonic()
             if now - last_children > 0.5:
                 last_children = now
@@ -242,7 +245,7 @@ def run_one(
 
         jobs.loop.Runner.__init__ = noting_init  # type: ignore[method-assign]
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    with MemorySampler() as mem, (series or contextlib.nullcontext()):
+    with MemorySampler() as mem, series or contextlib.nullcontext():
         t0 = time.monotonic()
         # "local": an instance of its own, never one that `ray start` registered on the machine
         ray.init(
@@ -274,6 +277,8 @@ def run_one(
         "steady_rows_per_s": steady,
         "driver_peak_rss_bytes": max(mem.peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
         "driver_rss_before_bytes": rss_before,
+        # seconds after the job's last committed row (negative: during the loop)
+        "driver_peak_after_last_commit_s": mem.peak_at - clock.last if clock.last is not None else None,
         "ray_processes_peak_rss_bytes": mem.peak_children,
         "job_summary": {k: v for k, v in summary.items() if not isinstance(v, (dict, list))},
         "driver_series": series.samples if series is not None else None,
