@@ -111,17 +111,16 @@ class MemorySampler:
 class TimeSeries:
     """Every ``period`` s: the driver's RSS against the rows committed so far, and what the
     driver holds (the pool's dicts and deques, the writer thread's queue, the ResultWriter's
-    held tables, pyarrow's allocated bytes, gc object counts); every ``histogram_every``
-    samples, the 12 most common object types (``gc.get_objects``). To see *when* memory grows
+    held tables, pyarrow's allocated bytes); after the job, the 12 most common object types
+    (``gc.get_objects``, in the main thread only). To see *when* memory grows
     (during the loop, with what, or at the end of the job)."""
 
-    def __init__(self, clock: _CommitClock, period: float = 2.0, histogram_every: int = 15):
+    def __init__(self, clock: _CommitClock, period: float = 2.0):
         import psutil
 
         self.proc = psutil.Process()
         self.clock = clock
         self.period = period
-        self.histogram_every = histogram_every
         self.runner: Any = None  # set when the job's Runner is created (see run_one)
         self.samples: list[dict[str, Any]] = []
         self.t0 = time.monotonic()
@@ -138,7 +137,6 @@ class TimeSeries:
             "rss_mib": round(self.proc.memory_info().rss / 2**20, 1),
             "committed": self.clock.rows,
             "arrow_mib": round(pa.total_allocated_bytes() / 2**20, 1),
-            "gc_tracked": len(gc.get_objects()),
         }
         if label:
             s["label"] = label
@@ -157,7 +155,7 @@ class TimeSeries:
                 s["writer_recent"] = len(writer._recent)
                 s["writer_recent_rows"] = writer._recent_rows
             s["skipped"] = r.counters["skipped"]
-        if histogram:
+        if histogram:  # only in the main thread, after the job (see __exit__)
             from collections import Counter
 
             counts = Counter(type(o).__name__ for o in gc.get_objects())
@@ -165,10 +163,10 @@ class TimeSeries:
         self.samples.append(s)
 
     def _run(self) -> None:
-        n = 0
         while not self._stop.wait(self.period):
-            n += 1
-            self.sample(histogram=n % self.histogram_every == 0)
+            # no gc.get_objects() here: from another thread it can take a reference to a tuple
+            # the job is building, and CPython's tuple() then fails with a SystemError
+            self.sample()
 
     def __enter__(self) -> TimeSeries:
         self._thread.start()
