@@ -35,6 +35,8 @@ Reported per run: rows, wall time (Ray start excluded: it is timed apart), rows 
 over the wall time and between the first and the last committed row (steady), the driver's
 peak RSS (sampled every 20 ms, and ``ru_maxrss``), and the peak total RSS of the Ray
 processes it started. Memory must not grow with the manifest: compare 10k with 50k.
+``--sample-s N`` adds ``driver_series``: every N s the driver's RSS against the rows committed
+and what the driver holds (:class:`TimeSeries`), to see when memory grows and with what.
 """
 
 from __future__ import annotations
@@ -72,6 +74,7 @@ class MemorySampler:
         self.proc = psutil.Process()
         self.period = period
         self.peak = 0
+        self.peak_at = 0.0  # when (monotonic) the peak was seen
         self.peak_children = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -81,7 +84,9 @@ class MemorySampler:
 
         last_children = 0.0
         while not self._stop.is_set():
-            self.peak = max(self.peak, self.proc.memory_info().rss)
+            rss = self.proc.memory_info().rss
+            if rss > self.peak:
+                self.peak, self.peak_at = rss, time.monotonic()
             now = time.monotonic()
             if now - last_children > 0.5:
                 last_children = now
@@ -101,6 +106,76 @@ class MemorySampler:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
+
+
+class TimeSeries:
+    """Every ``period`` s: the driver's RSS against the rows committed so far, and what the
+    driver holds (the pool's dicts and deques, the writer thread's queue, the ResultWriter's
+    held tables, pyarrow's allocated bytes); after the job, the 12 most common object types
+    (``gc.get_objects``, in the main thread only). To see *when* memory grows
+    (during the loop, with what, or at the end of the job)."""
+
+    def __init__(self, clock: _CommitClock, period: float = 2.0):
+        import psutil
+
+        self.proc = psutil.Process()
+        self.clock = clock
+        self.period = period
+        self.runner: Any = None  # set when the job's Runner is created (see run_one)
+        self.samples: list[dict[str, Any]] = []
+        self.t0 = time.monotonic()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def sample(self, histogram: bool = False, label: str = "") -> None:
+        import gc
+
+        import pyarrow as pa
+
+        s: dict[str, Any] = {
+            "t": round(time.monotonic() - self.t0, 2),
+            "rss_mib": round(self.proc.memory_info().rss / 2**20, 1),
+            "committed": self.clock.rows,
+            "arrow_mib": round(pa.total_allocated_bytes() / 2**20, 1),
+        }
+        if label:
+            s["label"] = label
+        r = self.runner
+        if r is not None:
+            pool, committer, writer = r.pool, r.committer, getattr(r, "writer", None)
+            if pool is not None:
+                s["inflight"] = len(pool.inflight)
+                s["retry"] = len(pool.retry)
+                s["starting"] = len(pool.starting)
+                s["worker_inflight"] = sum(len(w.inflight) for w in pool.workers)
+            if committer is not None:
+                s["commit_queue"] = committer.pending
+                s["commit_done_queue"] = committer._done.qsize()
+            if writer is not None:
+                s["writer_recent"] = len(writer._recent)
+                s["writer_recent_rows"] = writer._recent_rows
+            s["skipped"] = r.counters["skipped"]
+        if histogram:  # only in the main thread, after the job (see __exit__)
+            from collections import Counter
+
+            counts = Counter(type(o).__name__ for o in gc.get_objects())
+            s["types"] = dict(counts.most_common(12))
+        self.samples.append(s)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.period):
+            # no gc.get_objects() here: from another thread it can take a reference to a tuple
+            # the job is building, and CPython's tuple() then fails with a SystemError
+            self.sample()
+
+    def __enter__(self) -> TimeSeries:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.sample(histogram=True, label="end")
 
 
 class _CommitClock:
@@ -126,6 +201,7 @@ def run_one(
     layout: str = "files",
     video_bytes: int = 0,
     shard_size: int = 100,
+    sample_s: float = 0.0,
 ) -> dict[str, Any]:
     """One measurement, in this process (called in a fresh subprocess by ``main``)."""
     import logging
@@ -155,8 +231,19 @@ def run_one(
 
         kwargs = fake_seams(video_bytes=video_bytes)
     clock = _CommitClock()
+    series = TimeSeries(clock, period=sample_s) if sample_s else None
+    if series is not None:  # note the job's Runner, to sample what it holds
+        import jobs.loop
+
+        init = jobs.loop.Runner.__init__
+
+        def noting_init(runner: Any, *a: Any, **k: Any) -> None:
+            init(runner, *a, **k)
+            series.runner = runner
+
+        jobs.loop.Runner.__init__ = noting_init  # type: ignore[method-assign]
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    with MemorySampler() as mem:
+    with MemorySampler() as mem, series or contextlib.nullcontext():
         t0 = time.monotonic()
         # "local": an instance of its own, never one that `ray start` registered on the machine
         ray.init(
@@ -188,8 +275,11 @@ def run_one(
         "steady_rows_per_s": steady,
         "driver_peak_rss_bytes": max(mem.peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
         "driver_rss_before_bytes": rss_before,
+        # seconds after the job's last committed row (negative: during the loop)
+        "driver_peak_after_last_commit_s": mem.peak_at - clock.last if clock.last is not None else None,
         "ray_processes_peak_rss_bytes": mem.peak_children,
         "job_summary": {k: v for k, v in summary.items() if not isinstance(v, (dict, list))},
+        "driver_series": series.samples if series is not None else None,
     }
 
 
@@ -204,6 +294,7 @@ def _subprocess(
     video_bytes: int = 0,
     shard_size: int = 100,
     store_env: dict[str, str] | None = None,
+    sample_s: float = 0.0,
 ) -> dict[str, Any]:
     result_file = tmp / f"one-{path}-{str(out_dir).rstrip('/').rsplit('/', 1)[-1]}.json"
     cmd = [
@@ -224,6 +315,8 @@ def _subprocess(
         str(video_bytes),
         "--shard-size",
         str(shard_size),
+        "--sample-s",
+        str(sample_s),
     ]
     if model:
         cmd += ["--model", str(model)]
@@ -276,6 +369,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--out", type=Path, default=None, help="JSON file (default: benchmarks/results/orchestration.json)"
     )
+    p.add_argument(
+        "--sample-s",
+        type=float,
+        default=0.0,
+        help="record the driver's RSS, rows committed and what it holds every N s (default 0: off)",
+    )
     # internal: one measurement in this process
     p.add_argument("--one", choices=["stub", "resume", "tiny"], help=argparse.SUPPRESS)
     p.add_argument("--manifest", help=argparse.SUPPRESS)
@@ -293,7 +392,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.one:
         run = run_one(
-            args.one, args.manifest, args.out_dir, args.model, args.layout, args.video_bytes, args.shard_size
+            args.one,
+            args.manifest,
+            args.out_dir,
+            args.model,
+            args.layout,
+            args.video_bytes,
+            args.shard_size,
+            args.sample_s,
         )
         Path(args.result).write_text(json.dumps(run, default=str))
         return 0
@@ -325,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                     work / f"out-stub-{n}-{layout}-{i}" if local else f"s3://{BUCKET}/out-{n}-{layout}-{i}"
                 )
                 extra = {"layout": layout, "video_bytes": args.video_bytes, "shard_size": args.shard_size}
+                extra["sample_s"] = args.sample_s
                 extra["store_env"] = None if local else store_env
                 for path in ("stub", "resume"):
                     if path not in paths or (path == "resume" and local and not out_dir.exists()):

@@ -258,6 +258,7 @@ def _latest(out: OutputDir, parts: list[str]) -> tuple[list[np.ndarray], list[np
         hashes.append(hash_ids(table.column("id").to_pylist()))
         oks.append(pc.fill_null(pc.equal(table.column("status"), "ok"), False).to_numpy(zero_copy_only=False))
         del table
+        release_memory()
     return _last_of_id(hashes), hashes, oks
 
 
@@ -319,7 +320,18 @@ def compact(out_dir: str | OutputDir, target_rows: int = 100_000, parts: list[st
         dropped += total - kept
         tables = [_read_table(out, parts[i]).filter(pa.array(masks[i])) for i in group]
         _replace(out, [parts[i] for i in group], pa.concat_tables(tables))
+        del tables
+        release_memory()
     return dropped
+
+
+def release_memory() -> None:
+    """Hand the memory pyarrow freed back to the system. Its default pool (mimalloc in the
+    wheels) keeps freed pages for reuse; after reading and writing parts of up to 100,000 rows
+    one after another, the driver's RSS grew with every part (~25 MiB per 100,000 rows
+    compacted: 316 MiB for 400,000 rows instead of 221 with the system allocator). Called
+    between parts, it keeps the RSS at one part's worth."""
+    pa.default_memory_pool().release_unused()
 
 
 def _replace(out: OutputDir, parts: list[str], merged: pa.Table) -> None:
@@ -354,6 +366,7 @@ def iter_results(out_dir: str | OutputDir, columns: list[str] | None = None) -> 
     for path, mask in zip(parts, masks, strict=True):
         if not mask.any():
             continue
+        release_memory()  # the previous part's buffers (see release_memory)
         names = _read_schema(out, path).names
         t = _read_table(out, path, [f.name for f in schema if f.name in names]).filter(pa.array(mask))
         cols = [
@@ -363,6 +376,16 @@ def iter_results(out_dir: str | OutputDir, columns: list[str] | None = None) -> 
             for f in schema
         ]
         yield pa.table(cols, schema=schema)
+
+
+def iter_parts(out_dir: str | OutputDir, columns: list[str]) -> Iterator[pa.Table]:
+    """Every committed row, superseded ones too, one part at a time in commit order, with the
+    ``columns`` each part has (no last-row-wins masks: nothing is read but ``columns``)."""
+    out = open_output(out_dir)
+    for path in _parts(out):
+        release_memory()  # the previous part's buffers
+        names = _read_schema(out, path).names
+        yield _read_table(out, path, [c for c in columns if c in names])
 
 
 def read_results(out_dir: str | OutputDir, columns: list[str] | None = None) -> pa.Table:
