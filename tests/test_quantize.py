@@ -136,6 +136,7 @@ def test_renderer_refuses_fp8_on_cpu_before_patching(tiny_model_dir: Path, monke
         Renderer.from_pretrained(tiny_model_dir, device="cpu", quantize="fp8")
 
 
+@pytest.mark.slow  # torch.compile, as the other compile tests
 def test_fp8_composes_with_vcut_step_cache_and_compile_on_cpu(tiny_model_dir: Path, monkeypatch) -> None:
     """FP8 hardware pretended (the refusal patched out): full + fp8 + step cache + compile renders,
     frames near the unquantized ones but not equal."""

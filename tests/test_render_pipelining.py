@@ -40,6 +40,7 @@ def test_uint8_on_the_device_is_numpys_rounding() -> None:
     assert np.array_equal(frames_to_uint8_torch(x).numpy(), frames_to_uint8(x.numpy()))
 
 
+@pytest.mark.slow  # torch.compile, as the other compile tests
 def test_short_last_batch_under_compile_compiles_no_new_graph(stock) -> None:
     import torch._dynamo
 
