@@ -275,3 +275,23 @@ def max_level_diff(a: Any, b: Any) -> int:
     """The largest difference, in uint8 levels, between two videos of one shape."""
     assert a.shape == b.shape
     return int(abs(a.astype(int) - b.astype(int)).max())
+
+
+def vcut_error(args: list[str], env: dict[str, str], tmp_path: Path, expect: str, code: int = 2) -> str:
+    """Run ``vcut ARGS``: exactly one stderr line ``vcut: error: ...`` containing ``expect``,
+    exit ``code``, and Ray never started (what would take long). Returns the line."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.main", *args],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == code, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("vcut: error: "), proc.stderr
+    assert expect in lines[0], lines[0]
+    assert not (tmp_path / "raytmp").exists(), "Ray was started"
+    assert proc.stdout == ""
+    return lines[0]

@@ -13,14 +13,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import AWS_UNSET, free_port, moto_server, no_hub, subprocess_env
+from conftest import AWS_UNSET, free_port, moto_server, no_hub, subprocess_env, vcut_error
 
 from jobs import preflight as pf
 
@@ -35,26 +33,6 @@ def env(tmp_path: Path) -> dict[str, str]:
     return subprocess_env(
         drop=("HF_", "RAY_", "VCUT_"), **no_hub(tmp_path), RAY_TMPDIR=str(tmp_path / "raytmp")
     )
-
-
-def vcut_error(args: list[str], env: dict[str, str], tmp_path: Path, expect: str, code: int = 2) -> str:
-    """Run ``vcut ARGS``: exactly one stderr line ``vcut: error: ...`` containing ``expect``,
-    exit ``code``, and Ray never started (what would take long). Returns the line."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "jobs.main", *args],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    lines = proc.stderr.splitlines()
-    assert proc.returncode == code, proc.stderr
-    assert len(lines) == 1 and lines[0].startswith("vcut: error: "), proc.stderr
-    assert expect in lines[0], lines[0]
-    assert not (tmp_path / "raytmp").exists(), "Ray was started"
-    assert proc.stdout == ""
-    return lines[0]
 
 
 def run_args(model: str, *extra: str, manifest: str = MANIFEST, out: str = "out") -> list[str]:

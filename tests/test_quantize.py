@@ -3,13 +3,12 @@ and the arithmetic of the module replacement, run on the CPU (torch's CPU ``_sca
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import subprocess_env, vcut_error
 from PIL import Image
 from torch import nn
 
@@ -164,35 +163,14 @@ def test_fp8_composes_with_vcut_step_cache_and_compile_on_cpu(tiny_model_dir: Pa
 
 @pytest.mark.slow
 def test_vcut_run_refuses_fp8_on_cpu_before_any_worker(tmp_path: Path, tiny_model_dir: Path) -> None:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "RAY_", "VCUT_"))}
-    env.update(PYTHONPATH=str(ROOT), RAY_TMPDIR=str(tmp_path / "raytmp"), OMP_NUM_THREADS="1")
+    env = subprocess_env(drop=("HF_", "RAY_", "VCUT_"), RAY_TMPDIR=str(tmp_path / "raytmp"))
     args = ["run", str(ROOT / "examples" / "manifest.parquet"), "--out", str(tmp_path / "out")]
     args += ["--model", str(tiny_model_dir), "--config", str(ROOT / "examples" / "tiny-job.yaml")]
-    args += ["model.quantize=fp8", "model.device=cpu"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "jobs.main", *args],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    lines = proc.stderr.splitlines()
-    assert proc.returncode == 2, proc.stderr
-    assert lines == [
+    line = vcut_error([*args, "model.quantize=fp8", "model.device=cpu"], env, tmp_path, "model.quantize")
+    assert line == (
         "vcut: error: model.quantize: quantize=fp8 needs a CUDA GPU of compute capability >= 8.9 "
         "(Ada, Hopper); this renders on cpu: set quantize=off"
-    ], proc.stderr
-    assert not (tmp_path / "raytmp").exists(), "Ray was started"
-    # a bad value is one line too
-    proc = subprocess.run(
-        [sys.executable, "-m", "jobs.main", *args[:-2], "model.quantize=int4"],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
     )
-    assert proc.returncode == 2 and "model.quantize must be one of off, fp8, got 'int4'" in proc.stderr
+    # a bad value is one line too
+    expect = "model.quantize must be one of off, fp8, got 'int4'"
+    vcut_error([*args, "model.quantize=int4"], env, tmp_path, expect)
