@@ -685,7 +685,10 @@ def test_cluster_node_death_rows_in_its_open_shard_render_again_once(s3, tmp_pat
         cluster.close()
     found = json.loads(result.read_text())
     summary = found["summary"]
-    assert found["killed"] and found["orphaned"] >= 2  # the dead worker's open shard was lost
+    # the dead worker's open shard was lost: its held rows were sent to render again (the kill
+    # comes at two held rows; in the whole suite one of them was, twice, already released by a
+    # shard report the driver handled before it noticed the death, so at least one is counted)
+    assert found["killed"] and found["orphaned"] >= 1
     assert (summary["ok"], summary["failed"]) == (n, 0)
 
     # no video byte reached the driver: the committed rows hold none
