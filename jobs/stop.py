@@ -23,6 +23,7 @@ import errno
 import logging
 import os
 import signal
+import sys
 import threading
 from collections.abc import Callable
 from enum import IntEnum
@@ -164,11 +165,18 @@ class StopSignals:
             )
         else:
             note = f"vcut: {name} received again: stopping now; the rows in flight render on the next run"
-        try:
-            os.write(2, (note + "\n").encode())
+        try:  # sys.stderr's descriptor: during a job, 2 holds Ray's output (jobs.cli.ray_output)
+            os.write(_stderr_fd(), (note + "\n").encode())
         except OSError:
             pass
         self.target(self.received[0], self.grace_s if len(self.received) == 1 else 0.0)
+
+
+def _stderr_fd() -> int:
+    try:
+        return sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # a captured stream without one
+        return 2
 
 
 # -- the output cannot be written -------------------------------------------------------------

@@ -6,6 +6,7 @@ table ``vcut run --help`` prints)."""
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Any
 
@@ -95,6 +96,7 @@ def run(args: argparse.Namespace) -> int:
 def _run_job(args: argparse.Namespace, signals: Any) -> int:
     """``vcut run`` under ``signals`` (``jobs.stop.StopSignals``)."""
     from jobs.cli.logs import log_to_out, setup_logging
+    from jobs.cli.ray_output import ray_output_in_logs
     from jobs.lock import OutputLockedError
     from jobs.manifest import ManifestError
     from jobs.metrics import make_metrics_hook
@@ -140,9 +142,12 @@ def _run_job(args: argparse.Namespace, signals: Any) -> int:
     seams = seams_from_env()  # test-only: VCUT_TEST_RENDERER (jobs.testing); {} when unset
     hook = make_metrics_hook(cfg.metrics)
     try:
-        summary = run_job(
-            cfg, args.manifest, out, hook=hook, info=info, verbose=args.verbose, signals=signals, **seams
-        )
+        with ray_output_in_logs(out, args.verbose) as ray_log:  # restored before any line below
+            if ray_log:
+                logging.getLogger("jobs").info("Ray's own output: %s (--verbose: here)", ray_log)
+            summary = run_job(
+                cfg, args.manifest, out, hook=hook, info=info, verbose=args.verbose, signals=signals, **seams
+            )
     except OutputWriteError as exc:  # disk full, read-only, object store gone: what is kept
         print(format_summary(exc.summary))
         fail(
