@@ -81,7 +81,7 @@ class Runner:
 
     @property
     def workers(self) -> list:
-        """Every worker started so far (``jobs.pool.PoolWorker``)."""
+        """Every worker started so far (``jobs.pool_worker.PoolWorker``)."""
         return self.pool.workers if self.pool is not None else []
 
     def request_stop(self, reason: str, grace_s: float) -> None:

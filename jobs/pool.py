@@ -28,18 +28,19 @@ import statistics
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 from jobs import dispatch
 from jobs.dispatch import BATCH_DEADLINE_FLOOR_S, DEADLINE_CHECK_PERIOD_S, batch_deadline, choose_worker
 from jobs.output import OutputDir
 from jobs.planner import Batch, rows_per_task
+from jobs.pool_worker import PoolWorker, death_line
 from jobs.text import error_line
 from jobs.worker import RenderWorker
 from pipeline.fetch import FetchLimits, fetch_budget_s
 
 log = logging.getLogger("jobs")
+
 
 class JobError(RuntimeError):
     """The job cannot go on (no worker could start, every worker is gone). ``causes``: one line
@@ -48,44 +49,6 @@ class JobError(RuntimeError):
     def __init__(self, message: str, causes: list[str] | None = None):
         super().__init__(message)
         self.causes = list(causes or [])
-
-
-def death_line(exc: BaseException | None) -> str:
-    """One line for a worker process that died (Ray's message is many): Ray's exit detail
-    (e.g. killed by the memory monitor) when it gives one, else its first line."""
-    text = str(exc or "").strip()
-    for line in text.splitlines():
-        if "exit detail" in line.lower():
-            return f"{type(exc).__name__}: {line.strip()}"
-    return error_line(exc)  # type: ignore[arg-type]  (None: "NoneType")
-
-
-@dataclass(eq=False)
-class PoolWorker:
-    """One worker actor as the driver sees it."""
-
-    actor: Any
-    label: str  # worker-<slot>: a replacement takes its predecessor's
-    slot: int = 0
-    started_at: float = field(default_factory=time.monotonic)
-    inflight: dict = field(default_factory=dict)  # ref -> monotonic time it was submitted, in order
-    alive: bool = True
-    ready: bool = False  # its info() came back without a start-up error: it may get batches
-    last_done: float = 0.0  # when its last batch came back (or it became ready)
-    ready_at: float = 0.0  # when its info() came back clean
-    batches_done: int = 0
-    info: dict = field(default_factory=dict)
-    elastic: bool = False  # started on a GPU that joined (workers.count=auto)
-    keys: set = field(default_factory=set)  # batching keys (shapes) it was sent
-    startup_error: str | None = None  # why it never became ready
-    compile_seconds: float = 0.0  # torch.compile's part of its committed rows (compile=off: 0)
-
-    def oldest(self) -> tuple[Any, float] | None:
-        """Its oldest batch in flight and when that batch could start running (submitted, and
-        the worker's previous batch back: batches run one after another on a worker)."""
-        for ref, submitted in self.inflight.items():
-            return ref, max(submitted, self.last_done)
-        return None
 
 
 class WorkerPool:
@@ -186,7 +149,7 @@ class WorkerPool:
         else:
             cause, detail = death_line(exc), str(exc)
         worker.startup_error = cause
-        where = self.where(worker)
+        where = worker.where()
         name = f"{worker.label}.startup-error.log"
         try:
             self.out.makedirs("logs")
@@ -199,32 +162,6 @@ class WorkerPool:
         if new:
             log.warning("%s could not start %s: %s (traceback: %s)", worker.label, where, cause, file)
         _kill(worker.actor)
-
-    @staticmethod
-    def node_of(worker: PoolWorker) -> str | None:
-        """Where a worker is (or was): the node it reported, else the node Ray placed its actor
-        on (a worker that never answered), else None (never placed: no node had room)."""
-        info = worker.info
-        if info.get("node"):
-            ip = info.get("node_ip")
-            return f"{info['node']} ({ip})" if ip else str(info["node"])
-        try:
-            import ray
-
-            state = ray._private.state.actors(worker.actor._actor_id.hex())
-            address = state.get("Address") or {}
-            # a process of its own (a pid): placed, maybe still starting; else it waits for room
-            if state.get("Pid") and address.get("IPAddress") and address.get("NodeID"):
-                return f"{address['IPAddress']} (node {address['NodeID'][:8]})"
-        except Exception:
-            pass
-        return None
-
-    @classmethod
-    def where(cls, worker: PoolWorker) -> str:
-        """``on <node>``, or ``(never placed on a node)``."""
-        node = cls.node_of(worker)
-        return f"on {node}" if node else "(never placed on a node)"
 
     def start_failure_lines(self) -> list[str]:
         """One line per distinct start-up failure: the cause, then which workers and where."""
@@ -244,7 +181,7 @@ class WorkerPool:
         return [
             {
                 "worker": w.label,
-                "node": self.node_of(w),
+                "node": w.node(),
                 "pid": w.info.get("pid"),
                 "startup_seconds": w.info.get("startup_seconds"),
                 "ready_after_s": round(w.ready_at - w.started_at, 3) if w.ready_at else None,
@@ -260,7 +197,7 @@ class WorkerPool:
         return [
             {
                 "worker": w.label,
-                "node": self.node_of(w),
+                "node": w.node(),
                 "error": w.startup_error or "not ready when the job ended",
             }
             for w in self.workers
