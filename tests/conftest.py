@@ -52,6 +52,13 @@ class FakeClock:
         self.now += seconds
 
 
+def macs_args(model: Path, steps: int, *extra: str, size: int = 64) -> list[str]:
+    """``vcut macs`` arguments (for ``jobs.main.main``): ``model`` at ``size`` x ``size`` over
+    ``steps`` steps, as JSON, then ``extra`` flags."""
+    shape = ["--height", str(size), "--width", str(size), "--steps", str(steps)]
+    return ["macs", "--model", str(model), *shape, "--json", *extra]
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny random-weight SVD pipeline written once to disk (safetensors) with save_pretrained."""

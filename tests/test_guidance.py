@@ -10,6 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import macs_args
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -306,18 +307,7 @@ def test_counted_macs_equal_a_real_run(stock_pipe, frames: int, size: int, inter
 def test_macs_command_counts_the_interval(capsys, tiny_model_dir) -> None:
     from jobs.main import main
 
-    args = [
-        "macs",
-        "--model",
-        str(tiny_model_dir),
-        "--height",
-        "64",
-        "--width",
-        "64",
-        "--steps",
-        "5",
-        "--json",
-    ]
+    args = macs_args(tiny_model_dir, 5)
     assert main([*args, "--guidance-start", "0.2", "--guidance-stop", "0.8"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert (data["guidance_start"], data["guidance_stop"], data["guided_calls"], data["unguided_calls"]) == (

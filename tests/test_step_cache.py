@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import macs_args
 from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -285,18 +286,7 @@ def test_mac_report_per_lever(stock_pipe):
 def test_macs_command_with_step_cache(capsys, tiny_model_dir):
     from jobs.main import main
 
-    args = [
-        "macs",
-        "--model",
-        str(tiny_model_dir),
-        "--height",
-        "64",
-        "--width",
-        "64",
-        "--steps",
-        "6",
-        "--json",
-    ]
+    args = macs_args(tiny_model_dir, 6)
     assert main([*args, "--step-cache", "3", "--step-cache-depth", "2"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert (data["step_cache"], data["step_cache_depth"], data["full_calls"]) == (3, 2, 2)

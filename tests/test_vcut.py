@@ -7,6 +7,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import macs_args
 from diffusers import StableVideoDiffusionPipeline
 from diffusers.models.attention import BasicTransformerBlock, TemporalBasicTransformerBlock
 from PIL import Image
@@ -271,27 +272,7 @@ def test_macs_command_json(capsys, tiny_model_dir):
 
     from jobs.main import main
 
-    assert (
-        main(
-            [
-                "macs",
-                "--model",
-                str(tiny_model_dir),
-                "--height",
-                "64",
-                "--width",
-                "64",
-                "--num-frames",
-                "8",
-                "--steps",
-                "4",
-                "--mode",
-                "exact",
-                "--json",
-            ]
-        )
-        == 0
-    )
+    assert main(macs_args(tiny_model_dir, 4, "--num-frames", "8", "--mode", "exact")) == 0
     data = json.loads(capsys.readouterr().out)
     for key in (
         "baseline_macs",
