@@ -31,9 +31,10 @@ RAY_LOG = "ray.log"
 
 def _on_fd2(stream: Any) -> bool:
     try:
-        return stream.fileno() == 2
+        fd = stream.fileno()
     except (AttributeError, OSError, ValueError):  # a test's captured stream: not the terminal
-        return False
+        fd = None
+    return fd == 2
 
 
 @contextlib.contextmanager
