@@ -242,8 +242,13 @@ def done_ids(out_dir: str | OutputDir) -> np.ndarray:
     read streaming, ``id`` and ``status`` only)."""
     out = open_output(out_dir)
     masks, hashes, oks = _latest(out, _parts(out))
-    ok = [h[m & o] for m, h, o in zip(masks, hashes, oks, strict=True)]
-    return np.sort(np.concatenate(ok)) if ok else np.zeros(0, dtype=np.uint64)
+    ok = []
+    while hashes:  # each part's hashes freed as its ok ones are taken
+        ok.append(hashes.pop()[masks.pop() & oks.pop()])
+    done = np.concatenate(ok[::-1]) if ok else np.zeros(0, dtype=np.uint64)
+    del ok
+    done.sort()
+    return done
 
 
 def is_done(hashes: np.ndarray, done: np.ndarray) -> np.ndarray:
