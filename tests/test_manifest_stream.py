@@ -96,3 +96,24 @@ def test_one_row_group_is_never_decoded_whole(tmp_path):
         stream.append(_held(manifest.iter_manifest(str(path), chunk_rows=1024)))
         assert manifest.validate_manifest(str(path), chunk_rows=1024).num_rows == n
     assert 0 < stream[1] - stream[0] < (scanner[1] - scanner[0]) / 3, (stream, scanner)
+
+
+def test_a_manifest_uri_streams_through_its_fsspec_filesystem():
+    """A manifest given as a URI (here fsspec's in-memory filesystem, as s3fs would be) is read
+    file by file through the dataset's filesystem, row groups and all."""
+    import uuid
+
+    import fsspec
+
+    fs = fsspec.filesystem("memory")
+    folder = f"/manifest-{uuid.uuid4().hex}"
+    try:
+        with fs.open(f"{folder}/m.parquet", "wb") as f:
+            pq.write_table(_table(3000), f, row_group_size=1000)
+        uri = f"memory://{folder}/m.parquet"
+        assert manifest.validate_manifest(uri, chunk_rows=512).num_rows == 3000
+        rows = [r for chunk in manifest.iter_manifest(uri, chunk_rows=512) for r in chunk]
+        assert [r["id"] for r in rows] == [f"clip-{i}" for i in range(3000)]
+        assert [r["seed"] for r in rows] == list(range(3000))
+    finally:
+        fs.rm(folder, recursive=True)
