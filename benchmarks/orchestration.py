@@ -33,8 +33,10 @@ on a local Ray instance, through ``jobs.runner.run_job``, the function behind ``
 
 Reported per run: rows, wall time (Ray start excluded: it is timed apart), rows per second
 over the wall time and between the first and the last committed row (steady), the driver's
-peak RSS (sampled every 20 ms, and ``ru_maxrss``), and the peak total RSS of the Ray
-processes it started. Memory must not grow with the manifest: compare 10k with 50k.
+peak RSS (sampled every 20 ms, and the kernel's ``VmHWM``), and the peak total RSS of the Ray
+processes it started, and the driver's peak RSS in each of its steps (``PHASES``: validation,
+resume, the loop, compaction, summary, report). Memory must not grow with the manifest:
+compare 100k with 1M.
 ``--sample-s N`` adds ``driver_series``: every N s the driver's RSS against the rows committed
 and what the driver holds (:class:`TimeSeries`), to see when memory grows and with what.
 """
@@ -45,7 +47,6 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import shutil
 import subprocess
 import sys
@@ -76,6 +77,8 @@ class MemorySampler:
         self.peak = 0
         self.peak_at = 0.0  # when (monotonic) the peak was seen
         self.peak_children = 0
+        self.phase = "setup"  # what the driver is doing (``_phases``)
+        self.phase_peaks: dict[str, int] = {}  # peak RSS per phase
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -87,6 +90,8 @@ class MemorySampler:
             rss = self.proc.memory_info().rss
             if rss > self.peak:
                 self.peak, self.peak_at = rss, time.monotonic()
+            phase = self.phase
+            self.phase_peaks[phase] = max(self.phase_peaks.get(phase, 0), rss)
             now = time.monotonic()
             if now - last_children > 0.5:
                 last_children = now
@@ -106,6 +111,60 @@ class MemorySampler:
     def __exit__(self, *exc: Any) -> None:
         self._stop.set()
         self._thread.join()
+
+
+#: The driver's steps that the sampler names (``MemorySampler.phase``): (module, function,
+#: phase while it runs, phase after it returns). The loop is between ``resume.begin`` and
+#: ``results.compact``; every step after it is the end of the job.
+PHASES = [
+    ("jobs.manifest", "validate_manifest", "validate", "setup"),
+    ("jobs.resume", "begin", "resume", "loop"),
+    ("jobs.results", "compact", "compact", "end"),
+    ("jobs.resume", "finish", "finish", "end"),
+    ("jobs.results", "summarize", "summary", "end"),
+    ("jobs.loop", "write_report", "report", "end"),
+]
+
+
+@contextlib.contextmanager
+def _phases(mem: MemorySampler):
+    """Name the driver's phases (``PHASES``) for ``mem`` while the job runs, so that the
+    result says in which step the peak RSS was (``driver_peak_rss_by_phase_bytes``)."""
+    import importlib
+
+    saved = []
+    for module_name, name, during, after in PHASES:
+        module = importlib.import_module(module_name)
+        original = getattr(module, name)
+
+        def wrapped(*a: Any, _f: Any = original, _during: str = during, _after: str = after, **k: Any) -> Any:
+            mem.phase = _during
+            try:
+                return _f(*a, **k)
+            finally:
+                mem.phase = _after
+
+        saved.append((module, name, original))
+        setattr(module, name, wrapped)
+    try:
+        yield
+    finally:
+        for module, name, original in saved:
+            setattr(module, name, original)
+
+
+def own_peak_rss() -> int | None:
+    """This process's own peak RSS: ``VmHWM`` (Linux), None elsewhere. Not ``ru_maxrss``:
+    Linux keeps it across ``execve``, so a subprocess starts with its parent's peak at the
+    fork (this benchmark's parent process, which built the manifest's rows in Python)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 class TimeSeries:
@@ -242,8 +301,8 @@ def run_one(
             series.runner = runner
 
         jobs.loop.Runner.__init__ = noting_init  # type: ignore[method-assign]
-    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    with MemorySampler() as mem, series or contextlib.nullcontext():
+    hwm_before = own_peak_rss()
+    with MemorySampler() as mem, _phases(mem), series or contextlib.nullcontext():
         t0 = time.monotonic()
         # "local": an instance of its own, never one that `ray start` registered on the machine
         ray.init(
@@ -273,10 +332,13 @@ def run_one(
         "wall_s": wall,
         "rows_per_s": rows / wall if wall else None,
         "steady_rows_per_s": steady,
-        "driver_peak_rss_bytes": max(mem.peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024),
-        "driver_rss_before_bytes": rss_before,
+        "driver_peak_rss_bytes": max(mem.peak, own_peak_rss() or 0),
+        "driver_peak_rss_sampled_bytes": mem.peak,
+        # this process's peak before the job (imports, config): VmHWM, None where unknown
+        "driver_rss_before_bytes": hwm_before,
         # seconds after the job's last committed row (negative: during the loop)
         "driver_peak_after_last_commit_s": mem.peak_at - clock.last if clock.last is not None else None,
+        "driver_peak_rss_by_phase_bytes": mem.phase_peaks,
         "ray_processes_peak_rss_bytes": mem.peak_children,
         "job_summary": {k: v for k, v in summary.items() if not isinstance(v, (dict, list))},
         "driver_series": series.samples if series is not None else None,
@@ -337,7 +399,8 @@ def _subprocess(
         f"{path:6} {layout:10} {run['rows']:>6} rows: {run['wall_s']:.1f}s, {run['rows_per_s']:.1f} rows/s "
         f"(steady {run['steady_rows_per_s'] or 0:.1f}), "
         f"driver peak RSS {run['driver_peak_rss_bytes'] / 2**20:.0f} MiB, "
-        f"Ray processes {run['ray_processes_peak_rss_bytes'] / 2**20:.0f} MiB"
+        f"Ray processes {run['ray_processes_peak_rss_bytes'] / 2**20:.0f} MiB; driver peak by phase: "
+        + ", ".join(f"{k} {v / 2**20:.0f}" for k, v in run.get("driver_peak_rss_by_phase_bytes", {}).items())
     )
     return run
 

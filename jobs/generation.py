@@ -26,6 +26,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -35,6 +36,7 @@ import pyarrow.compute as pc
 from jobs import results
 from jobs.manifest import hash_ids
 from jobs.output import OutputDir, storage_errors
+from jobs.part_reads import read_table
 
 log = logging.getLogger("jobs")
 
@@ -125,21 +127,19 @@ def finish(out: OutputDir, gen: Generation, complete: bool) -> Generation:
     return done
 
 
-def latest_rows(out: OutputDir, columns: list[str]) -> list[tuple[np.ndarray, pa.Table]]:
-    """Per results part: (mask of the rows that are the latest of their id, the part's
-    ``id``, ``status``, ``output_generation`` and ``columns``; a column a part lacks is null)."""
+def latest_rows(out: OutputDir, columns: list[str]) -> Iterator[tuple[np.ndarray, pa.Table]]:
+    """Per results part, one part at a time: (mask of the rows that are the latest of their
+    id, the part's ``id``, ``status``, ``output_generation`` and ``columns``; a column a part
+    lacks is null)."""
     parts = results._parts(out)
-    masks, tables = results._latest_mask(out, parts)
-    found = []
-    for path, mask, table in zip(parts, masks, tables, strict=True):
+    masks = results._latest(out, parts)[0]
+    for path, mask in zip(parts, masks, strict=True):
         names = set(out.read_schema(path).names)
-        want = [c for c in [COLUMN, *columns] if c in names]
-        extra = out.read_table(path, columns=want) if want else None
+        table = read_table(out, path, columns=[c for c in ["id", "status", COLUMN, *columns] if c in names])
         for c in [COLUMN, *columns]:
-            col = extra.column(c) if c in names else pa.nulls(table.num_rows, pa.string())
-            table = table.append_column(c, col)
-        found.append((mask, table))
-    return found
+            if c not in names:
+                table = table.append_column(c, pa.nulls(table.num_rows, pa.string()))
+        yield mask, table
 
 
 def done_ids(out: OutputDir, gen: Generation) -> np.ndarray:

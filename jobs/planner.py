@@ -74,7 +74,7 @@ class RowTask:
         ``jobs.manifest`` (pyarrow) is imported here, so a worker that unpickles a RowTask
         imports neither pyarrow nor numpy."""
         from jobs.fingerprint import row_fingerprint
-        from jobs.manifest import PRIVATE_KEYS
+        from jobs.manifest_checks import PRIVATE_KEYS
 
         params = resolve_params(row, defaults)
         columns = {

@@ -133,6 +133,23 @@ def _text(table: pa.Table, name: str) -> pa.ChunkedArray:
     return table.column(name).cast(pa.string())
 
 
+def _since(finished: np.ndarray, mask: np.ndarray, t0: float, scale: float) -> np.ndarray:
+    """``(finished[mask] - t0) / scale``, sorted, computed in one array (no temporaries)."""
+    xs = finished[mask]
+    xs -= t0
+    xs /= scale
+    xs.sort()
+    return xs
+
+
+def _nanmean(xs: np.ndarray) -> float:
+    """``np.nanmean(xs)`` computed in ``xs`` itself (numpy's makes a copy with NaN as 0: the
+    same sum of the same values, so the same result)."""
+    nan = np.isnan(xs)
+    xs[nan] = 0.0
+    return float(xs.sum() / (xs.size - int(nan.sum())))
+
+
 def _cat(arrays: list[np.ndarray], dtype: Any) -> np.ndarray:
     """One array of the parts' ``arrays``, which are emptied (a part's copy freed at once)."""
     whole = np.concatenate(arrays) if arrays else np.zeros(0, dtype=dtype)
@@ -174,7 +191,7 @@ def report_data(
     has_t = ~np.isnan(finished)
     t0 = t1 = None
     if has_t.any():
-        t0, t1 = scan.t0, float(finished[has_t].max())
+        t0, t1 = scan.t0, float(np.fmax.reduce(finished))  # the largest, NaN skipped
     if current:
         wall = float(summary.get("wall_seconds") or 0.0)
         per_hour = float(summary.get("videos_per_second") or 0.0) * 3600
@@ -196,35 +213,45 @@ def report_data(
         unit, scale = ("minutes", 60.0) if span < 3 * 3600 else ("hours", 3600.0)
         bins = int(min(40, max(1, t_ok.sum() // 2)))
         edges = np.linspace(0.0, span / scale, bins + 1)
-        counts, _ = np.histogram((finished[t_ok] - t0) / scale, bins=edges)
+        every = _since(finished, t_ok, t0, scale)
+        counts, _ = np.histogram(every, bins=edges)
         width_h = (edges[1] - edges[0]) * scale / 3600
         throughput.update(unit=unit, edges=edges.tolist(), per_hour=(counts / width_h).tolist())
         present = set(np.unique(workers[t_ok]).tolist())
         names = ["all workers"] + sorted(w for w, c in scan.codes.items() if c in present)
         for name in names[: MAX_WORKER_LINES + 1]:
-            mask = t_ok if name == "all workers" else t_ok & (workers == scan.codes[name])
-            xs = np.sort((finished[mask] - t0) / scale)
+            if name == "all workers":
+                xs = every
+            else:
+                xs = _since(finished, t_ok & (workers == scan.codes[name]), t0, scale)
             idx = _sample_indices(xs.size, 300)
             throughput["series"].append((name, xs[idx].tolist(), [float(i + 1) for i in idx]))
         throughput["hidden_workers"] = max(0, len(names) - 1 - MAX_WORKER_LINES)
+        del every, xs
 
     per_worker = []
+    starts = np.nan_to_num(seconds)  # each row's start: its finish less its seconds
+    np.subtract(finished, starts, out=starts)
     for name in sorted(scan.codes):
         mask = workers == scan.codes[name]
         wok = mask & ok_mask
-        ts = finished[mask & has_t]
-        active = float(ts.max() - (ts - np.nan_to_num(seconds[mask & has_t])).min()) if ts.size else 0.0
+        timed = mask & has_t
+        active = 0.0
+        if timed.any():  # the first start to the last finish
+            last = np.max(finished, where=timed, initial=-np.inf)
+            active = float(last - np.min(starts, where=timed, initial=np.inf))
         per_worker.append(
             {
                 "worker": name,
                 "node": ", ".join(sorted(scan.nodes.get(name, ()))),
                 "ok": int(wok.sum()),
                 "failed": int(mask.sum() - wok.sum()),
-                "mean_seconds": float(np.nanmean(seconds[wok])) if wok.any() else None,
+                "mean_seconds": _nanmean(seconds[wok]) if wok.any() else None,
                 "videos_per_hour": int(wok.sum()) / active * 3600 if active > 0 else None,
             }
         )
 
+    del workers, has_t, t_ok, starts
     ok_seconds = seconds[ok_mask & ~np.isnan(seconds)]
     hist: dict[str, Any] = {"edges": [], "counts": []}
     if ok_seconds.size:
@@ -244,26 +271,28 @@ def report_data(
 
     # the contact sheet: ok rows in finish order (then id), ``sample`` of them evenly spread;
     # their outputs are read afterwards, for those rows only
-    ok_finished, ok_seconds, in_shard = finished[ok_mask], seconds[ok_mask], _cat(scan.ok_in_shard, bool)
-    keys = pa.table(
-        {
-            "f": np.where(np.isnan(ok_finished), np.inf, ok_finished),
-            "id": pa.chunked_array(scan.ok_ids, pa.string()),
-        }
-    )
+    ok_finished = finished[ok_mask]
+    ok_finished[np.isnan(ok_finished)] = np.inf
+    del finished, ok_seconds  # what the sort does not need, freed before it
+    ids = pa.chunked_array(scan.ok_ids, pa.string())
+    scan.ok_ids.clear()
+    keys = pa.table({"f": ok_finished, "id": ids})
     order = pc.sort_indices(keys, [("f", "ascending"), ("id", "ascending")])
-    picked = [order[j].as_py() for j in _sample_indices(ok, sample)]
+    picked = np.array([order[j].as_py() for j in _sample_indices(ok, sample)], dtype=np.int64)
+    del keys, order, ok_finished
+    in_shard = _cat(scan.ok_in_shard, bool)[picked]
+    ok_seconds = seconds[np.flatnonzero(ok_mask)[picked]]
     contact = [
         {
-            "id": keys.column("id")[i].as_py(),
-            "in_shard": bool(in_shard[i]),
-            "seconds": None if np.isnan(ok_seconds[i]) else float(ok_seconds[i]),
+            "id": ids[int(i)].as_py(),
+            "in_shard": bool(in_shard[j]),
+            "seconds": None if np.isnan(ok_seconds[j]) else float(ok_seconds[j]),
         }
-        for i in picked
+        for j, i in enumerate(picked)
     ]
     modes = sorted(scan.modes)
     # the per-row arrays are not needed any more: freed before the second pass over the parts
-    del scan, keys, order, ok_mask, seconds, finished, workers, ok_finished, ok_seconds, in_shard
+    del scan, ids, ok_mask, seconds
     outputs = _outputs(every_row or parts, [c["id"] for c in contact]) if contact else {}
     for c in contact:
         c["output"] = outputs.get(c["id"])

@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from jobs import last_row
 from jobs.manifest import hash_ids
 from jobs.output import OutputDir, open_output
 from jobs.part_reads import CorruptPartError as CorruptPartError  # re-exported: a damaged part
@@ -207,7 +208,7 @@ class ResultWriter:
         tables it still holds (nothing is read back): per run of parts with one schema, one
         put of the merged part and one bulk delete of the inputs."""
         recent, self._recent, self._recent_rows = self._recent, [], 0
-        masks = _last_of_id([hash_ids(t.column("id").to_pylist()) for _, t in recent])
+        masks = last_row.last_of_id([hash_ids(t.column("id").to_pylist()) for _, t in recent])
         start = 0
         while start < len(recent):
             end = start + 1
@@ -229,44 +230,11 @@ def _parts(out_dir: str | OutputDir) -> list[str]:
     )
 
 
-def _last_of_id(hashes: list[np.ndarray]) -> list[np.ndarray]:
-    """Per part, a mask of the rows that are the last committed row of their id (``hashes``:
-    each part's id hashes, in commit order)."""
-    if not hashes:
-        return []
-    allh = np.concatenate(hashes)
-    order = np.lexsort((np.arange(allh.size), allh))  # by hash, then commit position
-    sorted_h = allh[order]
-    last_sorted = np.ones(allh.size, dtype=bool)
-    last_sorted[:-1] = sorted_h[:-1] != sorted_h[1:]
-    last = np.empty(allh.size, dtype=bool)
-    last[order] = last_sorted
-    masks, start = [], 0
-    for h in hashes:
-        masks.append(last[start : start + h.size])
-        start += h.size
-    return masks
-
-
 def _latest(out: OutputDir, parts: list[str]) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
-    """Per part: the last-row-of-its-id mask, the id hashes and whether the row is ``ok``.
-    Streams: only ``id`` and ``status`` are read, one part at a time, and only 17 bytes a row
-    are kept (no table stays in memory)."""
-    hashes, oks = [], []
-    for path in parts:
-        table = _read_table(out, path, columns=["id", "status"])
-        hashes.append(hash_ids(table.column("id").to_pylist()))
-        oks.append(pc.fill_null(pc.equal(table.column("status"), "ok"), False).to_numpy(zero_copy_only=False))
-        del table
-        release_memory()
-    return _last_of_id(hashes), hashes, oks
-
-
-def _latest_mask(out: OutputDir, parts: list[str]) -> tuple[list[np.ndarray], list[pa.Table]]:
-    """Per part, a mask of the rows that are the last committed row of their id, and the
-    part's ``id``/``status`` table (for callers that need the ids themselves)."""
-    tables = [_read_table(out, p, columns=["id", "status"]) for p in parts]
-    return _last_of_id([hash_ids(t.column("id").to_pylist()) for t in tables]), tables
+    """Per part: the last-row-of-its-id mask, the id hashes and whether the row is ``ok``
+    (``jobs.last_row.latest``: ``id`` and ``status`` read one part at a time)."""
+    read = lambda path: _read_table(out, path, columns=["id", "status"])  # noqa: E731
+    return last_row.latest(parts, read, release_memory)
 
 
 def done_ids(out_dir: str | OutputDir) -> np.ndarray:
@@ -274,8 +242,13 @@ def done_ids(out_dir: str | OutputDir) -> np.ndarray:
     read streaming, ``id`` and ``status`` only)."""
     out = open_output(out_dir)
     masks, hashes, oks = _latest(out, _parts(out))
-    ok = [h[m & o] for m, h, o in zip(masks, hashes, oks, strict=True)]
-    return np.sort(np.concatenate(ok)) if ok else np.zeros(0, dtype=np.uint64)
+    ok = []
+    while hashes:  # each part's hashes freed as its ok ones are taken
+        ok.append(hashes.pop()[masks.pop() & oks.pop()])
+    done = np.concatenate(ok[::-1]) if ok else np.zeros(0, dtype=np.uint64)
+    del ok
+    done.sort()
+    return done
 
 
 def is_done(hashes: np.ndarray, done: np.ndarray) -> np.ndarray:

@@ -394,3 +394,27 @@ def test_plot_writes_pngs_from_results(tmp_path):
     png = tmp_path / "ab_ratios.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "tiny" in plot.markdown_table(plot.load_results(tmp_path))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="VmHWM is Linux's")
+def test_the_orchestration_drivers_peak_is_its_own_not_its_parents():
+    """Linux keeps ``ru_maxrss`` across ``execve``: a subprocess starts with its parent's RSS at
+    the fork. The orchestration benchmark's driver peak (``own_peak_rss``: VmHWM) is the
+    subprocess's own: a parent holding 256 MiB, a child that holds far less."""
+    held = bytearray(256 * 2**20)
+    held[:: 2**12] = b"\x01" * len(range(0, len(held), 2**12))  # every page resident
+    code = (
+        "import resource; from benchmarks.orchestration import own_peak_rss; "
+        "print(own_peak_rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    own, inherited = map(int, run.stdout.split())
+    del held
+    assert inherited > 256 * 2**20 > 4 * own
