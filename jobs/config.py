@@ -96,6 +96,8 @@ class WorkersConfig:
     # Rows rendered together in one pipeline call (rows that share every generation value but
     # image and seed). A task holds max(batch_size, render_batch) rows.
     render_batch: int = 1
+    # Decode a pipeline call while the next one denoises (docs/performance.md, the fixed cost).
+    overlap_decode: bool = True
     inflight_per_worker: int = 2  # queued batches per worker, so it never idles
     # SIGINT / SIGTERM: seconds the batches in flight may take to finish (and be committed)
     # before the job ends; a second signal ends it at once (jobs/stop.py).
