@@ -35,10 +35,11 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from jobs.macs import MAC_FIELDS
+from jobs.macs import Levers
 from jobs.placement import _assigned_gpus, _log_to_file, _ray_placement, cuda_refusal
 from jobs.planner import RowTask
 from jobs.render_calls import CallOutcome, GroupCall, PeakMemory, group_rows, render_calls
+from jobs.row_results import RowResults
 from jobs.text import error_line
 from pipeline.fetch import FetchLimits
 from pipeline.notices import quiet_notices
@@ -158,8 +159,9 @@ class RenderWorker:
         self.fetch_limits = FetchLimits(**(cfg.get("images") or {}))  # jobs.config.ImagesConfig
         self._render_lock = threading.Lock()
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
-        self._macs: dict[tuple, dict[str, int | None]] = {}
-        self._macs_warned = False
+        self.row_results = RowResults(
+            self.renderer, Levers(self.vcut_mode, self.step_cache, self.step_cache_depth)
+        )
 
     def info(self) -> dict[str, Any]:
         """Where this worker runs; with ``error`` and ``traceback`` when it could not start."""
@@ -185,29 +187,6 @@ class RenderWorker:
     def _on_cuda(self) -> bool:
         return str(self._device()).startswith("cuda")
 
-    def count_macs(
-        self, height: int, width: int, frames: int, steps: int, guidance: bool, interval: tuple = (0.0, 1.0)
-    ) -> dict:
-        """The row's MAC fields: ``macs``, ``macs_saved`` and the latter per lever (None if unknown).
-        ``interval``: the row's (guidance_start, guidance_stop)."""
-        key = (height, width, frames, steps, self.vcut_mode, guidance, self.step_cache, self.step_cache_depth)
-        key += tuple(interval)
-        if key not in self._macs:
-            try:
-                if getattr(self.renderer, "unet_config", None) is None:  # no import of vcut for nothing
-                    raise ValueError("the renderer has no unet_config")
-                from jobs.macs import Levers, VideoShape, count_video_macs, mac_fields
-
-                shape = VideoShape(height, width, frames, steps, guidance, *interval)
-                levers = Levers(self.vcut_mode, self.step_cache, self.step_cache_depth)
-                self._macs[key] = mac_fields(count_video_macs(self.renderer.unet_config, shape, levers))
-            except Exception as exc:  # MAC counting must never fail a video
-                if not self._macs_warned:
-                    log.warning("MAC counting unavailable: %s", _error(exc))
-                    self._macs_warned = True
-                self._macs[key] = dict.fromkeys(MAC_FIELDS)
-        return self._macs[key]
-
     def _new_result(self) -> dict[str, Any]:
         return {
             "worker": self.label,
@@ -218,38 +197,6 @@ class RenderWorker:
             "vcut_mode": self.vcut_mode,
             "status": "failed",
         }
-
-    def _fill(
-        self,
-        result: dict[str, Any],
-        gen: Any,
-        params: dict[str, Any],
-        added: float,
-        wall: float,
-        peak: int | None,
-    ) -> Any:
-        """Record a generation in ``result``: ``seconds`` is its ``total`` + ``added`` (the row's own
-        image load, when loaded apart), or ``wall`` for a generation without timings; ``peak``: the
-        CUDA memory peak of its pipeline call (None off CUDA)."""
-        frames = gen.frames
-        timings = dict(getattr(gen, "timings", {}) or {})
-        steps = int(getattr(gen, "num_inference_steps", params["num_inference_steps"]))
-        result.update(
-            seconds=float(timings["total"]) + added if "total" in timings else wall,
-            denoise_seconds=timings.get("denoise"),
-            compile_seconds=timings.get("compile"),  # torch.compile's part of this row (None: off)
-            frames=int(frames.shape[0]),
-            num_inference_steps=steps,
-            cache_hit=bool(getattr(gen, "cache_hit", False)),
-            fps=int(getattr(gen, "fps", params["fps"]) or params["fps"]),
-        )
-        if peak is not None:
-            result["gpu_memory_bytes"] = peak
-        guidance = float(params["max_guidance_scale"]) > 1.0
-        interval = (float(params["guidance_start"]), float(params["guidance_stop"]))
-        h, w, f = int(frames.shape[1]), int(frames.shape[2]), int(frames.shape[0])
-        result.update(self.count_macs(h, w, f, steps, guidance, interval))
-        return frames
 
     def _render(self, task: RowTask) -> tuple[dict[str, Any], Any]:
         """One row alone: its result and its frames (None when it failed)."""
@@ -269,7 +216,7 @@ class RenderWorker:
             kwargs = {k: params[k] for k in ROW_PARAMS}
             gen = self.renderer.generate(task.image if image is None else image, **self.job_params, **kwargs)
             wall = loaded + time.perf_counter() - start
-            return self._fill(result, gen, params, loaded, wall, peaks.stop(task))
+            return self.row_results.fill(result, gen, params, loaded, wall, peaks.stop(task))
         except Exception as exc:
             result.update(error=_error(exc), seconds=loaded + time.perf_counter() - start)
             return None
@@ -327,7 +274,9 @@ class RenderWorker:
             try:
                 pairs = zip(call.rows, outcome.videos, call.loaded, strict=True)
                 return [
-                    self._fill(results[i], gen, tasks[i].params, loaded, loaded + share, outcome.peak)
+                    self.row_results.fill(
+                        results[i], gen, tasks[i].params, loaded, loaded + share, outcome.peak
+                    )
                     for i, gen, loaded in pairs
                 ]
             except Exception as exc:  # a result that cannot be recorded fails the call
