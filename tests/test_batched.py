@@ -32,8 +32,6 @@ TINY_JOB = str(ROOT / "examples" / "tiny-job.yaml")
 SMALL = dict(height=64, width=64, num_frames=4, num_inference_steps=2, noise_aug_strength=0.05)
 
 
-
-
 @pytest.fixture(scope="module")
 def renderers(tiny_model_dir: Path) -> dict[str, Renderer]:
     out = {mode: Renderer.from_pretrained(tiny_model_dir, vcut=mode) for mode in ("off", "exact", "full")}
@@ -320,7 +318,6 @@ def test_render_batch_config(tmp_path: Path, capsys) -> None:
 
 
 # -- a job end to end --------------------------------------------------------------------------
-
 
 
 @pytest.mark.slow
