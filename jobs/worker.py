@@ -3,8 +3,8 @@
 The rows of a batch render under a lock as pipeline calls (``jobs.render_calls``): rows that
 share every generation value but the seed render ``workers.render_batch`` = N at a time in
 one call (N = 1: a call per row). The calls go through ``Renderer.generate_stream``, which
-decodes a call while the next one denoises (``workers.overlap_decode``, on by default; the
-same frames either way), and a background thread encodes each video meanwhile; with the
+decodes a call while the next one denoises (``workers.overlap_decode``: by default on a GPU;
+the same frames either way), and a background thread encodes each video meanwhile; with the
 actor's two concurrency slots the next batch's images load while this batch renders. Images
 are loaded row by row first, so a bad image fails only its row; a call of several rows that
 fails is retried row by row, so an error fails only the rows that fail alone; a failing call
@@ -154,8 +154,10 @@ class RenderWorker:
         self.rows_per_call = max(1, int(cfg["workers"].get("render_batch") or 1))
         if hasattr(self.renderer, "render_batch"):  # under compile, a short call is padded to it
             self.renderer.render_batch = self.rows_per_call
+        from jobs.config import overlap_decode
+
         # Decode one pipeline call while the next one denoises (Renderer.generate_stream).
-        self.overlap_decode = bool(cfg["workers"].get("overlap_decode", True))
+        self.overlap_decode = overlap_decode(cfg["workers"].get("overlap_decode", "auto"), self._on_cuda())
         self.fetch_limits = FetchLimits(**(cfg.get("images") or {}))  # jobs.config.ImagesConfig
         self._render_lock = threading.Lock()
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")

@@ -153,7 +153,7 @@ def test_a_decode_that_fails_mid_stream_costs_a_retry_not_a_row(
     """The first call's decode (on the decode thread, beside the second call's denoising)
     raises once: the stream ends there; the first call's rows render again one by one, and the
     second call, begun but never finished, renders again in a new stream."""
-    cfg = _cfg(tiny_model_dir, "workers.render_batch=2")
+    cfg = _cfg(tiny_model_dir, "workers.render_batch=2", "workers.overlap_decode=true")
     tasks = [t for t in _tasks(cfg, tmp_path) if t.id in ("a", "b", "e", "f")]
     _, reference, _ = _run(renderer, cfg, tasks)
     pipe, real = renderer.pipe, renderer.pipe.decode_latents
@@ -178,6 +178,7 @@ def test_a_decode_that_fails_mid_stream_costs_a_retry_not_a_row(
     assert "a batch of 2 rows failed (RuntimeError: decode blew up)" in caplog.text
     # a+b, e+f (denoised, lost with the stream), then e+f again in the new stream
     assert [r["seeds"] for r in spy.requests] == [[100, 101], [104, 105], [104, 105]]
+    assert spy.overlap == [True, True]
     # e, f: the batched frames of the run without a fault, bit for bit; a, b: rendered alone
     for task in tasks:
         if task.id in ("e", "f"):
@@ -192,7 +193,7 @@ def test_a_call_that_fails_in_the_stream_fails_only_its_row(
 ) -> None:
     """render_batch 1: the second row's denoising raises; the first row's video (decoded after
     it) and the rows after it are kept."""
-    cfg = _cfg(tiny_model_dir)
+    cfg = _cfg(tiny_model_dir, "workers.overlap_decode=true")
     tasks = [t for t in _tasks(cfg, tmp_path) if t.id in ("a", "b", "c", "e")]
     _, reference, _ = _run(renderer, cfg, tasks)
     pipe, real = renderer.pipe, renderer.pipe.prepare_latents
@@ -214,6 +215,7 @@ def test_a_call_that_fails_in_the_stream_fails_only_its_row(
     assert results[1]["seconds"] >= 0 and results[1]["finished_at"] > 0
     assert "macs" not in results[1] and "frames" not in results[1]
     assert [r["seeds"] for r in spy.requests] == [[100], [101], [102], [104]]
+    assert spy.overlap == [True, True]  # the stream that raised, then the one after it
     assert sorted(encoder.frames) == ["a", "c", "e"]
     for name in encoder.frames:
         assert np.array_equal(encoder.frames[name], reference.frames[name]), name
@@ -349,8 +351,33 @@ def test_worker_with_the_fake_renderer_keeps_every_row_but_the_bad_ones(tmp_path
         assert all(r["finished_at"] > 0 for r in results)
 
 
-def test_overlap_decode_is_on_by_default_and_a_boolean() -> None:
-    assert load_config().workers.overlap_decode is True
-    assert load_config(dotlist=["workers.overlap_decode=false"]).workers.overlap_decode is False
-    with pytest.raises(Exception, match="overlap_decode"):
-        load_config(dotlist=["workers.overlap_decode=maybe"])
+def test_overlap_decode_is_auto_by_default_on_a_gpu_only(tmp_path: Path) -> None:
+    """``workers.overlap_decode``: auto (the default) overlaps on a GPU only; true and false (YAML
+    booleans) always and never; anything else is refused by the config check, naming the key."""
+    from jobs.config import check_config, overlap_decode
+
+    assert load_config().workers.overlap_decode == "auto"
+    assert [overlap_decode("auto", on_cuda) for on_cuda in (True, False)] == [True, False]
+    for value, expected in (("True", True), ("false", False), ("on", True), ("off", False)):
+        assert overlap_decode(value, on_cuda=False) is expected
+        assert overlap_decode(value, on_cuda=True) is expected
+    with pytest.raises(ValueError, match="workers.overlap_decode must be auto, true or false, got 'maybe'"):
+        check_config(load_config(dotlist=["workers.overlap_decode=maybe"]))
+
+    # the worker: on this CPU, auto renders call after call; true overlaps
+    asked: list[bool] = []
+
+    class Recording(FakeRenderer):
+        def generate_stream(self, requests, *, overlap=True):
+            asked.append(overlap)
+            return super().generate_stream(requests, overlap=overlap)
+
+    random_image(1).save(tmp_path / "x.png")
+    for setting, expected in (("auto", False), ("true", True)):
+        cfg = OmegaConf.to_container(load_config(dotlist=[f"workers.overlap_decode={setting}"]), resolve=True)
+        asked.clear()
+        worker = RenderWorker(cfg, "w0", renderer_factory=lambda m, c: Recording(), encoder=_Recorder())
+        resolved = resolve_params({"seed": 1}, cfg["defaults"])
+        task = RowTask("a", str(tmp_path / "x.png"), resolved, batch_key_of(resolved), output="a")
+        assert [r["status"] for r in worker.render_batch([task])] == ["ok"]
+        assert asked == [expected], setting
