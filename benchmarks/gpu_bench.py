@@ -17,7 +17,7 @@ from benchmarks.gpu.machinery import (
     forbid_recompiles,
     hard_limit,
 )
-from benchmarks.gpu.model import SHAPES, Shape, build_components, detect_features
+from benchmarks.gpu.model import SHAPES, Shape, build_components
 from benchmarks.gpu.peak import PEAK_TFLOPS, identify_gpu, peak_info
 from benchmarks.gpu.summary import summary_markdown
 
@@ -33,7 +33,6 @@ __all__ = [
     "build_components",
     "compile_shim",
     "derive",
-    "detect_features",
     "forbid_recompiles",
     "hard_limit",
     "identify_gpu",

@@ -96,6 +96,9 @@ class WorkersConfig:
     # Rows rendered together in one pipeline call (rows that share every generation value but
     # image and seed). A task holds max(batch_size, render_batch) rows.
     render_batch: int = 1
+    # Decode a pipeline call while the next one denoises (docs/performance.md, the fixed cost):
+    # auto (on a GPU only), true or false.
+    overlap_decode: str = "auto"
     inflight_per_worker: int = 2  # queued batches per worker, so it never idles
     # SIGINT / SIGTERM: seconds the batches in flight may take to finish (and be committed)
     # before the job ends; a second signal ends it at once (jobs/stop.py).
@@ -189,6 +192,17 @@ def model_compile_mode(value: Any) -> str:
     return compile_mode(value, label="model.compile", words=True)
 
 
+def overlap_decode(value: Any, on_cuda: bool) -> bool:
+    """``workers.overlap_decode``: whether a worker decodes a pipeline call while the next one
+    denoises. ``auto``: on a GPU only (on a CPU the two share the cores and the GIL: measured
+    slower); true/false (YAML booleans read as "True"/"False"). Raises ValueError naming the
+    key for anything else."""
+    text = str(value).strip().lower()
+    if text in ("auto", "true", "on", "yes", "false", "off", "no"):
+        return on_cuda if text == "auto" else text in ("true", "on", "yes")
+    raise ValueError(f"workers.overlap_decode must be auto, true or false, got {value!r}")
+
+
 def compile_cache_uri(value: Any, default: str) -> str | None:
     """``model.compile_cache`` as the folder or URI the workers use: ``default`` (the job's
     ``DIR/compile-cache``) for null, None for off/false/no (YAML false reads as "False")."""
@@ -247,3 +261,4 @@ def check_config(cfg: DictConfig) -> None:
     # The one check of the generation values (pipeline.params), as the renderer's.
     check_generation(OmegaConf.to_container(g), label=lambda name: f"defaults.{name}")
     model_compile_mode(cfg.model.compile)
+    overlap_decode(w.overlap_decode, on_cuda=False)

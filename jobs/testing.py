@@ -22,7 +22,7 @@ import importlib
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,7 +84,32 @@ class FakeRenderer:
     def generate_batch(
         self, images: list[Any], *, seeds: list[int], fps: int = 7, **kwargs: Any
     ) -> list[FakeGeneration]:
-        return [self.generate(image, seed=seed, fps=fps) for image, seed in zip(images, seeds, strict=True)]
+        pairs = zip(images, seeds, strict=True)
+        return [self.generate(image, seed=seed, fps=fps, **kwargs) for image, seed in pairs]
+
+    def generate_stream(
+        self, requests: Iterable[dict[str, Any]], *, overlap: bool = True
+    ) -> Iterator[list[FakeGeneration]]:
+        """``Renderer.generate_stream``'s contract: each request's ``generate_batch`` videos, in
+        order; a failing request raises after the videos before it. With ``overlap``, as the
+        model's stream, a call's videos come back only once the next request has been taken
+        and rendered (its decode overlaps that one)."""
+        pending: list[FakeGeneration] | None = None
+        for request in requests:
+            try:
+                videos = self.generate_batch(**request)
+            except Exception:
+                if pending is not None:  # the videos before it first
+                    yield pending
+                raise
+            if pending is not None:
+                yield pending
+            pending = videos
+            if not overlap:
+                yield pending
+                pending = None
+        if pending is not None:
+            yield pending
 
 
 @dataclass(frozen=True)

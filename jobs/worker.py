@@ -1,16 +1,20 @@
 """The worker: one long-lived process holding one ``Renderer``; renders batches of rows.
 
-Rows of a batch render one after another under a lock while a background thread encodes the
-previous video, so encoding overlaps rendering; with the actor's two concurrency slots the
-next batch starts rendering while this batch's last video is still encoding. Any error in a
-row becomes a ``failed`` result and the worker stays alive; only the death of the process
-loses a batch, which the driver then retries on another worker.
-
-With ``workers.render_batch`` = N > 1, rows of a batch that share every generation value but
-the seed render N at a time in one pipeline call (``Renderer.generate_batch``). Their images
-are loaded one by one first, so a bad image fails only its row; a call that fails is retried
-row by row, so an error fails only the rows that fail alone. Results, MACs and encoding stay
-per row.
+The rows of a batch render under a lock as pipeline calls (``jobs.render_calls``): rows that
+share every generation value but the seed render ``workers.render_batch`` = N at a time in
+one call (N = 1: a call per row). The calls go through ``Renderer.generate_stream``, which
+decodes a call while the next one denoises (``workers.overlap_decode``: by default on a GPU;
+the same frames either way), and a background thread encodes each video meanwhile; with the
+actor's two concurrency slots the next batch's images load while this batch renders. Images
+are loaded row by row first, so a bad image fails only its row; a call of several rows that
+fails is retried row by row, so an error fails only the rows that fail alone; a failing call
+fails neither the calls before it nor after it. Any error in a row becomes a ``failed`` result
+and the worker stays alive; only the death of the process loses a batch, which the driver
+then retries on another worker. Results, MACs and encoding stay per row: a row's ``seconds``
+is its image load plus its share (1/rows of its call) of its call's conditioning, denoising,
+decode and postprocess, each phase timed on its own; overlapped, the rows' ``seconds`` of a
+batch thus add up to more than the batch's wall time (by the decode that ran beside the next
+call's denoising).
 
 A worker that Ray gave a GPU on which torch sees no CUDA refuses to start (``cuda_refusal``:
 one line with CUDA_VISIBLE_DEVICES and the cause) unless ``workers.allow_cpu_fallback``: a GPU
@@ -27,13 +31,15 @@ import tempfile
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from jobs.macs import MAC_FIELDS
+from jobs.macs import Levers
 from jobs.placement import _assigned_gpus, _log_to_file, _ray_placement, cuda_refusal
 from jobs.planner import RowTask
+from jobs.render_calls import CallOutcome, GroupCall, PeakMemory, group_rows, render_calls
+from jobs.row_results import RowResults
 from jobs.text import error_line
 from pipeline.fetch import FetchLimits
 from pipeline.notices import quiet_notices
@@ -148,11 +154,16 @@ class RenderWorker:
         self.rows_per_call = max(1, int(cfg["workers"].get("render_batch") or 1))
         if hasattr(self.renderer, "render_batch"):  # under compile, a short call is padded to it
             self.renderer.render_batch = self.rows_per_call
+        from jobs.config import overlap_decode
+
+        # Decode one pipeline call while the next one denoises (Renderer.generate_stream).
+        self.overlap_decode = overlap_decode(cfg["workers"].get("overlap_decode", "auto"), self._on_cuda())
         self.fetch_limits = FetchLimits(**(cfg.get("images") or {}))  # jobs.config.ImagesConfig
         self._render_lock = threading.Lock()
         self._encoder = ThreadPoolExecutor(max_workers=1, thread_name_prefix="encode")
-        self._macs: dict[tuple, dict[str, int | None]] = {}
-        self._macs_warned = False
+        self.row_results = RowResults(
+            self.renderer, Levers(self.vcut_mode, self.step_cache, self.step_cache_depth)
+        )
 
     def info(self) -> dict[str, Any]:
         """Where this worker runs; with ``error`` and ``traceback`` when it could not start."""
@@ -178,29 +189,6 @@ class RenderWorker:
     def _on_cuda(self) -> bool:
         return str(self._device()).startswith("cuda")
 
-    def count_macs(
-        self, height: int, width: int, frames: int, steps: int, guidance: bool, interval: tuple = (0.0, 1.0)
-    ) -> dict:
-        """The row's MAC fields: ``macs``, ``macs_saved`` and the latter per lever (None if unknown).
-        ``interval``: the row's (guidance_start, guidance_stop)."""
-        key = (height, width, frames, steps, self.vcut_mode, guidance, self.step_cache, self.step_cache_depth)
-        key += tuple(interval)
-        if key not in self._macs:
-            try:
-                if getattr(self.renderer, "unet_config", None) is None:  # no import of vcut for nothing
-                    raise ValueError("the renderer has no unet_config")
-                from jobs.macs import Levers, VideoShape, count_video_macs, mac_fields
-
-                shape = VideoShape(height, width, frames, steps, guidance, *interval)
-                levers = Levers(self.vcut_mode, self.step_cache, self.step_cache_depth)
-                self._macs[key] = mac_fields(count_video_macs(self.renderer.unet_config, shape, levers))
-            except Exception as exc:  # MAC counting must never fail a video
-                if not self._macs_warned:
-                    log.warning("MAC counting unavailable: %s", _error(exc))
-                    self._macs_warned = True
-                self._macs[key] = dict.fromkeys(MAC_FIELDS)
-        return self._macs[key]
-
     def _new_result(self) -> dict[str, Any]:
         return {
             "worker": self.label,
@@ -211,40 +199,6 @@ class RenderWorker:
             "vcut_mode": self.vcut_mode,
             "status": "failed",
         }
-
-    def _reset_peak_memory(self) -> None:
-        if self._on_cuda():
-            import torch
-
-            torch.cuda.reset_peak_memory_stats()
-
-    def _fill(
-        self, result: dict[str, Any], gen: Any, params: dict[str, Any], added: float, wall: float
-    ) -> Any:
-        """Record a generation in ``result``: ``seconds`` is its ``total`` + ``added`` (the row's own
-        image load, when loaded apart), or ``wall`` for a generation without timings."""
-        frames = gen.frames
-        timings = dict(getattr(gen, "timings", {}) or {})
-        steps = int(getattr(gen, "num_inference_steps", params["num_inference_steps"]))
-        result.update(
-            seconds=float(timings["total"]) + added if "total" in timings else wall,
-            denoise_seconds=timings.get("denoise"),
-            compile_seconds=timings.get("compile"),  # torch.compile's part of this row (None: off)
-            frames=int(frames.shape[0]),
-            num_inference_steps=steps,
-            cache_hit=bool(getattr(gen, "cache_hit", False)),
-            fps=int(getattr(gen, "fps", params["fps"]) or params["fps"]),
-        )
-        if self._on_cuda():
-            import torch
-
-            # The peak of the pipeline call that rendered this row (a batch's, when batched).
-            result["gpu_memory_bytes"] = int(torch.cuda.max_memory_allocated())
-        guidance = float(params["max_guidance_scale"]) > 1.0
-        interval = (float(params["guidance_start"]), float(params["guidance_stop"]))
-        h, w, f = int(frames.shape[1]), int(frames.shape[2]), int(frames.shape[0])
-        result.update(self.count_macs(h, w, f, steps, guidance, interval))
-        return frames
 
     def _render(self, task: RowTask) -> tuple[dict[str, Any], Any]:
         """One row alone: its result and its frames (None when it failed)."""
@@ -258,72 +212,89 @@ class RenderWorker:
         ``image``: the row's image already loaded (``loaded`` seconds), else ``task.image`` is."""
         params = task.params
         start = time.perf_counter()
+        peaks = PeakMemory(self._on_cuda())
         try:
-            self._reset_peak_memory()
+            peaks.start(task)
             kwargs = {k: params[k] for k in ROW_PARAMS}
             gen = self.renderer.generate(task.image if image is None else image, **self.job_params, **kwargs)
-            return self._fill(result, gen, params, loaded, loaded + time.perf_counter() - start)
+            wall = loaded + time.perf_counter() - start
+            return self.row_results.fill(result, gen, params, loaded, wall, peaks.stop(task))
         except Exception as exc:
             result.update(error=_error(exc), seconds=loaded + time.perf_counter() - start)
             return None
 
-    def _render_together(self, tasks: list[RowTask], results: list[dict[str, Any]]) -> list[Any]:
-        """Rows sharing every generation value but seed: images loaded row by row (a bad one fails
-        its row only), the rest rendered in one ``generate_batch`` call. Frames (or None) per row."""
-        frames: list[Any] = [None] * len(tasks)
-        params = tasks[0].params
-        good: list[int] = []
-        images: list[Any] = []
-        load_seconds: list[float] = []
-        for i, (task, result) in enumerate(zip(tasks, results, strict=True)):
-            start = time.perf_counter()
-            try:
-                images.append(
-                    self.renderer.prepare_image(task.image, width=params["width"], height=params["height"])
-                )
-            except Exception as exc:
-                result.update(error=_error(exc), seconds=time.perf_counter() - start, finished_at=_now_us())
-                continue
-            good.append(i)
-            load_seconds.append(time.perf_counter() - start)
-        if len(good) <= 1:
-            for i, image, loaded in zip(good, images, load_seconds, strict=True):
-                frames[i] = self._render_row(tasks[i], results[i], loaded, image)
-            return frames
-        start = time.perf_counter()
-        try:
-            self._reset_peak_memory()
-            gens = self.renderer.generate_batch(
-                images,
-                seeds=[tasks[i].params["seed"] for i in good],
-                **self.job_params,
-                **{k: params[k] for k in BATCH_PARAMS},
-            )
-            share = (time.perf_counter() - start) / len(good)
-            for i, gen, loaded in zip(good, gens, load_seconds, strict=True):
-                frames[i] = self._fill(results[i], gen, tasks[i].params, loaded, loaded + share)
-            return frames
-        except Exception as exc:
-            log.warning("a batch of %d rows failed (%s); rendering them one by one", len(good), _error(exc))
-        for i, image, loaded in zip(good, images, load_seconds, strict=True):
-            results[i].clear()  # a row may have been filled before the failure
-            results[i].update(self._new_result())
-            frames[i] = self._render_row(tasks[i], results[i], loaded, image)
-        return frames
+    def _calls(
+        self, tasks: list[RowTask], results: list[dict[str, Any]], fetched: list[bool]
+    ) -> list[GroupCall]:
+        """The pipeline calls of a batch: its groups (``group_rows``) with their images loaded
+        and fitted row by row (a bad one fails its row only, ``finished_at`` included)."""
+        calls = []
+        # (a test double without prepare_image renders the fetched image as it is)
+        prepare = getattr(self.renderer, "prepare_image", lambda image, **size: image)
+        for group in group_rows(tasks, self.rows_per_call):
+            params = tasks[group[0]].params
+            call = GroupCall({**self.job_params, **{k: params[k] for k in BATCH_PARAMS}})
+            for i in group:
+                if not fetched[i]:
+                    continue
+                start = time.perf_counter()
+                try:
+                    image = prepare(tasks[i].image, width=params["width"], height=params["height"])
+                except Exception as exc:
+                    seconds = time.perf_counter() - start
+                    results[i].update(error=_error(exc), seconds=seconds, finished_at=_now_us())
+                    continue
+                call.add(i, image, tasks[i].params["seed"], time.perf_counter() - start)
+            if call.rows:
+                calls.append(call)
+        return calls
 
-    def _groups(self, tasks: list[RowTask]) -> list[list[int]]:
-        """Task indices to render together: rows sharing their batching key (the planner's,
-        ``RowTask.key``), N (render_batch) at a time."""
-        if self.rows_per_call == 1:
-            return [[i] for i in range(len(tasks))]
-        by_key: dict[tuple, list[int]] = {}
-        for i, task in enumerate(tasks):
-            by_key.setdefault(task.key, []).append(i)
-        return [
-            rows[start : start + self.rows_per_call]
-            for rows in by_key.values()
-            for start in range(0, len(rows), self.rows_per_call)
-        ]
+    def _stream(self, requests: Iterable[dict[str, Any]]) -> Iterator[list[Any]]:
+        """The renderer's ``generate_stream`` over ``requests`` (overlapped unless
+        ``workers.overlap_decode`` is false). A renderer without one (a test double) renders
+        them call after call (``generate_stream(overlap=False)``): with ``generate`` for a single
+        row, else ``generate_batch``."""
+        stream = getattr(self.renderer, "generate_stream", None)
+        if stream is not None:
+            return stream(requests, overlap=self.overlap_decode)
+
+        def one_call(images: list[Any], seeds: list[int], **kwargs: Any) -> list[Any]:
+            if len(images) == 1:
+                return [self.renderer.generate(images[0], seed=seeds[0], **kwargs)]
+            return self.renderer.generate_batch(images, seeds=seeds, **kwargs)
+
+        return (one_call(**request) for request in requests)
+
+    def _record(
+        self, call: GroupCall, tasks: list[RowTask], results: list[dict[str, Any]], outcome: CallOutcome
+    ) -> list[Any]:
+        """Fill the results of a call's rows from its outcome; their frames (None: failed). A
+        call of several rows that failed is rendered again row by row (an error then fails
+        only the rows that fail alone)."""
+        if outcome.error is None:
+            share = outcome.seconds / len(call.rows)  # for generations without timings
+            try:
+                pairs = zip(call.rows, outcome.videos, call.loaded, strict=True)
+                return [
+                    self.row_results.fill(
+                        results[i], gen, tasks[i].params, loaded, loaded + share, outcome.peak
+                    )
+                    for i, gen, loaded in pairs
+                ]
+            except Exception as exc:  # a result that cannot be recorded fails the call
+                for i in call.rows:
+                    results[i].clear()  # a row may have been filled before the failure
+                    results[i].update(self._new_result())
+                outcome = dataclasses.replace(outcome, error=exc)
+        if len(call.rows) == 1:
+            seconds = call.loaded[0] + outcome.seconds
+            results[call.rows[0]].update(error=_error(outcome.error), seconds=seconds)
+            return [None]
+        log.warning(
+            "a batch of %d rows failed (%s); rendering them one by one", len(call.rows), _error(outcome.error)
+        )
+        pairs = zip(call.rows, call.images, call.loaded, strict=True)
+        return [self._render_row(tasks[i], results[i], loaded, image) for i, image, loaded in pairs]
 
     def _encode(self, frames: Any, out: str | None, fps: int) -> tuple[float, str | None, int]:
         """Encode to ``out``; with no ``out`` (layout webdataset), to a local temporary file
@@ -391,16 +362,12 @@ class RenderWorker:
         # Images first, outside the render lock: the other slot's batch renders meanwhile, and a
         # slow or dead host fails its own row within the fetch limits (pipeline.fetch).
         tasks, fetched = self._fetch(tasks, results)
+        calls = self._calls(tasks, results, fetched)
         with self._render_lock:
-            for group in self._groups(tasks):
-                group = [i for i in group if fetched[i]]
-                if not group:
-                    continue
-                if len(group) == 1:
-                    rendered = [self._render_row(tasks[group[0]], results[group[0]])]
-                else:
-                    rendered = self._render_together([tasks[i] for i in group], [results[i] for i in group])
-                for i, frames in zip(group, rendered, strict=True):
+            peaks = PeakMemory(self._on_cuda())
+            for call, outcome in render_calls(self._stream, calls, peaks):
+                rendered = self._record(call, tasks, results, outcome)
+                for i, frames in zip(call.rows, rendered, strict=True):
                     if frames is not None:
                         out, fps = tasks[i].output, results[i]["fps"]
                         futures[i] = self._encoder.submit(self._encode, frames, out, fps)

@@ -348,38 +348,37 @@ class Renderer:
         # Order: VCUT, then FP8, then the step cache, then compile.
         quantize_report = quantize_unet(render_pipe.unet, quantize)
         cache_report = apply_step_cache(render_pipe, interval, step_cache_depth)
+        # The renderer's model and levers, once: what keys its compile artifacts and what it records.
+        levers = dict(
+            model_id=model_id,
+            vcut_mode=vcut,
+            device=render_pipe.unet.device,
+            dtype=torch_dtype,
+            step_cache=interval if interval > 1 else None,
+            step_cache_depth=step_cache_depth,
+        )
         mode, cache = plan_compile(
             mode,
             cache_uri=compile_cache,
             rows_per_worker_per_shape=compile_rows,
-            device=render_pipe.unet.device,
             backend=compile_backend,
             vae=compile_vae,
-            model_id=model_id,
-            vcut_mode=vcut,
-            step_cache=interval if interval > 1 else None,
-            step_cache_depth=step_cache_depth,
-            dtype=torch_dtype,
             quantize=quantize_report.mode if quantize_report is not None else "off",
+            **levers,
         )
         compile_report = None
         if mode != "off":
             compile_report = compile_pipeline(render_pipe, mode, vae=compile_vae, backend=compile_backend)
         renderer = cls(
             render_pipe,
-            model_id=model_id,
-            vcut_mode=vcut,
-            device=render_pipe.unet.device,
-            dtype=torch_dtype,
             unet_config=unet_config,
             vcut_report=report,
             max_pixels=max_pixels,
-            step_cache=interval if interval > 1 else None,
-            step_cache_depth=step_cache_depth,
             step_cache_report=cache_report,
             compile_report=compile_report,
             quantize_report=quantize_report,
             render_batch=render_batch,
+            **levers,
         )
         renderer.compile_cache = cache
         return renderer

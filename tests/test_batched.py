@@ -32,8 +32,6 @@ TINY_JOB = str(ROOT / "examples" / "tiny-job.yaml")
 SMALL = dict(height=64, width=64, num_frames=4, num_inference_steps=2, noise_aug_strength=0.05)
 
 
-
-
 @pytest.fixture(scope="module")
 def renderers(tiny_model_dir: Path) -> dict[str, Renderer]:
     out = {mode: Renderer.from_pretrained(tiny_model_dir, vcut=mode) for mode in ("off", "exact", "full")}
@@ -190,15 +188,18 @@ def test_worker_batches_compatible_rows_and_a_bad_image_fails_only_its_row(
     cfg = _worker_cfg(tiny_model_dir, "workers.render_batch=3")
     renderer = renderers["off"]
     calls: list[int] = []
-    real = renderer.generate_batch
 
     class Spy:
         def __getattr__(self, name: str) -> Any:
             return getattr(renderer, name)
 
-        def generate_batch(self, images, **kw):
-            calls.append(len(images))
-            return real(images, **kw)
+        def generate_stream(self, requests, **kw):
+            def counted():
+                for request in requests:
+                    calls.append(len(request["images"]))
+                    yield request
+
+            return renderer.generate_stream(counted(), **kw)
 
     encoder = _Recorder()
     worker = RenderWorker(cfg, "w0", renderer_factory=lambda m, c: Spy(), encoder=encoder)
@@ -217,7 +218,7 @@ def test_worker_batches_compatible_rows_and_a_bad_image_fails_only_its_row(
     results = worker.render_batch(tasks)
     assert [r["status"] for r in results] == ["ok", "failed", "ok", "ok"]
     assert "corrupt" in results[1]["error"] and "ImageError" in results[1]["error"]
-    assert calls == [2]  # a + b in one call (the bad image left out); c alone, with generate
+    assert calls == [2, 1]  # a + b in one call (the bad image left out); c alone
     for result in (results[0], results[2], results[3]):
         assert result["macs"] > 0 and result["seconds"] > 0 and result["frames"] == 4
     assert results[0]["denoise_seconds"] == results[2]["denoise_seconds"]  # the batch's share
@@ -317,7 +318,6 @@ def test_render_batch_config(tmp_path: Path, capsys) -> None:
 
 
 # -- a job end to end --------------------------------------------------------------------------
-
 
 
 @pytest.mark.slow

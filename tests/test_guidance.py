@@ -326,6 +326,7 @@ def test_worker_rows_count_the_interval(stock_pipe) -> None:
 
     from jobs import worker as jw
     from jobs.config import load_config
+    from jobs.macs import MAC_FIELDS
     from jobs.results import RESULT_SCHEMA
 
     cfg = OmegaConf.to_container(load_config(dotlist=["defaults.guidance_stop=0.5"]))
@@ -351,6 +352,6 @@ def test_worker_rows_count_the_interval(stock_pipe) -> None:
     assert (
         result["macs"] == report.vcut_macs and result["macs_saved_guidance"] == report.macs_saved_guidance > 0
     )
-    assert result["macs_saved"] == sum(result[k] for k in jw.MAC_FIELDS[2:])
+    assert result["macs_saved"] == sum(result[k] for k in MAC_FIELDS[2:])
     for key in ("guidance_start", "guidance_stop", "macs_saved_guidance"):
         assert key in RESULT_SCHEMA.names

@@ -6,7 +6,7 @@ lacks them); directly::
     python -m benchmarks.gpu                      # cuda, SVD-XT at 576x1024, 25 frames, fp16
     python -m benchmarks.gpu --device cpu --tiny  # the same code path, tiny model, CPU
 
-Modules: ``model`` (the random-weight model, images, pipelines, features found), ``peak`` (GPU
+Modules: ``model`` (the random-weight model, images, pipelines), ``peak`` (GPU
 peaks), ``machinery`` (time limits, recompile guards, the per-step split), ``bench`` (``Bench``:
 budget, timing one configuration, the stage loop), ``summary`` (the Markdown table), ``cli``,
 and ``stages/<name>.py``, one per stage.
@@ -19,11 +19,10 @@ scheduler. fp16 on CUDA (as the Renderer loads a checkpoint), fp32 on a CPU.
 Stages, in this order; the JSON (and a Markdown table beside it) is written, and copied to
 ``--copy-to``, after every stage, so a run cut short keeps what it measured:
 
-0. ``build``: environment, components, the features of the project code found (compile
-   modes, ``step_cache``, ``generate_batch``, ``quantize``, ``guidance_start``, ...).
+0. ``build``: environment, components.
 1. ``stock``: stock diffusers ``StableVideoDiffusionPipeline.__call__`` (no project code).
 2. ``eager``: the Renderer (``Renderer.from_pipe``) with VCUT ``off``, ``exact``, ``full``
-   and, where available, ``full`` + step cache.
+   and ``full`` + step cache.
 3. ``compile``: ``full`` + ``torch.compile`` (``--compile-mode``, default "default"); the
    first video (the compilation) is timed apart, then timed videos with recompiles made
    an error and the number of graphs compiled during them recorded (0 expected).
@@ -31,8 +30,7 @@ Stages, in this order; the JSON (and a Markdown table beside it) is written, and
 5. ``fp8``: ``full`` + compile + step cache + ``quantize="fp8"`` (a UNet of its own: a second
    cold compile); skipped with the renderer's one-line refusal below compute capability 8.9.
 6. ``guidance``: the guidance interval ``--guidance-start``/``--guidance-stop`` (default 0,
-   0.6) on the fastest renderer built (fp8, else compiled, else eager); skipped, saying so,
-   where the Renderer takes no ``guidance_start`` keyword.
+   0.6) on the fastest renderer built (fp8, else compiled, else eager).
 7. ``whole_video``: one whole ``--steps-per-video`` (25) step video of the fastest
    configuration measured, next to its extrapolated figure.
 8. ``quality``: PSNR/SSIM of every configuration's frames against stock's (same image and

@@ -4,7 +4,6 @@ input images, the stock and weight-sharing pipelines, and what the project code 
 from __future__ import annotations
 
 import functools
-import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,49 +163,3 @@ def weight_sharing_pipeline(components: dict[str, Any]):
     comps["unet"] = unet_ab.shared_weight_copy(components["unet"])
     comps["vae"] = unet_ab.shared_weight_copy(components["vae"])
     return stock_pipeline(comps)
-
-
-# -- features of the project code --------------------------------------------------------------
-
-
-def detect_features(renderer_cls: Any = None, count_macs: Any = None) -> dict[str, Any]:
-    """What the Renderer and the MAC counter offer, with a reason for each missing feature."""
-    if renderer_cls is None:
-        from pipeline.renderer import Renderer as renderer_cls
-    if count_macs is None:
-        from vcut import count_macs
-    params = inspect.signature(renderer_cls.from_pipe).parameters
-    comp = params.get("compile")
-    out: dict[str, Any] = {
-        "compile": comp is not None,
-        "compile_annotation": str(comp.annotation) if comp is not None else None,
-        "compile_backend_kw": "compile_backend" in params,
-        "compile_vae_kw": "compile_vae" in params,
-        "step_cache": "step_cache" in params,
-        "generate_batch": callable(getattr(renderer_cls, "generate_batch", None)),
-        "count_macs_step_cache": "step_cache" in inspect.signature(count_macs).parameters,
-        "quantize": "quantize" in params,
-        "guidance": callable(generate := getattr(renderer_cls, "generate", None))
-        and "guidance_start" in inspect.signature(generate).parameters,
-        "render_batch": "render_batch" in params,
-        "generate_stream": callable(getattr(renderer_cls, "generate_stream", None)),
-        "missing": {},
-    }
-    if not out["compile"]:
-        out["missing"]["compile"] = "Renderer.from_pipe takes no compile keyword"
-    if not out["step_cache"]:
-        out["missing"]["step_cache"] = (
-            "Renderer.from_pipe takes no step_cache keyword (step cache not merged)"
-        )
-    if not out["generate_batch"]:
-        out["missing"]["generate_batch"] = "Renderer has no generate_batch (batched rendering not merged)"
-    if not out["quantize"]:
-        out["missing"]["quantize"] = "Renderer.from_pipe takes no quantize keyword (FP8 not merged)"
-    if not out["guidance"]:
-        out["missing"]["guidance"] = (
-            "Renderer.generate takes no guidance_start/guidance_stop keywords "
-            "(the guidance interval not merged)"
-        )
-    if not out["count_macs_step_cache"]:
-        out["missing"]["count_macs_step_cache"] = "vcut.count_macs takes no step_cache keyword"
-    return out

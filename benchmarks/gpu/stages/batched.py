@@ -29,12 +29,7 @@ def run(bench: Bench) -> None:
     renderer, _ = bench.make_renderer(mode, **kw)
     shape = bench.batch_shape
     bench.measure(f"batch1:{base}", bench.renderer_call(renderer), steps=bench.steps, shape=shape)
-    feats = bench.result["features"]
     b = bench.args.batch_size
-    if not feats["generate_batch"]:
-        stage[f"batch{b}"] = f"skipped: {feats['missing']['generate_batch']}"
-        bench.result["stages_skipped"][f"batched:batch{b}"] = feats["missing"]["generate_batch"]
-        return
     rec = bench.measure(
         f"batch{b}:{base}", bench.batch_call(renderer, b), steps=bench.steps, shape=shape, batch=b
     )

@@ -1,4 +1,4 @@
-"""Stage 0, ``build``: environment, the components, the features of the project code found."""
+"""Stage 0, ``build``: environment, the components."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from benchmarks.gpu.machinery import _sync
-from benchmarks.gpu.model import SVD_IMAGE_ENCODER_CONFIG, _configs, build_components, detect_features
+from benchmarks.gpu.model import SVD_IMAGE_ENCODER_CONFIG, _configs, build_components
 from benchmarks.gpu.stages import macs
 
 if TYPE_CHECKING:
@@ -16,8 +16,6 @@ if TYPE_CHECKING:
 
 
 def run(bench: Bench) -> None:
-    feats = detect_features()
-    bench.result["features"] = feats
     macs.start(bench, _configs(bench.tiny)["unet"])
     t0 = time.perf_counter()
     bench.components = build_components(bench.tiny, bench.device, bench.dtype, seed=bench.args.seed)
@@ -44,11 +42,7 @@ def run(bench: Bench) -> None:
     if bench.device.startswith("cuda"):
         bench.result["stages"]["build"]["cudnn_benchmark"] = torch.backends.cudnn.benchmark
         bench.result["stages"]["build"]["weights_memory_bytes"] = int(torch.cuda.memory_allocated())
-    bench.log(
-        f"built in {build_s:.1f}s: "
-        + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in params.items())
-        + f"; features: {feats['missing'] or 'all'}"
-    )
+    bench.log(f"built in {build_s:.1f}s: " + ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in params.items()))
 
 
 def _version(package: str) -> str | None:

@@ -22,16 +22,9 @@ if TYPE_CHECKING:
 
 def compile_kwargs(bench: Bench, rec: dict[str, Any]) -> tuple[dict[str, Any], Any]:
     """The Renderer's compile keywords, and the ``torch.compile`` shim to build it under."""
-    feats = bench.result["features"]
-    ckw: dict[str, Any] = {"compile": bench.args.compile_mode}
-    if feats["compile_backend_kw"]:  # the Renderer takes the backend itself
-        ckw["compile_backend"] = bench.args.compile_backend
-        shim = compile_shim(None, rec)
-    else:
-        shim = compile_shim(bench.args.compile_backend, rec)
+    ckw: dict[str, Any] = {"compile": bench.args.compile_mode, "compile_backend": bench.args.compile_backend}
+    shim = compile_shim(None, rec)  # the Renderer takes the backend itself
     if bench.args.compile_vae != "default":
-        if not feats["compile_vae_kw"]:
-            raise RuntimeError("--compile-vae: Renderer.from_pipe takes no compile_vae keyword")
         ckw["compile_vae"] = bench.args.compile_vae == "on"
     rec["renderer_compile_kwargs"] = ckw
     return ckw, shim
@@ -97,7 +90,7 @@ def time_compiled(
             renderer, state, first = bench.compiled[slot]
             rec["reuses_compiled_unet_of"] = first
         else:
-            n = bench.args.step_cache if bench.result["features"]["step_cache"] else 0
+            n = bench.args.step_cache
             renderer, build_s = bench.make_renderer("full", **ckw, **({"step_cache": n} if n else {}))
             rec["renderer_build_s"] = build_s
             from vcut import step_cache_state
@@ -138,8 +131,6 @@ def time_compiled(
 
 
 def run(bench: Bench) -> None:
-    if not bench.result["features"]["compile"]:
-        return bench.skip("compile", bench.result["features"]["missing"]["compile"])
     reset_dynamo()
     bench.compiled.clear()
     time_compiled(bench, "full+compile", bench.steps, "compile", interval=1)

@@ -11,15 +11,12 @@ if TYPE_CHECKING:
 
 
 def run(bench: Bench) -> None:
-    feats = bench.result["features"]
     configs: list[tuple[str, str, dict[str, Any], tuple[int, ...]]] = [
         (mode, mode, {}, bench.steps) for mode in MODES
     ]
     n = bench.args.step_cache
-    if n and feats["step_cache"]:
+    if n:
         configs.append((f"full+cache{n}", "full", {"step_cache": n}, (n, 3 * n)))
-    elif n:
-        bench.result["stages"]["eager"][f"full+cache{n}"] = f"skipped: {feats['missing']['step_cache']}"
     for name, mode, kw, steps in configs:
         if not bench.fits("eager", bench.est_config(steps), key=f"eager:{name}"):
             continue

@@ -35,22 +35,19 @@ def allow_fp8_on_cpu() -> None:
 
 
 def config_name(bench: Bench, compiled: bool) -> str:
-    n = bench.args.step_cache if bench.result["features"]["step_cache"] else 0
+    n = bench.args.step_cache
     return "full" + ("+compile" if compiled else "") + (f"+cache{n}" if n else "") + "+fp8"
 
 
 def run(bench: Bench) -> None:
-    feats = bench.result["features"]
-    if not feats["quantize"]:
-        return bench.skip("fp8", feats["missing"]["quantize"])
     refusal = fp8_refusal(bench)
     if refusal:
         return bench.skip("fp8", refusal)
     if bench.args.fp8_on_cpu:
         allow_fp8_on_cpu()
-    n = bench.args.step_cache if feats["step_cache"] else 0
+    n = bench.args.step_cache
     steps = (n, 3 * n) if n else bench.steps
-    compiled = feats["compile"] and not bench.args.no_compile
+    compiled = not bench.args.no_compile
     name = config_name(bench, compiled)
     if compiled:
         time_compiled(bench, name, steps, "fp8", interval=n or 1, slot="fp8", build={"quantize": "fp8"})

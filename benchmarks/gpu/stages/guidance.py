@@ -1,10 +1,8 @@
 """Stage ``guidance``: classifier-free guidance on part of the schedule only (``guidance_start`` /
 ``guidance_stop``, fractions of the schedule: the UNet runs the conditional half alone outside
 ``[start, stop)``), on the fastest renderer built so far: the compiled FP8 one, else the compiled
-one, else an eager ``full`` (+ step cache).
-
-The values go through the renderer's own generation keywords: where ``Renderer.generate`` takes no
-``guidance_start`` (the lever not merged), the stage is skipped and says so.
+one, else an eager ``full`` (+ step cache). The values go through the renderer's own
+generation keywords.
 """
 
 from __future__ import annotations
@@ -19,13 +17,10 @@ if TYPE_CHECKING:
 
 
 def run(bench: Bench) -> None:
-    feats = bench.result["features"]
-    if not feats["guidance"]:
-        return bench.skip("guidance", feats["missing"]["guidance"])
     start, stop = bench.args.guidance_start, bench.args.guidance_stop
     generation = {"guidance_start": start, "guidance_stop": stop}
     label = f"+g{start:g}-{stop:g}"
-    n = bench.args.step_cache if feats["step_cache"] else 0
+    n = bench.args.step_cache
     steps = (n, 3 * n) if n else bench.steps
     bench.result["stages"]["guidance"]["generation"] = generation
     for slot in ("fp8", "plain"):

@@ -65,7 +65,7 @@ def start(bench: Bench, unet_config: dict[str, Any]) -> None:
     """Count MACs in a CPU subprocess (meta tensors, no GPU) while the GPU stages run."""
     if bench.args.no_macs:
         return
-    cache = bench.args.step_cache if bench.result["features"]["count_macs_step_cache"] else None
+    cache = bench.args.step_cache or None
     variants = [(mode, None) for mode in MODES] + ([("full", cache)] if cache else [])
     factor = _vae_factor(bench)
     jobs = [
@@ -136,8 +136,7 @@ def run(bench: Bench) -> None:
         cache = bench.args.step_cache if "cache" in base else None
         m = counted.get(mac_key(mode, cache, Shape(**rec["shape"])))
         if not m or "per_step_macs_with_attention" not in m:
-            why = bench.result["features"]["missing"].get("count_macs_step_cache") if cache else None
-            mfu[name] = {"mfu": None, "why": why or (m or {}).get("error", "not counted")}
+            mfu[name] = {"mfu": None, "why": (m or {}).get("error", "not counted")}
             continue
         tflops = 2 * m["per_step_macs_with_attention"] * rec.get("batch", 1) / rec["per_step_s"] / 1e12
         mfu[name] = {"achieved_tflops": tflops, "mfu": tflops / peak if peak else None}
