@@ -284,6 +284,33 @@ def max_level_diff(a: Any, b: Any) -> int:
     return int(abs(a.astype(int) - b.astype(int)).max())
 
 
+def tiny_job_cfg(model_dir: Path, *dotlist: str, keys: dict[str, Any] | None = None) -> dict[str, Any]:
+    """examples/tiny-job.yaml on ``model_dir`` with ``keys`` ({"model.vcut": "off"}: a dotlist
+    would read ``off`` as YAML's false) and ``KEY=VALUE`` overrides, resolved to plain
+    containers (what a worker gets)."""
+    from omegaconf import OmegaConf
+
+    from jobs.config import load_config
+
+    cfg = load_config(
+        str(ROOT / "examples" / "tiny-job.yaml"), {"model.id": str(model_dir), **(keys or {})}, list(dotlist)
+    )
+    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+class FrameRecorder:
+    """A worker's encoder that keeps each video's frames by output name instead of encoding."""
+
+    def __init__(self) -> None:
+        self.frames: dict[str, Any] = {}
+
+    def __call__(self, frames: Any, out: str, **kwargs: Any) -> float:
+        import numpy as np
+
+        self.frames[out] = np.array(frames)
+        return 0.001
+
+
 def vcut_error(args: list[str], env: dict[str, str], tmp_path: Path, expect: str, code: int = 2) -> str:
     """Run ``vcut ARGS``: exactly one stderr line ``vcut: error: ...`` containing ``expect``,
     exit ``code``, and Ray never started (what would take long). Returns the line."""

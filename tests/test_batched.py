@@ -13,7 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import max_level_diff, random_image
+from conftest import FrameRecorder, max_level_diff, random_image, tiny_job_cfg
 from diffusers import StableVideoDiffusionPipeline
 from omegaconf import OmegaConf
 from PIL import Image
@@ -164,17 +164,7 @@ def test_generate_batch_validation(renderers, tmp_path: Path) -> None:
 
 
 def _worker_cfg(tiny_model_dir: Path, *dotlist: str) -> dict[str, Any]:
-    cfg = load_config(TINY_JOB, {"model.id": str(tiny_model_dir), "model.vcut": "off"}, list(dotlist))
-    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-
-
-class _Recorder:
-    def __init__(self) -> None:
-        self.frames: dict[str, np.ndarray] = {}
-
-    def __call__(self, frames: np.ndarray, out: str, **kwargs: Any) -> float:
-        self.frames[out] = np.array(frames)
-        return 0.001
+    return tiny_job_cfg(tiny_model_dir, *dotlist, keys={"model.vcut": "off"})
 
 
 def _task(cfg: dict, image: Any, seed: int, name: str, **params: Any) -> RowTask:
@@ -201,7 +191,7 @@ def test_worker_batches_compatible_rows_and_a_bad_image_fails_only_its_row(
 
             return renderer.generate_stream(counted(), **kw)
 
-    encoder = _Recorder()
+    encoder = FrameRecorder()
     worker = RenderWorker(cfg, "w0", renderer_factory=lambda m, c: Spy(), encoder=encoder)
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"not a png")
@@ -260,7 +250,7 @@ class _FailingBatchRenderer:
 
 def test_worker_retries_a_failed_batch_row_by_row(renderers, tiny_model_dir: Path, tmp_path: Path) -> None:
     cfg = _worker_cfg(tiny_model_dir, "workers.render_batch=4")
-    encoder = _Recorder()
+    encoder = FrameRecorder()
     fake = _FailingBatchRenderer(renderers["off"].unet_config)
     worker = RenderWorker(cfg, "w0", renderer_factory=lambda m, c: fake, encoder=encoder)
     Image.new("RGB", (8, 8)).save(tmp_path / "x.png")  # the worker loads images before rendering

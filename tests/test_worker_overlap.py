@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import FakeClock, random_image
+from conftest import FakeClock, FrameRecorder, random_image, tiny_job_cfg
 from omegaconf import OmegaConf
 
 from jobs.config import load_config
@@ -29,20 +29,6 @@ TINY_JOB = str(ROOT / "examples" / "tiny-job.yaml")
 @pytest.fixture(scope="module")
 def renderer(tiny_model_dir: Path) -> Renderer:
     return Renderer.from_pretrained(tiny_model_dir, vcut="full")
-
-
-def _cfg(tiny_model_dir: Path, *dotlist: str) -> dict[str, Any]:
-    cfg = load_config(TINY_JOB, {"model.id": str(tiny_model_dir)}, list(dotlist))
-    return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-
-
-class _Recorder:
-    def __init__(self) -> None:
-        self.frames: dict[str, np.ndarray] = {}
-
-    def __call__(self, frames: np.ndarray, out: str, **kwargs: Any) -> float:
-        self.frames[out] = np.array(frames)
-        return 0.001
 
 
 class _Spy:
@@ -103,8 +89,8 @@ def _tasks(cfg: dict, tmp_path: Path) -> list[RowTask]:
     return tasks
 
 
-def _run(renderer: Renderer, cfg: dict, tasks: list[RowTask]) -> tuple[list[dict], _Recorder, _Spy]:
-    spy, encoder = _Spy(renderer), _Recorder()
+def _run(renderer: Renderer, cfg: dict, tasks: list[RowTask]) -> tuple[list[dict], FrameRecorder, _Spy]:
+    spy, encoder = _Spy(renderer), FrameRecorder()
     worker = RenderWorker(cfg, "w0", renderer_factory=lambda m, c: spy, encoder=encoder)
     return worker.render_batch(tasks), encoder, spy
 
@@ -112,10 +98,10 @@ def _run(renderer: Renderer, cfg: dict, tasks: list[RowTask]) -> tuple[list[dict
 def test_overlapped_worker_renders_the_frames_of_generate_batch_bit_for_bit(
     renderer, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    tasks = _tasks(_cfg(tiny_model_dir), tmp_path)
+    tasks = _tasks(tiny_job_cfg(tiny_model_dir), tmp_path)
     runs = {}
     for overlap in (True, False):
-        cfg = _cfg(tiny_model_dir, "workers.render_batch=2", f"workers.overlap_decode={overlap}")
+        cfg = tiny_job_cfg(tiny_model_dir, "workers.render_batch=2", f"workers.overlap_decode={overlap}")
         runs[overlap] = _run(renderer, cfg, tasks)
     (on, on_frames, on_spy), (off, off_frames, off_spy) = runs[True], runs[False]
     assert on_spy.overlap == [True] and off_spy.overlap == [False]
@@ -153,7 +139,7 @@ def test_a_decode_that_fails_mid_stream_costs_a_retry_not_a_row(
     """The first call's decode (on the decode thread, beside the second call's denoising)
     raises once: the stream ends there; the first call's rows render again one by one, and the
     second call, begun but never finished, renders again in a new stream."""
-    cfg = _cfg(tiny_model_dir, "workers.render_batch=2", "workers.overlap_decode=true")
+    cfg = tiny_job_cfg(tiny_model_dir, "workers.render_batch=2", "workers.overlap_decode=true")
     tasks = [t for t in _tasks(cfg, tmp_path) if t.id in ("a", "b", "e", "f")]
     _, reference, _ = _run(renderer, cfg, tasks)
     pipe, real = renderer.pipe, renderer.pipe.decode_latents
@@ -165,7 +151,7 @@ def test_a_decode_that_fails_mid_stream_costs_a_retry_not_a_row(
             raise RuntimeError("decode blew up")
         return real(*args, **kwargs)
 
-    spy, encoder = _Spy(renderer), _Recorder()
+    spy, encoder = _Spy(renderer), FrameRecorder()
     worker = RenderWorker(cfg, "w0", renderer_factory=lambda m, c: spy, encoder=encoder)
     pipe.decode_latents = decode_once
     try:
@@ -193,7 +179,7 @@ def test_a_call_that_fails_in_the_stream_fails_only_its_row(
 ) -> None:
     """render_batch 1: the second row's denoising raises; the first row's video (decoded after
     it) and the rows after it are kept."""
-    cfg = _cfg(tiny_model_dir, "workers.overlap_decode=true")
+    cfg = tiny_job_cfg(tiny_model_dir, "workers.overlap_decode=true")
     tasks = [t for t in _tasks(cfg, tmp_path) if t.id in ("a", "b", "c", "e")]
     _, reference, _ = _run(renderer, cfg, tasks)
     pipe, real = renderer.pipe, renderer.pipe.prepare_latents
@@ -337,7 +323,9 @@ def test_worker_with_the_fake_renderer_keeps_every_row_but_the_bad_ones(tmp_path
             enum_to_str=True,
         )
         fake = Counting()
-        worker = RenderWorker(cfg, "w0", renderer_factory=lambda m, c, fake=fake: fake, encoder=_Recorder())
+        worker = RenderWorker(
+            cfg, "w0", renderer_factory=lambda m, c, fake=fake: fake, encoder=FrameRecorder()
+        )
         tasks = []
         for i, params in enumerate([{}, {}, {"width": 100}, {"width": 100}, {}]):  # 100: no multiple of 8
             resolved = resolve_params({"seed": i, **params}, cfg["defaults"])
@@ -376,7 +364,7 @@ def test_overlap_decode_is_auto_by_default_on_a_gpu_only(tmp_path: Path) -> None
     for setting, expected in (("auto", False), ("true", True)):
         cfg = OmegaConf.to_container(load_config(dotlist=[f"workers.overlap_decode={setting}"]), resolve=True)
         asked.clear()
-        worker = RenderWorker(cfg, "w0", renderer_factory=lambda m, c: Recording(), encoder=_Recorder())
+        worker = RenderWorker(cfg, "w0", renderer_factory=lambda m, c: Recording(), encoder=FrameRecorder())
         resolved = resolve_params({"seed": 1}, cfg["defaults"])
         task = RowTask("a", str(tmp_path / "x.png"), resolved, batch_key_of(resolved), output="a")
         assert [r["status"] for r in worker.render_batch([task])] == ["ok"]
