@@ -177,9 +177,28 @@ def load_config(
         layers.append(set_flags)
     if dotlist:
         layers.append(OmegaConf.from_dotlist(dotlist))
+    for layer in layers:
+        _words_as_written(cfg, layer)
     cfg = OmegaConf.merge(cfg, *layers)
     OmegaConf.set_readonly(cfg, True)
     return cfg
+
+
+def _words_as_written(schema: DictConfig, layer: Any) -> None:
+    """YAML reads ``off``/``on`` (and no/yes) as booleans; a boolean given to a string or enum
+    setting is the word the user wrote (``model.vcut=off``, ``quantize: off``): ``off``/``on``."""
+    from omegaconf import EnumNode, StringNode
+
+    if not isinstance(layer, DictConfig) or not isinstance(schema, DictConfig):
+        return
+    for key in list(layer.keys()):
+        if key not in schema:
+            continue  # omegaconf's merge names the unknown key
+        node, value = schema._get_node(key), layer._get_node(key)
+        if isinstance(node, DictConfig):
+            _words_as_written(node, value)
+        elif isinstance(node, (EnumNode, StringNode)) and isinstance(value._value(), bool):
+            layer[key] = "on" if value._value() else "off"
 
 
 def to_yaml(cfg: DictConfig) -> str:

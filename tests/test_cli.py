@@ -53,6 +53,20 @@ def test_overrides_are_taken_wherever_they_stand(argv):
     assert (cfg.defaults.fps, cfg.workers.batch_size) == (9, 2)
 
 
+def test_off_and_on_are_words_where_a_setting_takes_words(tmp_path: Path):
+    """YAML reads off/on as booleans; a string or enum setting gets the word back, from a
+    ``KEY=VALUE`` override and from a config file alike; a boolean setting stays a boolean."""
+    args = build_parser().parse_args(
+        ["run", "m.parquet", "--out", "o", "model.vcut=off", "model.quantize=off", "model.compile=on"]
+    )
+    cfg = load_config(args)
+    assert (cfg.model.vcut.value, cfg.model.quantize, cfg.model.compile) == ("off", "off", "on")
+    config = tmp_path / "job.yaml"
+    config.write_text("model:\n  vcut: off\n  allow_pickle: on\nworkers:\n  overlap_decode: off\n")
+    cfg = load_config(build_parser().parse_args(["run", "m.parquet", "--out", "o", "--config", str(config)]))
+    assert (cfg.model.vcut.value, cfg.model.allow_pickle, cfg.workers.overlap_decode) == ("off", True, "off")
+
+
 def test_usage_errors_are_one_line_with_the_usage_status(capsys):
     cases = [
         (["run", "m.parquet", "--out", "o", "fps"], "'fps'"),  # not key=value
