@@ -284,6 +284,35 @@ def max_level_diff(a: Any, b: Any) -> int:
     return int(abs(a.astype(int) - b.astype(int)).max())
 
 
+def unet_call_macs(pipe: Any, run: Any) -> list[int]:
+    """The MACs of each whole UNet call (its hooks included: counted from before every pre-hook
+    to after every hook) while ``run()`` renders with ``pipe``, by torch's FlopCounterMode."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts: list[int] = []
+    active: list[FlopCounterMode] = []
+
+    def pre(module, args, kwargs):
+        active.append(FlopCounterMode(display=False))
+        active[-1].__enter__()
+
+    def post(module, args, kwargs, output):
+        mode = active.pop()
+        mode.__exit__(None, None, None)
+        counts.append(mode.get_total_flops() // 2)
+
+    handles = [
+        pipe.unet.register_forward_pre_hook(pre, with_kwargs=True, prepend=True),
+        pipe.unet.register_forward_hook(post, with_kwargs=True, always_call=True),
+    ]
+    try:
+        run()
+    finally:
+        for h in handles:
+            h.remove()
+    return counts
+
+
 def tiny_job_cfg(model_dir: Path, *dotlist: str, keys: dict[str, Any] | None = None) -> dict[str, Any]:
     """examples/tiny-job.yaml on ``model_dir`` with ``keys`` ({"model.vcut": "off"}: a dotlist
     would read ``off`` as YAML's false) and ``KEY=VALUE`` overrides, resolved to plain

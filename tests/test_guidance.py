@@ -10,9 +10,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import macs_args
+from conftest import macs_args, unet_call_macs
 from PIL import Image
-from torch.utils.flop_counter import FlopCounterMode
 
 import vcut
 from pipeline.renderer import Renderer, frames_to_uint8
@@ -246,37 +245,11 @@ def test_compiled_without_recompiles_after_the_first_video(stock_pipe) -> None:
 
 
 def _real_unet_macs(pipe, size: int, frames: int, steps: int, **kw) -> list[int]:
-    """FlopCounterMode over each whole UNet call, its hooks included, of a real pipeline run."""
-    counts: list[int] = []
-    active: list[FlopCounterMode] = []
-
-    def pre(module, args, kwargs):
-        active.append(FlopCounterMode(display=False))
-        active[-1].__enter__()
-
-    def post(module, args, kwargs, output):
-        mode = active.pop()
-        mode.__exit__(None, None, None)
-        counts.append(mode.get_total_flops() // 2)
-
-    handles = [
-        pipe.unet.register_forward_pre_hook(pre, with_kwargs=True, prepend=True),  # before every hook
-        pipe.unet.register_forward_hook(post, with_kwargs=True, always_call=True),
-    ]
-    try:
-        _run(
-            pipe,
-            height=size,
-            width=size,
-            num_frames=frames,
-            num_inference_steps=steps,
-            decode_chunk_size=frames,
-            **kw,
-        )
-    finally:
-        for h in handles:
-            h.remove()
-    return counts
+    """Each UNet call's MACs in a real pipeline run (``unet_call_macs``)."""
+    size_kw = dict(
+        height=size, width=size, num_frames=frames, num_inference_steps=steps, decode_chunk_size=frames
+    )
+    return unet_call_macs(pipe, lambda: _run(pipe, **size_kw, **kw))
 
 
 @pytest.mark.parametrize("frames,size,interval", [(2, 32, 3), (3, 48, None)])

@@ -9,9 +9,8 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import macs_args
+from conftest import macs_args, unet_call_macs
 from PIL import Image
-from torch.utils.flop_counter import FlopCounterMode
 
 import vcut
 from jobs.planner import RowTask, batch_key_of
@@ -205,36 +204,11 @@ def test_torch_compile_has_a_full_and_a_shallow_graph(stock_pipe):
 
 
 def _real_unet_macs(pipe, size: int, frames: int, steps: int) -> list[int]:
-    """FlopCounterMode over each UNet call of a real pipeline run (CPU, tiny model)."""
-    counts: list[int] = []
-    active: list[FlopCounterMode] = []
-
-    def pre(module, args, kwargs):
-        active.append(FlopCounterMode(display=False))
-        active[-1].__enter__()
-
-    def post(module, args, kwargs, output):
-        mode = active.pop()
-        mode.__exit__(None, None, None)
-        counts.append(mode.get_total_flops() // 2)
-
-    handles = [
-        pipe.unet.register_forward_pre_hook(pre, with_kwargs=True),
-        pipe.unet.register_forward_hook(post, with_kwargs=True),
-    ]
-    try:
-        _render(
-            pipe,
-            height=size,
-            width=size,
-            num_frames=frames,
-            num_inference_steps=steps,
-            decode_chunk_size=frames,
-        )
-    finally:
-        for h in handles:
-            h.remove()
-    return counts
+    """Each UNet call's MACs in a real pipeline run (CPU, tiny model; ``unet_call_macs``)."""
+    size_kw = dict(
+        height=size, width=size, num_frames=frames, num_inference_steps=steps, decode_chunk_size=frames
+    )
+    return unet_call_macs(pipe, lambda: _render(pipe, **size_kw))
 
 
 @pytest.mark.parametrize("frames,size", [(2, 32), (3, 48)])
