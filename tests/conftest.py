@@ -59,6 +59,17 @@ def macs_args(model: Path, steps: int, *extra: str, size: int = 64) -> list[str]
     return ["macs", "--model", str(model), *shape, "--json", *extra]
 
 
+@pytest.fixture(scope="module")
+def stock_pipe() -> Any:
+    """The tiny random-weight SVD pipeline as diffusers builds it (one per test module; tests
+    patch deep copies of it)."""
+    from vcut.tiny import make_tiny_pipeline
+
+    pipe = make_tiny_pipeline(seed=1)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny random-weight SVD pipeline written once to disk (safetensors) with save_pretrained."""

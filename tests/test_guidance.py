@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import macs_args, unet_call_macs
+from conftest import macs_args, random_image, unet_call_macs
 from PIL import Image
 
 import vcut
@@ -18,23 +18,14 @@ from pipeline.renderer import Renderer, frames_to_uint8
 from pipeline.svd import RenderPipeline
 from vcut.guidance import check_guidance_interval, cond_only_hook, guided_steps
 from vcut.step_cache import shallow_steps
-from vcut.tiny import make_tiny_pipeline
 
 SIZE = 32  # pixels (16x16 latents with the tiny VAE)
 STEPS = 4
 RENDER = dict(height=SIZE, width=SIZE, num_frames=3, num_inference_steps=STEPS, decode_chunk_size=3)
 
 
-@pytest.fixture(scope="module")
-def stock_pipe():
-    pipe = make_tiny_pipeline(seed=1)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _image(seed: int, size: int = SIZE) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+    return random_image(seed, size, size)
 
 
 def _run(pipe, seed: int = 0, image: int = 0, **overrides) -> tuple[np.ndarray, list[torch.Tensor]]:

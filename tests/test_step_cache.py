@@ -9,28 +9,19 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import macs_args, unet_call_macs
+from conftest import macs_args, random_image, unet_call_macs
 from PIL import Image
 
 import vcut
 from jobs.planner import RowTask, batch_key_of
 from pipeline.params import ROW_PARAMS
-from vcut.tiny import make_tiny_pipeline
 
 SIZE = 32  # pixels (the tiny VAE downsamples by 2: 16x16 latents)
 RENDER = dict(height=SIZE, width=SIZE, num_frames=3, num_inference_steps=4, decode_chunk_size=3)
 
 
-@pytest.fixture(scope="module")
-def stock_pipe():
-    pipe = make_tiny_pipeline(seed=1)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def _image(seed: int, size: int = SIZE) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+    return random_image(seed, size, size)
 
 
 def _render(pipe, image_seed: int = 0, seed: int = 0, **overrides) -> np.ndarray:

@@ -7,22 +7,15 @@ import copy
 import numpy as np
 import pytest
 import torch
-from conftest import macs_args
+from conftest import macs_args, random_image
 from diffusers import StableVideoDiffusionPipeline
 from diffusers.models.attention import BasicTransformerBlock, TemporalBasicTransformerBlock
 from PIL import Image
 
 import vcut
-from vcut.tiny import TINY_HEIGHT, TINY_WIDTH, make_tiny_pipeline
+from vcut.tiny import TINY_HEIGHT, TINY_WIDTH
 
 RENDER = dict(height=TINY_HEIGHT, width=TINY_WIDTH, num_frames=3, num_inference_steps=3, decode_chunk_size=3)
-
-
-@pytest.fixture(scope="module")
-def stock_pipe() -> StableVideoDiffusionPipeline:
-    pipe = make_tiny_pipeline(seed=1)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def _patched(stock: StableVideoDiffusionPipeline, mode: str) -> StableVideoDiffusionPipeline:
@@ -32,8 +25,7 @@ def _patched(stock: StableVideoDiffusionPipeline, mode: str) -> StableVideoDiffu
 
 
 def _image(seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (TINY_HEIGHT, TINY_WIDTH, 3), dtype=np.uint8))
+    return random_image(seed, TINY_WIDTH, TINY_HEIGHT)
 
 
 def _render(pipe: StableVideoDiffusionPipeline, image: Image.Image, seed: int) -> np.ndarray:
